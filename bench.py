@@ -1,0 +1,182 @@
+"""
+Step time, tokens/s and memory of every position encoding relative to a baseline, at one config, in one run.
+Performance is only measured here, never asserted in tests.
+$ python bench.py                                            # the CPU quick-start model, every encoding
+$ python bench.py --preset=gpt2 --compile=True               # GPT-2 small on a GPU
+$ python bench.py --pos_embs=rope,learned --report=bench.md  # some encodings; the table also to a file
+Every GPTConfig field is a key too (e.g. --rope_base=500000.0), so later encodings' options can be benchmarked.
+On a CPU shared with another job, OMP_NUM_THREADS=1 avoids oversubscribed threads (many times slower, and
+worst for encodings with many small elementwise ops, which skews the ratios).
+"""
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+
+import torch
+
+from model import GPT, GPTConfig
+from rope import ENCODINGS
+
+# -----------------------------------------------------------------------------
+pos_embs = 'all'  # comma list of rope.ENCODINGS keys, or 'all'
+baseline = 'rope'  # the encoding every ratio is relative to (always benchmarked)
+preset = ''  # 'gpt2' = 12 layers, 12 heads, 768 wide, T=1024, vocab 50304, batch 16 (keys left at their default)
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 256
+batch_size = 16
+vocab_size = 320
+bias = False
+dropout = 0.0
+device = 'auto'  # 'auto' = cuda if available, else cpu
+dtype = 'auto'  # 'auto' = bfloat16 autocast on CUDA where supported, else float16; float32 on CPU
+compile = False  # torch.compile(fullgraph=True): a graph break fails that encoding's row, not the run
+warmup = 3  # untimed steps per encoding before the first round (compilation happens here)
+steps = 10  # timed steps per encoding per round
+rounds = 3  # rounds interleave the encodings so that machine noise hits all of them alike
+seed = 1337
+report = ''  # also write the table to this Markdown file
+# pos_emb is left out: pos_embs picks the encodings, and --pos_emb gets a "did you mean 'pos_embs'?" hint
+globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in globals() and f.name != 'pos_emb'})
+_choices = {'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'baseline': list(ENCODINGS)}
+_defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+if preset == 'gpt2':  # a preset fills the keys still at their default: explicit overrides win
+    for k, v in dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=16).items():
+        if globals()[k] == _defaults[k]:
+            globals()[k] = v
+names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.split(',') if n.strip()]
+if unknown := [n for n in names if n not in ENCODINGS]:
+    sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} or 'all'")
+names = [baseline] * (baseline not in names) + names
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+cuda = device_type == 'cuda'
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if cuda else 'float32'
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+torch.set_float32_matmul_precision('high')
+torch._dynamo.config.recompile_limit = max(8, 2 * len(names))  # one GPT.forward code object, a graph per encoding
+model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'pos_emb'}
+g = torch.Generator().manual_seed(seed)
+data = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g).to(device)
+X, Y = data[:, :-1], data[:, 1:]  # one fixed batch: the data cannot favour an encoding
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+
+def saved_activation_bytes(model):
+    """Bytes kept alive for backward by one eager forward: each saved tensor's storage counted once, parameters
+    left out (a saved view keeps its whole storage alive, so storages, not views, are what memory holds)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        model(X, Y)
+    return sum(storages.values())
+
+
+def short(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:150]}".replace('|', '/')
+
+
+runs, errors = {}, {}  # name -> dict(model, opt, scaler, params, pe_params, mem, times); name -> error text
+
+
+def step(r):
+    with ctx:
+        _, loss = r['model'](X, Y)
+    r['scaler'].scale(loss).backward()
+    r['scaler'].step(r['opt'])
+    r['scaler'].update()
+    r['opt'].zero_grad(set_to_none=True)
+
+
+if cuda:  # cuBLAS keeps a workspace from its first matmul on: allocate it now, not inside the first model's peak
+    w = torch.ones(64, 64, device=device, requires_grad=True)
+    with ctx:
+        (w @ w).sum().backward()
+    del w
+
+
+# build and warm up one encoding at a time: on CUDA its peak is measured over what was allocated before it,
+# so the other (resting) models never count; all stay alive for the interleaved rounds
+for name in names:
+    try:
+        sync()
+        mem0 = torch.cuda.memory_allocated(device) if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(seed)  # same init for every encoding's shared weights
+        raw = GPT(GPTConfig(**model_args, pos_emb=name)).to(device)
+        opt = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+        model = torch.compile(raw, fullgraph=True) if compile else raw
+        r = runs[name] = dict(model=model, opt=opt, scaler=torch.amp.GradScaler(device_type, enabled=dtype == 'float16'),
+                              params=sum(p.numel() for p in raw.parameters()),
+                              pe_params=sum(p.numel() for p in raw.pe.parameters()), times=[])
+        for _ in range(warmup):
+            step(r)
+        sync()
+        r['mem'] = torch.cuda.max_memory_allocated(device) - mem0 if cuda else saved_activation_bytes(raw)
+    except Exception as e:  # a compile error or OOM fails this encoding's row, not the run
+        runs.pop(name, None)
+        errors[name] = short(e)
+        print(f"bench.py: {name} failed: {errors[name]}", file=sys.stderr)
+        raw = opt = model = r = None
+        if cuda:
+            torch.cuda.empty_cache()
+for _ in range(rounds):
+    for name in list(runs):
+        try:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(runs[name])
+            sync()
+            runs[name]['times'].append((time.perf_counter() - t0) / steps)
+        except Exception as e:
+            errors[name] = short(e)
+            print(f"bench.py: {name} failed: {errors[name]}", file=sys.stderr)
+            del runs[name]
+
+# -----------------------------------------------------------------------------
+ms = {n: statistics.median(r['times']) * 1000 for n, r in runs.items()}  # a slow round (noise) moves a median little
+mem = {n: r['mem'] / 2**20 for n, r in runs.items()}
+base_ms, base_mem = ms.get(baseline), mem.get(baseline)
+mem_col = 'peak CUDA MiB' if cuda else 'saved activations MiB'
+where = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+extra = ' '.join(f"{k}={v}" for k, v in model_args.items() if k not in ('n_layer', 'n_head', 'n_embd', 'block_size',
+                                                                       'vocab_size', 'bias', 'dropout'))
+lines = [f"device {where} | dtype {dtype} | compile {compile} | n_layer={n_layer} n_head={n_head} n_embd={n_embd} "
+         f"vocab={vocab_size} bias={bias} dropout={dropout} {extra} | batch {batch_size} x T {block_size} | "
+         f"torch {torch.__version__} | {datetime.now():%Y-%m-%d %H:%M}",
+         f"ms/step: median over {rounds} interleaved rounds of the mean of {steps} steps (fwd+bwd+AdamW), after "
+         f"{warmup} warmup steps; {mem_col}: " + ("max_memory_allocated over the warmup steps minus what was "
+                                                  "allocated before the model was built (model + grads + AdamW state + activations)"
+                                                  if cuda else "tensor storages saved for backward by one eager forward, "
+                                                  "parameters excluded"), '',
+         f"| pos_emb | params | pe params | ms/step | tokens/s | time vs {baseline} | {mem_col} | memory vs {baseline} |",
+         '|---|---:|---:|---:|---:|---:|---:|---:|']
+for n in names:
+    if n in runs:
+        r = runs[n]
+        lines.append(f"| {n} | {r['params']:,} | {r['pe_params']:,} | {ms[n]:.2f} | {batch_size * block_size / ms[n] * 1000:,.0f} | "
+                     f"{f'{ms[n] / base_ms:.3f}x' if base_ms else 'n/a'} | {mem[n]:.1f} | "
+                     f"{f'{mem[n] / base_mem:.3f}x' if base_mem else 'n/a'} |")
+    else:
+        lines.append(f"| {n} | error: {errors[n]} | | | | | | |")
+print('\n'.join(lines))
+if report:
+    with open(report, 'w') as f:
+        f.write('\n'.join(lines) + '\n')

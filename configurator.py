@@ -1,0 +1,67 @@
+"""
+nanoGPT's "poor man's configurator", made strict. A script runs it with
+    exec(open('configurator.py').read())
+after setting its defaults as module-level names. Arguments are config files and --key=value overrides:
+    $ python train.py config/quickstart.py --batch_size=32 --pos_emb=carope
+A config file is plain Python whose top-level names override the defaults. An unknown key, a value of the
+wrong type (an int where a float is expected is fine) or outside the script's `_choices`, or a missing
+config file ends the run with a one-line message and exit status 2, before anything is written.
+"""
+import difflib as _difflib
+import glob as _glob
+import os as _os
+import sys as _sys
+from ast import literal_eval as _literal_eval
+
+
+def _config_fail(message):
+    print(f"config error: {message}", file=_sys.stderr)
+    _sys.exit(2)
+
+
+_config_defaults = {k: v for k, v in globals().items()
+                    if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+def _config_set(key, value, source):
+    if key not in _config_defaults:
+        close = _difflib.get_close_matches(key, _config_defaults, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        _config_fail(f"unknown key '{key}' in {source}{hint}; valid keys: {', '.join(sorted(_config_defaults))}")
+    default = _config_defaults[key]
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        _config_fail(f"'{key}' in {source} must be {type(default).__name__} (like the default {default!r}), "
+                     f"got {type(value).__name__} {value!r}")
+    choices = globals().get('_choices', {}).get(key)
+    if choices is not None and value not in choices:
+        _config_fail(f"'{key}' in {source} is {value!r}; valid: {', '.join(map(str, choices))}")
+    globals()[key] = value
+
+
+for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own list
+    if not _arg.startswith('--'):  # a config file
+        if not _os.path.isfile(_arg):
+            _available = sorted(_glob.glob(_os.path.join('config', '*.py')))
+            _config_fail(f"config file '{_arg}' not found; available: {', '.join(_available) or 'none'}")
+        print(f"Overriding config with {_arg}:")
+        with open(_arg) as _f:
+            print(_f.read())
+        _namespace = {"__file__": _os.path.abspath(_arg)}  # so a config can build on another
+        exec(open(_arg).read(), _namespace)
+        for _key, _value in _namespace.items():
+            if not _key.startswith('_') and not callable(_value) and not hasattr(_value, '__spec__'):
+                _config_set(_key, _value, _arg)
+    else:  # --key=value
+        if '=' not in _arg:
+            _config_fail(f"argument '{_arg}' must look like --key=value")
+        _key, _text = _arg[2:].split('=', 1)
+        try:
+            _value = _literal_eval(_text)  # numbers, booleans, quoted strings
+        except (SyntaxError, ValueError):
+            _value = _text  # anything else is a plain string
+        if isinstance(_config_defaults.get(_key), str) and not isinstance(_value, str):
+            _value = _text  # --out_dir=123 means the string '123'
+        _config_set(_key, _value, f"--{_key}")
+        print(f"Overriding: {_key} = {globals()[_key]!r}")

@@ -1,0 +1,237 @@
+"""
+A GPT-2 language model in one file, with the position encoding as one flag (GPTConfig.pos_emb).
+The encodings live in rope.py; this file only calls their hooks. References:
+1) OpenAI's GPT-2 TensorFlow implementation: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) nanoGPT, whose structure and names this follows: https://github.com/karpathy/nanoGPT
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from rope import build_position_encoding
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # training context length (the number of positions `learned` has)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    pos_emb: str = 'rope'  # one of rope.ENCODINGS
+    rope_base: float = 10000.0  # frequency base of every encoding that derives frequencies from it
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, pe):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = pe.qkv_projection(config)  # d -> 3d (q, k, v)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, layer, pe, shared, cache):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = pe.rotate(layer, q, k, x, shared, cache)
+        mask, causal = None, True
+        if cache is not None:  # KV-cached decoding: keys/values of earlier tokens, already rotated
+            if 'k' in cache:
+                k = torch.cat((cache['k'], k), dim=2)
+                v = torch.cat((cache['v'], v), dim=2)
+            cache['k'], cache['v'] = k, v
+            Tk = k.size(2)
+            if Tk > T:  # new queries sit at the end: query i sees keys up to Tk - T + i
+                causal = False
+                mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, pe):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, pe)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, layer, pe, shared, cache):
+        x = x + self.attn(self.ln_1(x), layer, pe, shared, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        # the encoding is built first (its own init) and passed to every layer, never registered twice
+        self.pe = build_position_encoding(config)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, self.pe) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (https://paperswithcode.com/method/weight-tying)
+        self.transformer.apply(self._init_weights)  # the encoding keeps the init its paper asks for
+        for pn, p in self.transformer.named_parameters():
+            if pn.endswith('c_proj.weight'):  # scaled init of residual projections, per GPT-2
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out a `learned` table (the tied wte counts: it is lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and hasattr(self.pe, 'wpe'):
+            n -= self.pe.wpe.weight.numel()
+        return n
+
+    def param_summary(self):
+        """One line: total parameters, the encoding's own, the attention's q/k/v projections."""
+        total = self.get_num_params(non_embedding=False)
+        pe = sum(p.numel() for p in self.pe.parameters())
+        qkv = sum(p.numel() for b in self.transformer.h for p in b.attn.c_attn.parameters())
+        return (f"parameters: {total / 1e6:.2f}M total | position encoding ({self.config.pos_emb}): {pe:,}"
+                f" | attention q/k/v projections: {qkv:,}")
+
+    def forward(self, idx, targets=None, pos_offset=0, cache=None):
+        """idx: (B, T) token ids. targets: (B, T) or None (-1 = ignored). pos_offset shifts every position.
+        cache: a list with one dict per layer for KV-cached decoding (see generate), or None.
+        Returns (logits, loss): logits (B, T, vocab) when targets are given, else (B, 1, vocab) of the
+        last position only; loss is the mean cross entropy or None."""
+        B, T = idx.size()
+        start = pos_offset + (cache[0]['k'].size(2) if cache and 'k' in cache[0] else 0)
+        self.check_length(start + T)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) int64, never bf16
+        x = self.transformer.drop(self.pe.embed(self.transformer.wte(idx), pos))  # (B, T, C)
+        shared = self.pe.prepare(pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, self.pe, shared, cache[layer] if cache is not None else None)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:  # inference: the last position's logits are all that sampling needs
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def check_length(self, end):
+        """Raise a clear error if position end-1 is beyond what the encoding can represent."""
+        if self.pe.max_len is not None and end > self.pe.max_len:
+            raise ValueError(f"pos_emb={self.config.pos_emb!r} has only {self.pe.max_len} positions (block_size) "
+                             f"but position {end - 1} was asked for; it cannot extrapolate: keep prompt + new tokens "
+                             f"(+ pos_offset) <= {self.pe.max_len}, or train an encoding that extrapolates "
+                             f"(rope, none, sinusoidal, ...)")
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on every >=2-D tensor (matmuls, embeddings), none on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        fused = device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self, seq_len):
+        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12*L*H*Q*T for attention."""
+        cfg = self.config
+        L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        return 6 * self.get_num_params() + 12 * L * H * Q * seq_len
+
+    def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
+        """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at sequence length
+        seq_len in dt seconds, against peak_flops (see device_peak_flops); None where the peak is unknown."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, pos_offset=0):
+        """Continue idx (B, T) by max_new_tokens tokens. use_cache keeps each layer's keys/values (and any
+        state the encoding carries) so each step feeds one token; use_cache=False recomputes the whole
+        prefix. The context is never cropped: past block_size this is length extrapolation."""
+        self.check_length(pos_offset + idx.size(1) + max_new_tokens - 1)
+        cache = [{} for _ in self.transformer.h] if use_cache else None
+        feed = idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(feed, pos_offset=pos_offset, cache=cache)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            feed = idx_next if use_cache else idx
+        return idx
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
+GPU_PEAK_FLOPS = [
+    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('GH200', 989e12),
+    ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
+    ('A10G', 125e12), ('A10', 125e12), ('A6000', 155e12), ('4090', 165e12), ('3090', 71e12), ('V100', 125e12),
+    ('T4', 65e12),
+]
+
+
+def device_peak_flops(device, dtype):
+    """Peak FLOP/s of the CUDA device for this dtype (fp32 runs on TF32 tensor cores: half the bf16 peak),
+    or None for an unknown GPU, MPS or CPU: MFU is then not reported rather than made up."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops if dtype in ('bfloat16', 'float16') else flops / 2
+    return None

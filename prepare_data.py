@@ -1,0 +1,421 @@
+"""
+Datasets for nanoRoPE: the shard format, dataset preparation, and the training loader.
+
+$ python prepare_data.py --dataset=embedded       # CPython's stdlib sources, byte-level, ~1 s, no download
+$ python prepare_data.py --dataset=fineweb_edu    # FineWeb-Edu sample-10BT, GPT-2 tokens, ~100 shards
+
+Shards are llm.c-compatible: a header of 256 little-endian int32 (magic, version,
+number of tokens), then the tokens as uint16. Shard 0 of a dataset is val, the rest train.
+FineWeb-Edu puts <|endoftext|> *before* every document (as llm.c's fineweb.py does, so
+the gpt2 shards match llm.c's); the embedded dataset ends every file with EOT instead.
+"""
+import glob
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from itertools import islice
+from multiprocessing import Pool
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class DataError(Exception):
+    pass
+
+
+def _prepare_cmd(data_dir):
+    name = os.path.basename(os.path.normpath(os.path.abspath(data_dir)))
+    return f"`python prepare_data.py --dataset={name}`"
+
+
+def _write_json(path, obj):
+    # same tmp + rename dance as shards: a reader sees the old file or the new one, never half
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# shard format
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise DataError(f"{path}: token ids {tokens.min()}..{tokens.max()} do not fit uint16 (0..65535); "
+                        f"use a tokenizer with a vocab of at most 65536")
+    header = np.zeros(HEADER_INTS, dtype='<i4')
+    header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype('<u2').tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves the old shard or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_shard(path):
+    fix = f"re-run {_prepare_cmd(os.path.dirname(path))}"
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: shard not found; {fix}")
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype='<i4', count=HEADER_INTS)
+    if len(header) < HEADER_INTS:
+        raise DataError(f"{path}: only {size} bytes, shorter than the {HEADER_BYTES}-byte header; {fix}")
+    if header[0] != MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]}, expected {MAGIC} - not a nanoRoPE/llm.c shard; {fix}")
+    if header[1] != VERSION:
+        raise DataError(f"{path}: unsupported version {header[1]}, expected {VERSION} (uint16 tokens); {fix}")
+    ntok = int(header[2])
+    if ntok < 0 or size != HEADER_BYTES + 2 * ntok:
+        raise DataError(f"{path}: file is {size} bytes but the header promises {ntok} tokens "
+                        f"({HEADER_BYTES + 2 * ntok} bytes) - truncated or corrupt; {fix}")
+    return np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_BYTES, shape=(ntok,))
+
+# -----------------------------------------------------------------------------
+# dataset dirs: <root>/<dataset>/{meta.json, <dataset>_val_000000.bin, <dataset>_train_000001.bin, ...}
+
+def shard_name(dataset, i):
+    return f"{dataset}_{'val' if i == 0 else 'train'}_{i:06d}.bin"
+
+
+def shard_paths(data_dir, split):
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_{'[0-9]' * 6}.bin")))
+    if not paths:
+        raise DataError(f"{data_dir}: no {split} shards found; run {_prepare_cmd(data_dir)}")
+    return paths
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        what = 'no meta.json (preparation never finished)' if os.path.isdir(data_dir) else 'no such dataset dir'
+        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-run {_prepare_cmd(data_dir)}")
+
+
+def get_tokenizer(name):
+    if name == 'bytes':
+        encode = lambda s: list(s.encode('utf-8'))
+        # ids >= 256 are EOT (or garbage a model sampled); a byte string cut mid-character still decodes
+        decode = lambda ids: bytes(int(i) for i in ids if int(i) < 256).decode('utf-8', errors='replace')
+        return encode, decode
+    enc = get_encoding(name)
+    return enc.encode_ordinary, enc.decode
+
+
+def get_encoding(name):
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # an unknown name, or no network for tiktoken's one-time download
+        why = str(e).splitlines()[0] if isinstance(e, ValueError) else \
+            f"{type(e).__name__}; tiktoken downloads its files on first use"
+        raise DataError(f"tokenizer {name!r} could not be loaded ({why})")
+
+
+def unigram_loss(val_tokens, train_counts):
+    # the loss of a model that ignores context: what training must beat to have learned anything
+    p = (train_counts + 1) / (train_counts.sum() + len(train_counts))  # add-one smoothing: no log(0)
+    val_counts = np.bincount(val_tokens, minlength=len(train_counts))
+    return float(-(val_counts * np.log(p)).sum() / val_counts.sum())
+
+
+def _check_dataset(data_dir):
+    # meta.json is written last, so with it present the shards before it were finished
+    load_meta(data_dir)
+    shard_paths(data_dir, 'val')
+    shard_paths(data_dir, 'train')
+
+
+def _is_complete(data_dir):
+    try:
+        _check_dataset(data_dir)
+        return True
+    except DataError:
+        return False
+
+
+def ensure_dataset(root, dataset):
+    data_dir = os.path.join(root, dataset)
+    if dataset == 'embedded' and not _is_complete(data_dir):
+        # build in a private dir and rename it into place, so two processes racing here
+        # never see each other's half-written files; the loser just uses the winner's copy
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f'.{dataset}-', dir=root)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is not
+        try:
+            prepare_embedded(tmp)
+            try:
+                os.rename(tmp, data_dir)  # fails if data_dir already exists and is non-empty
+            except OSError:
+                if not _is_complete(data_dir):  # a stale half-built dir: rebuild it in place
+                    prepare_embedded(data_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_dataset(data_dir)
+    return data_dir
+
+# -----------------------------------------------------------------------------
+# the embedded dataset: CPython's own stdlib sources, byte-level tokens
+
+EMBEDDED_SKIP = ('test', 'tests', 'site-packages', 'idlelib', 'lib2to3', 'turtledemo')
+
+
+def embedded_files():
+    stdlib = sysconfig.get_paths()['stdlib']
+    rel = []
+    for d, dirs, files in os.walk(stdlib):
+        dirs[:] = [x for x in dirs if x not in EMBEDDED_SKIP]  # prune: site-packages alone can hold 10k+ files
+        rel += [os.path.relpath(os.path.join(d, f), stdlib).replace(os.sep, '/') for f in files if f.endswith('.py')]
+    return stdlib, sorted(rel)  # sorted relative posix paths: the same order on every machine
+
+
+def prepare_embedded(data_dir):
+    eot = 256
+    stdlib, files = embedded_files()
+    val, train = [], []
+    for i, rel in enumerate(files):
+        with open(os.path.join(stdlib, rel), 'rb') as f:
+            doc = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
+        (val if i % 20 == 0 else train).extend([doc, np.array([eot], dtype=np.uint16)])
+    val, train = np.concatenate(val), np.concatenate(train)
+    os.makedirs(data_dir, exist_ok=True)
+    write_shard(os.path.join(data_dir, shard_name('embedded', 0)), val)
+    write_shard(os.path.join(data_dir, shard_name('embedded', 1)), train)
+    loss = unigram_loss(val, np.bincount(train, minlength=eot + 1))
+    _write_json(os.path.join(data_dir, 'meta.json'),
+                {'tokenizer': 'bytes', 'vocab_size': eot + 1, 'eot': eot, 'unigram_loss': loss})
+    print(f"embedded: {len(files)} stdlib files -> {len(val):,} val + {len(train):,} train tokens")
+
+# -----------------------------------------------------------------------------
+# Hugging Face datasets (FineWeb-Edu): tokenize in a process pool into fixed-size shards, resumably
+
+_enc = None
+
+
+def _init_worker(encoding):
+    global _enc
+    _enc = encoding
+
+
+def _tokenize(text):
+    tokens = [_enc.eot_token] + _enc.encode_ordinary(text)  # EOT first, like llm.c
+    return np.array(tokens, dtype=np.uint16)  # prepare_hf checked the vocab fits, so no wrap-around
+
+
+def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='text', settings=None):
+    """Tokenize docs (strings, or dict rows holding text_column) into shards of exactly shard_size tokens.
+
+    progress.json records where every finished shard started (doc index, tokens of that doc
+    already in the previous shard), so a rerun skips finished work and still writes
+    byte-identical shards; it also redoes any finished shard that went missing or corrupt.
+    settings: whatever else decides the output (the data source); a resume with other settings is refused.
+    """
+    if encoding.n_vocab > 2**16:
+        raise DataError(f"tokenizer {encoding.name}: vocab {encoding.n_vocab} does not fit uint16 shards")
+    dataset = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
+    settings = {**(settings or {}), 'tokenizer': encoding.name, 'shard_size': shard_size}
+    os.makedirs(out_dir, exist_ok=True)
+    progress_path = os.path.join(out_dir, 'progress.json')
+    starts, next_start = [], [0, 0]
+    if os.path.exists(progress_path):
+        with open(progress_path) as f:
+            progress = json.load(f)
+        if progress['settings'] != settings:
+            raise DataError(f"{progress_path}: an earlier run used {progress['settings']}, this one {settings}; "
+                            f"re-run with the same flags to resume, or delete {out_dir} to start over")
+        starts, next_start = progress['starts'], progress['next']
+        for k in range(len(starts)):
+            path = os.path.join(out_dir, shard_name(dataset, k))
+            try:
+                ok = len(read_shard(path)) == shard_size or k == len(starts) - 1
+            except DataError:
+                ok = False
+            if not ok:  # redo from the first bad shard on; later ones are rewritten identically
+                starts, next_start = starts[:k], starts[k]
+                break
+        print(f"{out_dir}: resuming after {len(starts)} finished shards, at document {next_start[0]:,}")
+
+    doc_i, skip = next_start
+    if doc_i:  # HF datasets skip without reading the rows; anything else gets iterated past them
+        docs = docs.skip(doc_i) if hasattr(docs, 'skip') else islice(docs, doc_i, None)
+    texts = (row if isinstance(row, str) else row[text_column] for row in docs)
+    buf = np.empty(shard_size, dtype=np.uint16)
+    fill = 0
+    bar = None
+    with Pool(num_proc, initializer=_init_worker, initargs=(encoding,)) as pool:
+        for tokens in pool.imap(_tokenize, texts, chunksize=16):
+            done = skip  # tokens of this doc already in earlier shards (only the straddling doc on resume)
+            skip = 0
+            while done < len(tokens):
+                if bar is None:
+                    bar = tqdm(total=shard_size, unit='tok', desc=f"shard {len(starts)}")
+                take = min(shard_size - fill, len(tokens) - done)
+                buf[fill:fill + take] = tokens[done:done + take]
+                fill, done = fill + take, done + take
+                bar.update(take)
+                if fill == shard_size:  # full: the rest of this doc spills into the next shard
+                    write_shard(os.path.join(out_dir, shard_name(dataset, len(starts))), buf)
+                    starts.append(next_start)
+                    next_start = [doc_i, done] if done < len(tokens) else [doc_i + 1, 0]
+                    _write_json(progress_path, {'settings': settings, 'starts': starts, 'next': next_start})
+                    bar.close()
+                    fill, bar = 0, None
+            doc_i += 1
+    if fill:  # the last shard is shorter
+        write_shard(os.path.join(out_dir, shard_name(dataset, len(starts))), buf[:fill])
+        starts.append(next_start)
+        _write_json(progress_path, {'settings': settings, 'starts': starts, 'next': [doc_i, 0]})
+        bar.close()
+    if len(starts) < 2:
+        raise DataError(f"{out_dir}: the data fills only {len(starts)} shard(s), but training needs a val shard "
+                        f"and a train shard; delete {out_dir} and use a smaller --shard_size")
+
+    # meta.json last: its presence tells everyone else the dataset is complete
+    counts = np.zeros(encoding.n_vocab, dtype=np.int64)
+    for path in shard_paths(out_dir, 'train'):
+        counts += np.bincount(read_shard(path), minlength=encoding.n_vocab)
+    loss = unigram_loss(read_shard(shard_paths(out_dir, 'val')[0]), counts)
+    _write_json(os.path.join(out_dir, 'meta.json'), {'tokenizer': encoding.name, 'vocab_size': encoding.n_vocab,
+                                                    'eot': encoding.eot_token, 'unigram_loss': loss})
+    print(f"{out_dir}: {len(starts)} shards ({len(starts) - 1} train), unigram baseline {loss:.3f} nats")
+
+
+def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=False):
+    import datasets  # slow to import; only preparation needs it
+    if data_files:
+        # a local file or glob, e.g. an already downloaded parquet; the extension picks the builder
+        ext = data_files
+        for z in ('.gz', '.bz2', '.xz', '.zst'):
+            ext = ext.removesuffix(z)
+        builders = {'parquet': 'parquet', 'json': 'json', 'jsonl': 'json', 'csv': 'csv', 'txt': 'text'}
+        builder = builders.get(ext.rsplit('.', 1)[-1])
+        if builder is None:
+            raise DataError(f"{data_files}: unknown file type; use one of .{', .'.join(builders)}")
+        ds = datasets.load_dataset(builder, data_files=data_files, split='train', streaming=streaming)
+    else:
+        ds = datasets.load_dataset(hf_path, name=hf_name, split='train', streaming=streaming)
+    return ds.select_columns([text_column])  # don't decode the columns we never read
+
+# -----------------------------------------------------------------------------
+# training loader
+
+class ShardLoader:
+    """Random non-overlapping windows of T+1 tokens from all shards of a split, reshuffled every epoch.
+
+    All ranks share one stream of batches that does not depend on world_size: batch g is slot
+    g % per_epoch of epoch g // per_epoch, and rank r's call m reads batch m*world_size + r.
+    So DDP ranks and a single process with gradient accumulation see exactly the same data,
+    across epoch boundaries too (which is why a step may straddle one: rank 0 ends epoch e
+    while rank 1 starts e+1, instead of every rank jumping to index 0).
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
+        self.paths = shard_paths(data_dir, split)
+        self.B, self.T = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        # window i of a shard is tokens [i*T, i*T + T + 1): stride T, so every token is a target once
+        counts = [max(0, (len(read_shard(p)) - 1) // block_size) for p in self.paths]
+        self.first = np.cumsum([0] + counts)  # global index of each shard's first window
+        self.n_windows = int(self.first[-1])
+        if self.n_windows < world_size * batch_size:
+            raise DataError(f"{data_dir}: the {split} split has only {self.n_windows} windows of {block_size + 1} "
+                            f"tokens, fewer than one batch ({world_size} x {batch_size}); "
+                            f"lower batch_size/block_size or prepare more data")
+        self.per_epoch = self.n_windows // batch_size  # whole batches; the ragged tail is dropped each epoch
+        self.batch = 0  # the global batch number this process's next step starts at
+        self._perm, self._perm_epoch = None, None
+
+    def next_batch(self):
+        epoch, slot = divmod(self.batch + self.rank, self.per_epoch)
+        self.batch += self.world_size
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)
+            self._perm_epoch = epoch
+        ids = self._perm[slot * self.B:(slot + 1) * self.B]
+        shard = np.searchsorted(self.first, ids, side='right') - 1
+        buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
+        for s in np.unique(shard):
+            tokens = read_shard(self.paths[s])  # a fresh memmap per batch: a long-lived one leaks RAM (nanoGPT #428)
+            for row in np.nonzero(shard == s)[0]:
+                pos = (ids[row] - self.first[s]) * self.T
+                buf[row] = tokens[pos:pos + self.T + 1]
+        x = torch.from_numpy(buf[:, :-1].astype(np.int64))
+        y = torch.from_numpy(buf[:, 1:].astype(np.int64))
+        return x, y
+
+    def state_dict(self):
+        # index counts windows into the epoch's permutation, so it survives a change of batch_size
+        epoch, slot = divmod(self.batch, self.per_epoch)
+        return {'epoch': int(epoch), 'index': int(slot * self.B)}
+
+    def load_state_dict(self, state):
+        self.batch = int(state['epoch']) * self.per_epoch + int(state['index']) // self.B
+
+
+def eval_tokens(data_dir, split, n_tokens):
+    path = shard_paths(data_dir, split)[0]
+    tokens = read_shard(path)[:n_tokens + 1]  # always the same prefix: evals comparable across runs
+    if len(tokens) < 2:
+        raise DataError(f"{path}: {len(tokens)} tokens, need at least 2 to evaluate; re-run {_prepare_cmd(data_dir)}")
+    return np.array(tokens, dtype=np.int64)
+
+# -----------------------------------------------------------------------------
+# command line: python prepare_data.py --key=value ...
+
+def main(argv):
+    config = dict(
+        dataset='fineweb_edu',
+        out_root=os.path.join(HERE, 'data'),
+        hf_path='HuggingFaceFW/fineweb-edu',
+        hf_name='sample-10BT',
+        data_files='',
+        text_column='text',
+        shard_size=100_000_000,
+        num_proc=max(1, (os.cpu_count() or 2) // 2),
+        tokenizer='gpt2',
+        streaming=False,
+    )
+    config['_argv'] = argv  # the same strict --key=value parsing as train.py
+    exec(open(os.path.join(HERE, 'configurator.py')).read(), config)
+
+    out_dir = os.path.join(config['out_root'], config['dataset'])
+    if config['dataset'] == 'embedded':
+        prepare_embedded(out_dir)
+        return
+    encoding = get_encoding(config['tokenizer'])
+    docs = load_docs(config['hf_path'], config['hf_name'], config['data_files'],
+                     config['text_column'], config['streaming'])
+    # everything that changes the shards' bytes; num_proc and out_root do not
+    settings = {k: config[k] for k in ('hf_path', 'hf_name', 'data_files', 'text_column', 'streaming')}
+    prepare_hf(out_dir, docs, encoding, config['shard_size'], config['num_proc'], config['text_column'], settings)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except DataError as e:
+        sys.exit(str(e))

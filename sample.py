@@ -1,0 +1,74 @@
+"""
+Sample from a trained model, with the tokenizer it was trained with.
+$ python sample.py --out_dir=out-quickstart
+$ python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --num_samples=3 --max_new_tokens=200
+$ python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt
+"""
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from model import GPT, GPTConfig
+from prepare_data import get_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # directory holding ckpt.pt
+start = "\n"  # prompt, or "FILE:path" to read it from a file; an empty prompt starts from <|endoftext|>
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8  # 1.0 = the model's distribution; lower is more conservative
+top_k = 200  # keep only the top_k most likely tokens; 0 = all
+seed = 1337
+device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
+use_cache = True  # KV-cached decoding; False recomputes the whole prefix every token
+_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f"sample.py: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+torch.set_float32_matmul_precision('high')
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.isfile(ckpt_path):
+    fail(f"no checkpoint at {ckpt_path}; train one first (python train.py config/quickstart.py) or fix --out_dir")
+try:
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    meta = checkpoint['meta']
+except Exception as e:
+    fail(f"cannot load checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+         f"it is corrupt or not a nanoRoPE checkpoint")
+model.eval().to(device)
+encode, decode = get_tokenizer(meta['tokenizer'])
+
+if start.startswith('FILE:'):
+    with open(start[5:], encoding='utf-8') as f:
+        start = f.read()
+start_ids = encode(start) or [meta['eot']]
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+
+with torch.no_grad(), ctx:
+    for _ in range(num_samples):
+        try:
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
+        except ValueError as e:  # e.g. `learned` asked to go past block_size
+            fail(str(e))
+        print(decode(y[0].tolist()))
+        print('---------------')

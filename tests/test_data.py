@@ -1,0 +1,457 @@
+import glob
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import prepare_data as pd  # noqa: E402
+from prepare_data import DataError  # noqa: E402
+
+EOT = 256
+
+
+def tiny_encoding():
+    # byte-level tiktoken Encoding: no download needed, and token ids are just the utf-8 bytes
+    return tiktoken.Encoding(name='tiny', pat_str=r"\S+|\s+",
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={'<|endoftext|>': EOT})
+
+
+def expected_tokens(docs):
+    return np.concatenate([[EOT] + list(d.encode('utf-8')) for d in docs]).astype(np.uint16)
+
+
+def make_docs(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ['the', 'data', 'héllo', '世界', '🙂', 'shard', 'token', '\n', '  ', 'naïve', 'x' * 13]
+    docs = [' '.join(rng.choice(words, size=rng.integers(0, 60))) for _ in range(n)]
+    docs[7] = ''  # an empty document is still one EOT
+    docs[50] = 'long ' * 1000  # 5001 tokens: spans more than two 2000-token shards
+    return docs
+
+
+def files_bytes(d):
+    return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(os.path.join(d, '*')))}
+
+
+@pytest.fixture(autouse=True)
+def hf_cache_in_tmp(tmp_path, monkeypatch):
+    # keep load_dataset's arrow cache out of ~/.cache
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf_cache'))
+
+# -----------------------------------------------------------------------------
+# shard format
+
+def test_shard_round_trip(tmp_path):
+    path = str(tmp_path / 'a.bin')
+    tokens = np.array([0, 1, 256, 50256, 65535], dtype=np.int64)
+    pd.write_shard(path, tokens)
+    header = np.fromfile(path, dtype='<i4', count=pd.HEADER_INTS)
+    assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
+    assert os.path.getsize(path) == 256 * 4 + 5 * 2
+    got = pd.read_shard(path)
+    assert isinstance(got, np.memmap) and got.dtype == np.uint16
+    assert got.tolist() == tokens.tolist()
+    assert not glob.glob(str(tmp_path / '*.tmp'))
+    pd.write_shard(path, [])  # an empty shard is still a valid file
+    assert len(pd.read_shard(path)) == 0
+
+
+def _corrupt(path, how):
+    raw = bytearray(open(path, 'rb').read())
+    if how == 'magic':
+        raw[0:4] = np.int32(123).tobytes()
+    elif how == 'version':
+        raw[4:8] = np.int32(2).tobytes()
+    elif how == 'truncated':
+        raw = raw[:-2]
+    elif how == 'trailing':
+        raw += b'\0\0'
+    elif how == 'short_header':
+        raw = raw[:100]
+    open(path, 'wb').write(bytes(raw))
+
+
+@pytest.mark.parametrize('how,msg', [('magic', 'bad magic 123, expected 20240520'),
+                                     ('version', 'unsupported version 2'),
+                                     ('truncated', 'truncated or corrupt'),
+                                     ('trailing', 'truncated or corrupt'),
+                                     ('short_header', 'shorter than the 1024-byte header')])
+def test_read_shard_rejects_bad_files(tmp_path, how, msg):
+    path = str(tmp_path / 'x_train_000001.bin')
+    pd.write_shard(path, np.arange(100))
+    _corrupt(path, how)
+    with pytest.raises(DataError) as e:
+        pd.read_shard(path)
+    assert path in str(e.value) and msg in str(e.value) and 'prepare_data.py' in str(e.value)
+
+
+def test_write_shard_refuses_tokens_over_uint16(tmp_path):
+    path = str(tmp_path / 'a.bin')
+    with pytest.raises(DataError, match='uint16'):
+        pd.write_shard(path, [1, 2, 65536])
+    with pytest.raises(DataError, match='uint16'):
+        pd.write_shard(path, [-1, 2])
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_write_keeps_old_shard(tmp_path, monkeypatch):
+    path = str(tmp_path / 'a.bin')
+    pd.write_shard(path, [1, 2, 3])
+
+    def crash(src, dst):
+        raise OSError('simulated crash')
+    monkeypatch.setattr(os, 'replace', crash)
+    with pytest.raises(OSError, match='simulated'):
+        pd.write_shard(path, np.arange(1000))
+    assert pd.read_shard(path).tolist() == [1, 2, 3]
+    assert os.listdir(tmp_path) == ['a.bin']  # and the half-done .tmp is cleaned up
+
+# -----------------------------------------------------------------------------
+# dataset dirs
+
+def test_missing_dataset_says_how_to_prepare(tmp_path):
+    fix = 'python prepare_data.py --dataset=fineweb_edu'
+    for call in (lambda: pd.ensure_dataset(str(tmp_path), 'fineweb_edu'),
+                 lambda: pd.load_meta(str(tmp_path / 'fineweb_edu')),
+                 lambda: pd.shard_paths(str(tmp_path / 'fineweb_edu'), 'train')):
+        with pytest.raises(DataError, match=fix):
+            call()
+    # meta.json present but the train shards are not: still not usable
+    d = tmp_path / 'fineweb_edu'
+    d.mkdir()
+    (d / 'meta.json').write_text('{"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}')
+    pd.write_shard(str(d / 'fineweb_edu_val_000000.bin'), [1, 2, 3])
+    with pytest.raises(DataError, match='no train shards.*' + fix):
+        pd.ensure_dataset(str(tmp_path), 'fineweb_edu')
+    pd.write_shard(str(d / 'fineweb_edu_train_000001.bin'), [1, 2, 3])
+    assert pd.ensure_dataset(str(tmp_path), 'fineweb_edu') == str(d)
+
+
+def test_shard_paths_sorted_and_split_exact(tmp_path):
+    # a dataset name containing '_val_' must not leak its train shards into the val split
+    for name in ('my_val_set_train_000002.bin', 'my_val_set_train_000001.bin', 'my_val_set_val_000000.bin'):
+        pd.write_shard(str(tmp_path / name), [1, 2])
+    names = lambda split: [os.path.basename(p) for p in pd.shard_paths(str(tmp_path), split)]
+    assert names('val') == ['my_val_set_val_000000.bin']
+    assert names('train') == ['my_val_set_train_000001.bin', 'my_val_set_train_000002.bin']
+
+
+def test_tiktoken_tokenizer(monkeypatch):
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())
+    encode, decode = pd.get_tokenizer('gpt2')
+    assert encode('hé <|endoftext|>') == list('hé <|endoftext|>'.encode())  # special text stays plain text
+    assert decode(encode('hé')) == 'hé'
+
+    def offline(name):
+        raise ConnectionError('no network')
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    with pytest.raises(DataError, match="tokenizer 'gpt2' could not be loaded"):
+        pd.get_tokenizer('gpt2')
+
+# -----------------------------------------------------------------------------
+# loader
+
+T = 16
+
+
+def make_loader_data(tmp_path, sizes=(1008, 700)):  # 1008: the last token is a target but starts no window
+    """Train shards of consecutive ints with a different base per shard, so a token names its position."""
+    d = tmp_path / 'toy'
+    d.mkdir()
+    pd.write_shard(str(d / 'toy_val_000000.bin'), np.arange(500))
+    for i, n in enumerate(sizes):
+        pd.write_shard(str(d / f'toy_train_{i + 1:06d}.bin'), np.arange(n) + 10_000 * (i + 1))
+    return str(d)
+
+
+def window_ids(x):
+    # a window is named by (shard, index): shard from the base, index from the offset
+    return [(int(v) // 10_000, (int(v) % 10_000) // T) for v in x[:, 0]]
+
+
+def all_windows(data_dir):
+    return {(s + 1, i) for s, p in enumerate(pd.shard_paths(data_dir, 'train'))
+            for i in range((len(pd.read_shard(p)) - 1) // T)}
+
+
+def batches(loader, n):
+    return [loader.next_batch() for _ in range(n)]
+
+
+def test_loader_windows_are_shard_slices(tmp_path):
+    d = make_loader_data(tmp_path)
+    loader = pd.ShardLoader(d, 'train', batch_size=4, block_size=T)
+    assert loader.n_windows == 1007 // T + 699 // T == 105
+    shards = [pd.read_shard(p) for p in pd.shard_paths(d, 'train')]
+    seen = set()
+    for x, y in batches(loader, 20):
+        assert x.shape == y.shape == (4, T) and x.dtype == y.dtype == torch.int64
+        for row, (s, i) in zip(range(4), window_ids(x)):
+            window = shards[s - 1][i * T:i * T + T + 1].astype(np.int64)
+            assert len(window) == T + 1  # a window never runs off its shard's end
+            assert x[row].tolist() == window[:-1].tolist() and y[row].tolist() == window[1:].tolist()
+            seen.add((s, i))
+    assert {s for s, _ in seen} == {1, 2}  # both shards are drawn from
+
+
+def test_loader_seeded(tmp_path):
+    d = make_loader_data(tmp_path)
+    a = batches(pd.ShardLoader(d, 'train', 4, T, seed=1), 5)
+    b = batches(pd.ShardLoader(d, 'train', 4, T, seed=1), 5)
+    c = batches(pd.ShardLoader(d, 'train', 4, T, seed=2), 5)
+    assert all((xa == xb).all() and (ya == yb).all() for (xa, ya), (xb, yb) in zip(a, b))
+    assert any((xa != xc).any() for (xa, _), (xc, _) in zip(a, c))
+
+
+def test_ranks_split_the_single_process_stream(tmp_path):
+    d = make_loader_data(tmp_path)
+    single = pd.ShardLoader(d, 'train', 3, T)
+    ranks = [pd.ShardLoader(d, 'train', 3, T, rank=r, world_size=2) for r in range(2)]
+    assert single.per_epoch == 35  # odd: some step has rank 0 in epoch 0 and rank 1 in epoch 1
+    epoch0 = []
+    for step in range(40):
+        got = [r.next_batch() for r in ranks]
+        want = batches(single, 2)
+        for (x, y), (wx, wy) in zip(got, want):
+            assert (x == wx).all() and (y == wy).all()
+        ids0, ids1 = window_ids(got[0][0]), window_ids(got[1][0])
+        if 2 * step + 1 < single.per_epoch:
+            assert not set(ids0) & set(ids1)
+        epoch0 += [w for r, ids in enumerate((ids0, ids1)) if 2 * step + r < single.per_epoch for w in ids]
+    assert len(epoch0) == len(set(epoch0)) == 35 * 3  # no window twice within an epoch
+
+
+def test_loader_resume(tmp_path):
+    d = make_loader_data(tmp_path)
+    a = pd.ShardLoader(d, 'train', 4, T, seed=7)
+    batches(a, 23)  # 26 batches per epoch: the resumed stream crosses into epoch 1
+    state = a.state_dict()
+    assert all(type(v) is int for v in state.values())
+    want = batches(a, 6)
+    b = pd.ShardLoader(d, 'train', 4, T, seed=7)
+    b.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    got = batches(b, 6)
+    assert all((x == wx).all() and (y == wy).all() for (x, y), (wx, wy) in zip(got, want))
+    assert b.state_dict() == a.state_dict() and a.state_dict()['epoch'] == 1
+    # the state is world-size independent: two ranks pick up the single-process stream
+    ranks = [pd.ShardLoader(d, 'train', 4, T, rank=r, world_size=2, seed=7) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    got = [ranks[i % 2].next_batch() for i in range(6)]
+    assert all((x == wx).all() for (x, _), (wx, _) in zip(got, want))
+
+
+def test_loader_epochs_cover_every_window_once(tmp_path):
+    d = make_loader_data(tmp_path, sizes=(16 * 8 + 1, 16 * 4 + 5))  # 8 + 4 = 12 windows
+    loader = pd.ShardLoader(d, 'train', 4, T)
+    epochs = []
+    for e in range(3):
+        ids = [w for x, _ in batches(loader, 3) for w in window_ids(x)]
+        assert loader.state_dict() == {'epoch': e + 1, 'index': 0}
+        assert sorted(ids) == sorted(all_windows(d))  # each window exactly once
+        epochs.append(ids)
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+    loader.next_batch()
+    assert loader.state_dict() == {'epoch': 3, 'index': 4}
+
+
+def test_loader_needs_one_batch(tmp_path):
+    d = make_loader_data(tmp_path, sizes=(16 * 2 + 1, 16 * 3 + 1))  # 5 windows
+    pd.ShardLoader(d, 'train', 5, T)
+    with pytest.raises(DataError, match='only 5 windows'):
+        pd.ShardLoader(d, 'train', 3, T, world_size=2)
+
+
+def test_eval_tokens(tmp_path):
+    d = make_loader_data(tmp_path)
+    got = pd.eval_tokens(d, 'val', 100)
+    assert got.dtype == np.int64 and got.tolist() == list(range(101))
+    assert pd.eval_tokens(d, 'val', 10_000).tolist() == list(range(500))  # short shard: all of it
+    assert pd.eval_tokens(d, 'train', 5).tolist() == list(range(10_000, 10_006))
+    pd.write_shard(os.path.join(d, 'toy_val_000000.bin'), [7])
+    with pytest.raises(DataError, match='at least 2'):
+        pd.eval_tokens(d, 'val', 100)
+
+# -----------------------------------------------------------------------------
+# embedded dataset
+
+def test_embedded(tmp_path):
+    a, b = str(tmp_path / 'a' / 'embedded'), str(tmp_path / 'b' / 'embedded')
+    pd.prepare_embedded(a)
+    pd.prepare_embedded(b)
+    assert files_bytes(a) == files_bytes(b)  # deterministic
+    pd.prepare_embedded(a)
+    assert files_bytes(a) == files_bytes(b)  # idempotent
+    meta = pd.load_meta(a)
+    assert meta['tokenizer'] == 'bytes' and meta['vocab_size'] == 257 and meta['eot'] == 256
+    assert 0 < meta['unigram_loss'] < math.log(257)
+    val, train = pd.read_shard(pd.shard_paths(a, 'val')[0]), pd.read_shard(pd.shard_paths(a, 'train')[0])
+    assert len(pd.shard_paths(a, 'train')) == 1 and len(val) > 0
+    stdlib, files = pd.embedded_files()
+    assert not any(set(f.split('/')) & set(pd.EMBEDDED_SKIP) for f in files) and files == sorted(files)
+    assert (val == 256).sum() == len(files[::20]) and (train == 256).sum() == len(files) - len(files[::20])
+    first = open(os.path.join(stdlib, files[0]), 'rb').read()
+    assert bytes(val[:len(first)].astype(np.uint8)) == first and val[len(first)] == 256
+    encode, decode = pd.get_tokenizer(meta['tokenizer'])
+    s = 'naïve café — 世界 🙂\n'
+    assert max(encode(s)) < 256 and decode(encode(s)) == s
+    assert decode(encode('ab') + [256] + encode('c')) == 'abc'
+    assert decode(encode('é')[:1]) == '\ufffd'  # a cut character decodes, it doesn't crash
+
+
+def _ensure(root):
+    return pd.ensure_dataset(root, 'embedded')
+
+
+def test_ensure_embedded_builds_once_and_survives_races(tmp_path):
+    root = str(tmp_path / 'data')
+    with multiprocessing.get_context('fork').Pool(3) as pool:  # three processes race to build it
+        dirs = pool.map(_ensure, [root] * 3)
+    d = os.path.join(root, 'embedded')
+    assert dirs == [d] * 3 and os.listdir(root) == ['embedded']  # no temp dirs left behind
+    ref = files_bytes(d)
+    assert sorted(ref) == ['embedded_train_000001.bin', 'embedded_val_000000.bin', 'meta.json']
+    mtime = os.path.getmtime(os.path.join(d, 'meta.json'))
+    assert _ensure(root) == d and os.path.getmtime(os.path.join(d, 'meta.json')) == mtime  # no rebuild
+    os.remove(os.path.join(d, 'embedded_train_000001.bin'))  # incomplete: rebuilt in place
+    assert _ensure(root) == d and files_bytes(d) == ref and os.listdir(root) == ['embedded']
+
+# -----------------------------------------------------------------------------
+# Hugging Face preparation
+
+def write_jsonl(path, docs):
+    with open(path, 'w') as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({'id': i, 'text': doc}) + '\n')
+    return str(path)
+
+
+def check_shards(out_dir, docs, shard_size):
+    name = os.path.basename(out_dir)
+    paths = pd.shard_paths(out_dir, 'val') + pd.shard_paths(out_dir, 'train')
+    assert [os.path.basename(p) for p in paths] == [pd.shard_name(name, i) for i in range(len(paths))]
+    assert os.path.basename(paths[0]) == f'{name}_val_000000.bin'
+    shards = [pd.read_shard(p) for p in paths]
+    assert all(len(s) == shard_size for s in shards[:-1]) and 0 < len(shards[-1]) <= shard_size
+    assert np.array_equal(np.concatenate(shards), expected_tokens(docs))
+
+
+def test_prepare_hf_from_local_jsonl(tmp_path):
+    docs = make_docs()
+    ds = pd.load_docs('unused', 'unused', write_jsonl(tmp_path / 'docs.jsonl', docs))
+    out = str(tmp_path / 'data' / 'fw')
+    pd.prepare_hf(out, ds, tiny_encoding(), shard_size=2000, num_proc=2)
+    check_shards(out, docs, 2000)
+    assert len(pd.shard_paths(out, 'train')) > 10
+    meta = pd.load_meta(out)
+    assert (meta['tokenizer'], meta['vocab_size'], meta['eot']) == ('tiny', 257, 256)
+    assert 0 < meta['unigram_loss'] < math.log(257)
+    assert pd.ensure_dataset(str(tmp_path / 'data'), 'fw') == out
+
+
+class Crash(Exception):
+    pass
+
+
+class CountingDocs(list):
+    """A doc list with a HF-style skip(), recording where preparation starts reading."""
+    skips = []
+
+    def skip(self, n):
+        CountingDocs.skips.append(n)
+        return self[n:]
+
+
+@pytest.mark.parametrize('crash_in', ['write_shard', 'progress'])
+@pytest.mark.parametrize('docs,shard_size,k', [
+    (make_docs(), 2000, 1),
+    (make_docs(), 2000, 5),  # resumes inside the 5001-token document (it fills shards 4..6)
+    (make_docs(), 2000, 19),  # the last, short shard (20 shards in all)
+    (['abcd'] * 12, 10, 2),  # every shard ends exactly at a document boundary
+])
+def test_prepare_hf_resume_is_byte_identical(tmp_path, monkeypatch, crash_in, docs, shard_size, k):
+    ref, out = str(tmp_path / 'ref' / 'fw'), str(tmp_path / 'run' / 'fw')
+    pd.prepare_hf(ref, docs, tiny_encoding(), shard_size, num_proc=2)
+
+    # crash after k shards: either while writing shard k, or after writing it but before progress.json
+    calls = []
+    target = pd.write_shard if crash_in == 'write_shard' else pd._write_json
+
+    def crashing(*args):
+        if len(calls) == k:
+            raise Crash  # in 'progress' mode shard k is already on disk, unrecorded
+        calls.append(args[0])
+        target(*args)
+    monkeypatch.setattr(pd, crash_in if crash_in == 'write_shard' else '_write_json', crashing)
+    with pytest.raises(Crash):
+        pd.prepare_hf(out, CountingDocs(docs), tiny_encoding(), shard_size, num_proc=2)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(out, 'meta.json'))
+    progress = json.load(open(os.path.join(out, 'progress.json')))
+    assert len(progress['starts']) == k
+
+    CountingDocs.skips = []
+    pd.prepare_hf(out, CountingDocs(docs), tiny_encoding(), shard_size, num_proc=2)
+    assert CountingDocs.skips == [progress['next'][0]]  # resumed at the straddling doc, not from the start
+    assert files_bytes(out) == files_bytes(ref)
+    check_shards(out, docs, shard_size)
+
+
+def test_prepare_hf_rerun_repairs_and_refuses_other_settings(tmp_path):
+    docs = make_docs()
+    ref, out = str(tmp_path / 'ref' / 'fw'), str(tmp_path / 'run' / 'fw')
+    pd.prepare_hf(ref, docs, tiny_encoding(), 2000, num_proc=2)
+    pd.prepare_hf(out, docs, tiny_encoding(), 2000, num_proc=2)
+    _corrupt(os.path.join(out, 'fw_train_000004.bin'), 'truncated')
+    os.remove(os.path.join(out, 'fw_train_000009.bin'))
+    CountingDocs.skips = []
+    pd.prepare_hf(out, CountingDocs(docs), tiny_encoding(), 2000, num_proc=2)
+    starts = json.load(open(os.path.join(ref, 'progress.json')))['starts']
+    assert CountingDocs.skips == [starts[4][0]]  # redone from the first bad shard only
+    assert files_bytes(out) == files_bytes(ref)
+    with pytest.raises(DataError, match='progress.json.*same flags'):
+        pd.prepare_hf(out, docs, tiny_encoding(), 1000, num_proc=2)
+
+
+def test_prepare_hf_needs_a_train_shard(tmp_path):
+    with pytest.raises(DataError, match='smaller --shard_size'):
+        pd.prepare_hf(str(tmp_path / 'fw'), ['tiny doc'], tiny_encoding(), 2000, num_proc=1)
+
+
+def test_cli_prepares_parquet_and_embedded(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = make_docs(120, seed=1)
+    pq.write_table(pa.table({'body': docs, 'n': list(range(120))}), str(tmp_path / 'docs.parquet'))
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())  # stands in for gpt2
+    out_root = str(tmp_path / 'data')
+    for streaming in (False, True):
+        name = f'local_{streaming}'
+        pd.main([f'--dataset={name}', f'--out_root={out_root}', f'--data_files={tmp_path / "docs.parquet"}',
+                 '--text_column=body', '--shard_size=1500', '--num_proc=2', f'--streaming={streaming}'])
+        check_shards(os.path.join(out_root, name), docs, 1500)
+    pd.main(['--dataset=embedded', f'--out_root={out_root}'])
+    assert pd.load_meta(os.path.join(out_root, 'embedded'))['vocab_size'] == 257
+
+
+@pytest.mark.parametrize('arg,named', [('--bogus=1', 'bogus'), ('--shard_size=big', 'shard_size'),
+                                       ('--streaming=maybe', 'streaming'), ('dataset=embedded', 'dataset=embedded'),
+                                       ('--dataset', '--dataset')])
+def test_cli_rejects_bad_arguments(tmp_path, arg, named):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), arg, f'--out_root={tmp_path}'],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0]  # one line naming the bad key or argument
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,363 @@
+"""
+Train a GPT with any position encoding. One script for CPU, one GPU, and DDP over GPUs and nodes.
+
+On CPU or one GPU:
+$ python train.py config/quickstart.py
+$ python train.py config/gpt2_rope.py --batch_size=16 --pos_emb=carope
+
+DDP on 8 GPUs of one node:
+$ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py
+
+DDP on 2 nodes of 8 GPUs (master node IP 123.456.123.456):
+- on the master node:
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py config/gpt2_rope.py
+- on the worker node:
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py config/gpt2_rope.py
+(If the cluster has no Infiniband, prepend NCCL_IB_DISABLE=1.)
+
+DDP works on CPU too (gloo): $ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, GPTConfig, device_peak_flops
+from prepare_data import DataError, ShardLoader, ensure_dataset, eval_tokens, load_meta
+from rope import ENCODINGS
+
+# -----------------------------------------------------------------------------
+# default config values: GPT-2 small (124M) on FineWeb-Edu; every name here is a config key
+# I/O
+out_dir = 'out'
+eval_interval = 250
+log_interval = 10
+eval_iters = 20  # evaluate on a fixed eval_iters * batch_size * block_size tokens of each split
+eval_block_size = 0  # context length of evaluation; 0 = block_size (larger = length extrapolation)
+eval_only = False  # evaluate once, then exit
+always_save_checkpoint = False  # else write ckpt.pt only when val loss improves (and at the end)
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# data
+dataset = 'fineweb_edu'
+data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+gradient_accumulation_steps = 5 * 8  # global: divided by the number of DDP processes
+batch_size = 12  # micro-batch per process
+block_size = 1024
+seed = 1337
+# model (every GPTConfig field is a key too; those not listed here take GPTConfig's default)
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = False
+pos_emb = 'rope'
+rope_base = 10000.0
+vocab_size = 0  # 0 = the dataset's vocabulary, padded up to a multiple of 64
+# AdamW
+learning_rate = 6e-4
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = off
+# learning rate schedule: linear warmup, then cosine to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000
+min_lr = 6e-5
+# system
+backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
+device = 'auto'  # 'auto' = cuda if available, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16 (+ GradScaler); float32 on CPU/MPS
+compile = True  # torch.compile the model (needs Triton on GPU, a C++ compiler on CPU)
+# -----------------------------------------------------------------------------
+globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
+_choices = {
+    'pos_emb': list(ENCODINGS), 'init_from': ['scratch', 'resume'], 'backend': ['auto', 'nccl', 'gloo'],
+    'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
+}
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}  # what was run, stored in the checkpoint
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    """A clear one-line error and a non-zero exit, before anything is written."""
+    print(f"train.py: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+if ddp:
+    dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
+    ddp_rank, ddp_local_rank, ddp_world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    if device_type == 'cuda':
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+             f"{ddp_world_size} processes")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, ddp_world_size = 0, 1
+master_process = ddp_rank == 0  # does the logging and checkpointing
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+eval_block_size = eval_block_size or block_size
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f"tokens per iteration: {tokens_per_iter:,} ({ddp_world_size} processes x {gradient_accumulation_steps} "
+          f"micro-steps x {batch_size} x {block_size})")
+
+torch.manual_seed(seed + ddp_rank)
+torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# data
+try:
+    data_dir = ensure_dataset(data_root, dataset)
+    meta = load_meta(data_dir)
+    train_loader = ShardLoader(data_dir, 'train', batch_size, block_size, ddp_rank, ddp_world_size, seed)
+    eval_data = {split: eval_tokens(data_dir, split, eval_iters * batch_size * block_size) for split in ('train', 'val')}
+except DataError as e:
+    fail(str(e))
+
+
+def get_batch():
+    x, y = train_loader.next_batch()
+    if device_type == 'cuda':  # pinned memory lets the copy run asynchronously
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# model
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        fail(f"init_from='resume' but {ckpt_path} does not exist; check out_dir or use init_from='scratch'")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model_args = checkpoint['model_args']
+    except Exception as e:
+        fail(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"it is corrupt or not a nanoRoPE checkpoint: restore it or use init_from='scratch'")
+    if master_process:
+        print(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}")
+else:
+    model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
+    model_args['vocab_size'] = vocab_size or -(-meta['vocab_size'] // 64) * 64
+if model_args['vocab_size'] < meta['vocab_size']:
+    fail(f"vocab_size={model_args['vocab_size']} is smaller than dataset '{dataset}' needs ({meta['vocab_size']})")
+gptconf = GPTConfig(**model_args)
+try:
+    model = GPT(gptconf)
+except ValueError as e:
+    fail(str(e))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+raw_model = model.to(device)  # the uncompiled module: what checkpoints, eval at other lengths and sampling use
+if master_process:
+    print(model.param_summary())
+if raw_model.pe.max_len is not None and eval_block_size > raw_model.pe.max_len:
+    fail(f"pos_emb={pos_emb!r} has only {raw_model.pe.max_len} positions and cannot evaluate at "
+         f"eval_block_size={eval_block_size}; use eval_block_size<={raw_model.pe.max_len} or an encoding "
+         f"that extrapolates")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+iter_num, best_val_loss = 0, float('inf')
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    train_loader.load_state_dict(checkpoint['loader'])
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    rng = checkpoint['rng']
+    if len(rng) == ddp_world_size:  # a different world size cannot continue each process's random stream
+        torch.set_rng_state(rng[ddp_rank]['cpu'])
+        if device_type == 'cuda' and rng[ddp_rank]['cuda'] is not None:
+            torch.cuda.set_rng_state(rng[ddp_rank]['cuda'], device)
+    checkpoint = None  # free memory
+
+if compile:
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)
+compiled_model = model  # eval at the training length reuses the compiled graph
+if ddp:
+    # the encodings' buffers are fixed tables: nothing to broadcast each forward
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over the fixed eval tokens of each split, in windows of eval_block_size, windows split
+    across processes and all-reduced: every run, whatever its world size, reports the same number."""
+    out = {}
+    raw_model.eval()
+    eval_model = compiled_model if eval_block_size == block_size else raw_model  # other shapes: no recompiles
+    for split, tokens in eval_data.items():
+        T = eval_block_size
+        windows = list(range(ddp_rank, (len(tokens) - 1) // T, ddp_world_size))
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
+        for i in range(0, len(windows), batch_size):
+            starts = windows[i:i + batch_size]
+            x = torch.from_numpy(np.stack([tokens[s * T:(s + 1) * T] for s in starts])).to(device)
+            y = torch.from_numpy(np.stack([tokens[s * T + 1:(s + 1) * T + 1] for s in starts])).to(device)
+            with ctx:
+                _, loss = eval_model(x, y)
+            total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item() if total[1] > 0 else float('nan')
+    raw_model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:  # linear warmup
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    """Write out_dir/ckpt.pt atomically (temp file, then rename): a crash never leaves a half-written file.
+    Every process calls it (RNG states are gathered); the master writes."""
+    rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
+    rngs = [None] * ddp_world_size
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if not master_process:
+        return
+    checkpoint = {
+        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        'model_args': asdict(gptconf), 'config': config, 'meta': meta, 'iter_num': iter_num,
+        'best_val_loss': best_val_loss, 'loader': train_loader.state_dict(), 'rng': rngs,
+    }
+    tmp_path = ckpt_path + '.tmp'
+    with open(tmp_path, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, ckpt_path)
+    print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+
+
+def log_record(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+# cluster preemption (SIGTERM) or Ctrl-C: finish the current step, write a checkpoint, exit cleanly
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, without a checkpoint
+        raise KeyboardInterrupt
+    stop_requested = True
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    if 'unigram_loss' in meta:
+        print(f"unigram baseline val loss: {meta['unigram_loss']:.4f}")
+peak_flops = device_peak_flops(device, dtype)
+loss_accum = torch.zeros((), device=device)
+t_last, iters_since_log = time.time(), 0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    final = iter_num >= max_iters or eval_only
+    if iter_num % eval_interval == 0 or final:
+        t_eval = time.time()
+        losses = estimate_loss()
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  f" (eval_block_size {eval_block_size})")
+            log_record({'iter': iter_num, 'val_loss': losses['val'], 'train_eval_loss': losses['train'],
+                        'eval_block_size': eval_block_size})
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        if (improved or always_save_checkpoint) and iter_num > 0 and not final and not eval_only:
+            save_checkpoint()
+        t_last += time.time() - t_eval  # evaluation time is not training time
+    if final:
+        break
+
+    # one optimizer step: gradient accumulation over micro-steps (DDP syncs gradients on the last one)
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch()
+        if ddp:  # must be set before the forward (the flag is read there)
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+        loss_accum += loss.detach()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    iters_since_log += 1
+
+    if (iter_num - 1) % log_interval == 0:
+        # the mean since the last log over every process's micro-batches: the loss of the global batches
+        if ddp:
+            dist.all_reduce(loss_accum)
+        lossf = loss_accum.item() / ddp_world_size / iters_since_log  # .item() waits for the GPU
+        dt = (time.time() - t_last) / iters_since_log
+        tok_per_s = tokens_per_iter / dt
+        mfu = raw_model.estimate_mfu(tokens_per_iter, dt, block_size, peak_flops)
+        if master_process:
+            mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
+            print(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+                  f"tok/s {tok_per_s:,.0f}, mfu {mfu_text}")
+            log_record({'iter': iter_num - 1, 'train_loss': lossf, 'lr': lr, 'ms': dt * 1000,
+                        'tok_per_s': tok_per_s, 'mfu': mfu})
+        loss_accum.zero_()
+        t_last, iters_since_log = time.time(), 0
+
+    stop = stop_requested
+    if ddp:  # every process must stop at the same step, or the next all-reduce would hang
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = flag.item() > 0
+    if stop:
+        if master_process:
+            print(f"stop requested: checkpointing at iter {iter_num} and exiting")
+        break
+
+if not eval_only:
+    save_checkpoint()  # reaching max_iters or a stop request always leaves a resumable checkpoint
+if ddp:
+    dist.destroy_process_group()
