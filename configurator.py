@@ -45,9 +45,9 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
         if not _os.path.isfile(_arg):
             _available = sorted(_glob.glob(_os.path.join('config', '*.py')))
             _config_fail(f"config file '{_arg}' not found; available: {', '.join(_available) or 'none'}")
-        print(f"Overriding config with {_arg}:")
+        print(f"Overriding config with {_arg}:", file=_sys.stderr)  # stdout stays the program's output
         with open(_arg) as _f:
-            print(_f.read())
+            print(_f.read(), file=_sys.stderr)
         _namespace = {"__file__": _os.path.abspath(_arg)}  # so a config can build on another
         exec(open(_arg).read(), _namespace)
         for _key, _value in _namespace.items():
@@ -64,4 +64,4 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
         if isinstance(_config_defaults.get(_key), str) and not isinstance(_value, str):
             _value = _text  # --out_dir=123 means the string '123'
         _config_set(_key, _value, f"--{_key}")
-        print(f"Overriding: {_key} = {globals()[_key]!r}")
+        print(f"Overriding: {_key} = {globals()[_key]!r}", file=_sys.stderr)

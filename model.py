@@ -154,7 +154,7 @@ class GPT(nn.Module):
         self.check_length(start + T)
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) int64, never bf16
         x = self.transformer.drop(self.pe.embed(self.transformer.wte(idx), pos))  # (B, T, C)
-        shared = self.pe.prepare(pos)
+        shared = self.pe.prepare(x, pos)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, layer, self.pe, shared, cache[layer] if cache is not None else None)
         x = self.transformer.ln_f(x)

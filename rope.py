@@ -3,7 +3,7 @@ Every position encoding of nanoRoPE, one class each, selected by GPTConfig.pos_e
 
 The GPT calls three hooks of its encoding (see PositionEncoding); a variant overrides only what it needs:
     embed(x, pos)                         once per forward, on the token embeddings  (learned, sinusoidal)
-    prepare(pos)                          once per forward, tables shared by layers  (rope's cos/sin)
+    prepare(x, pos)                       once per forward, tables shared by layers  (rope's cos/sin)
     rotate(layer, q, k, x, shared, cache) in every attention layer, on q and k        (every rotary variant)
 Conventions (papers.md section 0): adjacent pairs (2p, 2p+1) inside each head; angles and phases in fp32
 from int64 positions; fixed tables are non-persistent buffers; V is never rotated.
@@ -41,7 +41,7 @@ class PositionEncoding(nn.Module):
     def embed(self, x, pos):  # x: (B, T, C) token embeddings, pos: (T,) int64
         return x
 
-    def prepare(self, pos):  # -> whatever rotate() of every layer shares this forward
+    def prepare(self, x, pos):  # x: (B, T, C) input embeddings -> whatever every layer's rotate() shares
         return None
 
     def rotate(self, layer, q, k, x, shared, cache):
@@ -91,7 +91,7 @@ class RoPE(PositionEncoding):
         head_dim = config.n_embd // config.n_head
         self.register_buffer('inv_freq', rope_frequencies(head_dim, config.rope_base), persistent=False)
 
-    def prepare(self, pos):
+    def prepare(self, x, pos):
         angle = pos.float()[:, None] * self.inv_freq  # (T, hs/2) fp32, from int64 positions
         return angle.cos(), angle.sin()
 

@@ -232,7 +232,7 @@ def estimate_loss():
 def get_lr(it):
     if it < warmup_iters:  # linear warmup
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:  # (the cosine reaches min_lr there anyway)
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
