@@ -175,10 +175,11 @@ class GPT(nn.Module):
                              f"(rope, none, sinusoidal, ...)")
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on every >=2-D tensor (matmuls, embeddings), none on biases and norms."""
+        """AdamW; weight decay on every >=2-D tensor (matmuls, embeddings), none on biases and norms, nor on
+        a tensor an encoding marks `p.no_weight_decay = True` (angles and frequencies are not weights to shrink)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        decay = [p for p in params if p.dim() >= 2 and not getattr(p, 'no_weight_decay', False)]
+        no_decay = [p for p in params if p.dim() < 2 or getattr(p, 'no_weight_decay', False)]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
         fused = device_type == 'cuda'
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
