@@ -59,7 +59,7 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
         _key, _text = _arg[2:].split('=', 1)
         try:
             _value = _literal_eval(_text)  # numbers, booleans, quoted strings
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):  # e.g. {[]: 1}
             _value = _text  # anything else is a plain string
         if isinstance(_config_defaults.get(_key), str) and not isinstance(_value, str):
             _value = _text  # --out_dir=123 means the string '123'

@@ -1,0 +1,553 @@
+"""Tests of model.py and rope.py against slow, obviously-correct references written from the papers'
+equations (papers.md sections 0, 1, 6, 7): explicit 2x2 rotation matrices, complex multiplication, the
+Vaswani sinusoid per element, hand-counted parameters and FLOPs. Tiny models on CPU, float64 where it
+makes a tolerance tight. Every test that runs over `rope.ENCODINGS` picks up new encodings by itself."""
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import rope  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from rope import ENCODINGS, apply_rotary, rope_frequencies  # noqa: E402
+
+BASELINES = ['none', 'learned', 'sinusoidal', 'rope']
+EXTRAPOLATING_BASELINES = ['none', 'sinusoidal', 'rope']
+ALL = list(ENCODINGS)
+F64 = torch.float64
+EPS32 = 2.0 ** -23  # fp32 machine epsilon (one ulp at 1.0)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models: one thread is fastest (and fair to the rest of a suite on 2 cores); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def tiny_config(pos_emb, **kw):
+    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False,
+               pos_emb=pos_emb, rope_base=10000.0)
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+def make_model(pos_emb, dtype=torch.float32, seed=0, sharpen=15.0, **kw):
+    """A tiny GPT in eval mode. `sharpen` scales the q/k/v projections up from GPT-2's std 0.02 so that
+    attention is far from uniform: otherwise q.k ~ 0 and position effects on the logits would be too small
+    for the position tests to mean anything."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(pos_emb, **kw)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for p in block.attn.c_attn.parameters():
+                if p.dim() >= 2:
+                    p.mul_(sharpen)
+    return model.to(dtype)
+
+
+def tokens(B, T, vocab=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab, (B, T), generator=g)
+
+
+def all_logits(model, idx, pos_offset=0, cache=None):
+    """Logits of every position (the model returns all of them only when targets are given)."""
+    logits, _ = model(idx, targets=torch.zeros_like(idx), pos_offset=pos_offset, cache=cache)
+    return logits
+
+
+def prepare(pe, pos, x):
+    return pe.prepare(x, pos)
+
+
+def ref_theta(head_dim, base):
+    """theta_p = base^(-2p/hd), p = 0..hd/2-1, per element in Python (fp64)."""
+    return [base ** (-2.0 * p / head_dim) for p in range(head_dim // 2)]
+
+
+def ref_rotate_matrices(x, positions, theta):
+    """RoFormer eq. 34 literally: for every position m and pair p, multiply (x_2p, x_2p+1) by the 2x2
+    matrix [[cos m theta_p, -sin m theta_p], [sin m theta_p, cos m theta_p]]. x: (..., T, hs) fp64."""
+    out = torch.empty_like(x)
+    for t, m in enumerate(positions):
+        for p, th in enumerate(theta):
+            a = float(m) * th
+            R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=x.dtype)
+            pair = x[..., t, 2 * p:2 * p + 2]  # (..., 2)
+            out[..., t, 2 * p:2 * p + 2] = (R @ pair.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def ref_rotate_complex(x, positions, theta):
+    """The complex view: q~_p = q_2p + i q_2p+1, rotated by multiplying with exp(i m theta_p)."""
+    pos = torch.as_tensor(positions, dtype=F64)
+    angle = pos[:, None] * torch.tensor(theta, dtype=F64)  # (T, P)
+    z = torch.view_as_complex(x.to(F64).unflatten(-1, (-1, 2)).contiguous())  # (..., T, P)
+    rot = torch.polar(torch.ones_like(angle), angle)
+    return torch.view_as_real(z * rot).flatten(-2)
+
+
+def rope_module(head_dim=16, base=10000.0, dtype=torch.float32):
+    cfg = tiny_config('rope', n_head=2, n_embd=2 * head_dim, rope_base=base)
+    return rope.RoPE(cfg).to(dtype)
+
+
+def rotate_with(pe, q, positions):
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    shared = prepare(pe, pos, torch.zeros(q.size(0), pos.numel(), q.size(1) * q.size(-1), dtype=q.dtype))
+    return pe.rotate(0, q, q.clone(), None, shared, None)[0]
+
+
+# ----------------------------------------------------------------------------- rope_frequencies
+
+@pytest.mark.parametrize('head_dim,base', [(16, 10000.0), (64, 10000.0), (8, 500000.0), (2, 10000.0)])
+def test_rope_frequencies_are_base_to_minus_2p_over_hd(head_dim, base):
+    theta = rope_frequencies(head_dim, base)
+    assert theta.dtype == torch.float32 and theta.shape == (head_dim // 2,)
+    ref = torch.tensor(ref_theta(head_dim, base), dtype=F64)
+    # fp32 rounding of the fp64 value: at most half an ulp
+    torch.testing.assert_close(theta.double(), ref, rtol=EPS32, atol=0.0)
+    assert theta[0].item() == 1.0
+
+
+def test_rope_frequencies_catch_p_over_hd_bug():
+    hd, base = 16, 10000.0
+    theta = rope_frequencies(hd, base).double()
+    wrong = torch.tensor([base ** (-p / hd) for p in range(hd // 2)], dtype=F64)  # the classic p/hd bug
+    assert (theta[1:] - wrong[1:]).abs().min() > 1e-3
+    # the slowest pair turns at base^(-(hd-2)/hd), not base^(-(hd/2-1)/hd)
+    assert theta[-1].item() == pytest.approx(base ** (-(hd - 2) / hd), rel=1e-6)
+
+
+def test_rope_frequencies_reject_odd_head_dim():
+    with pytest.raises(ValueError, match='even'):
+        rope_frequencies(7, 10000.0)
+
+
+# ----------------------------------------------------------------------------- apply_rotary / RoPE
+
+def test_apply_rotary_equals_explicit_rotation_matrices_fp64():
+    torch.manual_seed(0)
+    hd, positions = 8, [0, 1, 2, 5, 17, 100]
+    theta = ref_theta(hd, 10000.0)
+    x = torch.randn(2, 3, len(positions), hd, dtype=F64)
+    angle = torch.tensor(positions, dtype=F64)[:, None] * torch.tensor(theta, dtype=F64)
+    out = apply_rotary(x, angle.cos(), angle.sin())
+    assert out.dtype == F64
+    torch.testing.assert_close(out, ref_rotate_matrices(x, positions, theta), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, ref_rotate_complex(x, positions, theta), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('base', [10000.0, 100.0])
+def test_rope_module_equals_matrix_and_complex_references(base):
+    torch.manual_seed(1)
+    hd, positions = 16, list(range(0, 24, 3)) + [63]
+    pe = rope_module(hd, base)
+    q = torch.randn(2, 2, len(positions), hd)
+    out = rotate_with(pe, q, positions)
+    assert out.dtype == torch.float32
+    theta = ref_theta(hd, base)
+    # fp32 angles at positions <= 63: angle error <= 63 * 2^-23 ~ 8e-6, plus fp32 product rounding
+    torch.testing.assert_close(out.double(), ref_rotate_matrices(q.double(), positions, theta), rtol=0, atol=5e-5)
+    torch.testing.assert_close(out.double(), ref_rotate_complex(q.double(), positions, theta), rtol=0, atol=5e-5)
+
+
+def test_rope_pairs_are_adjacent_not_halves():
+    """A unit vector on dimension 2p+1 (or 2p) must stay inside the pair (2p, 2p+1), rotated by m*theta_p.
+    The halves convention (p, p + hd/2) would move it to dimension p + hd/2; a p/hd frequency bug would
+    rotate it by the wrong angle."""
+    hd, m = 16, 3
+    pe = rope_module(hd, dtype=F64)
+    theta = ref_theta(hd, 10000.0)
+    for p in range(hd // 2):
+        for d in (2 * p, 2 * p + 1):
+            e = torch.zeros(1, 1, 1, hd, dtype=F64)
+            e[..., d] = 1.0
+            out = rotate_with(pe, e, [m])[0, 0, 0]
+            outside = torch.ones(hd, dtype=torch.bool)
+            outside[2 * p:2 * p + 2] = False
+            assert out[outside].abs().max().item() == 0.0, f"dim {d} leaked out of pair {p}"
+            c, s = math.cos(m * theta[p]), math.sin(m * theta[p])
+            expect = (c, s) if d == 2 * p else (-s, c)
+            assert out[2 * p].item() == pytest.approx(expect[0], abs=1e-6)
+            assert out[2 * p + 1].item() == pytest.approx(expect[1], abs=1e-6)
+
+
+def test_rope_is_identity_at_position_zero():
+    torch.manual_seed(2)
+    pe = rope_module(16)
+    q = torch.randn(2, 2, 1, 16)
+    assert torch.equal(rotate_with(pe, q, [0]), q)
+
+
+def test_rope_preserves_norm_of_every_pair():
+    torch.manual_seed(3)
+    hd, positions = 16, [0, 1, 7, 100, 511, 1023]
+    pe = rope_module(hd)
+    q = torch.randn(3, 2, len(positions), hd)
+    out = rotate_with(pe, q, positions)
+    pair_norm = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731
+    torch.testing.assert_close(pair_norm(out), pair_norm(q), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.norm(dim=-1), q.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_score_depends_only_on_relative_position():
+    """<R_m q, R_n k> = <q, R_{n-m} k>: equal for every shift s of both positions."""
+    torch.manual_seed(4)
+    hd = 16
+    pe = rope_module(hd, dtype=F64)
+    theta = pe.inv_freq.tolist()  # the module's (fp32-rounded) theta: exactness of theta is tested above
+    q = torch.randn(1, 1, 1, hd, dtype=F64)
+    k = torch.randn(1, 1, 1, hd, dtype=F64)
+
+    def score(m, n):
+        return (rotate_with(pe, q, [m]) * rotate_with(pe, k, [n])).sum().item()
+
+    scores_by_gap = {}
+    for m, n in [(0, 0), (0, 3), (5, 2), (2, 9), (17, 17)]:
+        ref = (q[0, 0, 0] * ref_rotate_matrices(k, [n - m], theta)[0, 0, 0]).sum().item()
+        for s in (0, 1, 13, 250, 4000):
+            assert score(m + s, n + s) == pytest.approx(ref, abs=1e-9), (m, n, s)
+        scores_by_gap[n - m] = ref
+    # and the score does depend on the gap (otherwise the invariance above is vacuous)
+    values = list(scores_by_gap.values())
+    assert max(values) - min(values) > 1e-2
+
+
+# ----------------------------------------------------------------------------- fp32 angles under bf16 autocast
+
+def test_rope_angles_fp32_under_bf16_autocast():
+    hd = 16
+    pe = rope_module(hd)
+    pos = torch.arange(1000, 1024)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        cos, sin = prepare(pe, pos, torch.zeros(1, 24, 2 * hd, dtype=torch.bfloat16))
+    assert cos.dtype == torch.float32 and sin.dtype == torch.float32
+    angle64 = pos.double()[:, None] * torch.tensor(ref_theta(hd, 10000.0), dtype=F64)
+    # (a) it is exactly the fp32 angle m * theta_p, evaluated in fp32: agrees with cos/sin of that angle to ~1e-7
+    angle32 = (pos.float()[:, None] * rope_frequencies(hd, 10000.0)).double()
+    torch.testing.assert_close(cos.double(), angle32.cos(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin.double(), angle32.sin(), rtol=0, atol=1e-6)
+    # (b) against the exact fp64 angles: off by no more than fp32 rounding of an angle of this size
+    # (ulp(1000) = 6e-5, so ~1e-5 is the best an fp32 angle can do at m ~ 1000)
+    bound = angle64.abs() * EPS32 + 1e-6
+    assert ((cos.double() - angle64.cos()).abs() <= bound).all()
+    assert ((sin.double() - angle64.sin()).abs() <= bound).all()
+    # the contrast: positions made by a bf16 arange collapse onto multiples of 4 and the angles are off by O(1)
+    pos_bf16 = torch.arange(1000, 1024, dtype=torch.bfloat16)
+    assert pos_bf16.unique().numel() < 10
+    assert (pos_bf16.double() - pos.double()).abs().max().item() >= 2.0
+    bad = (pos_bf16.float()[:, None] * rope_frequencies(hd, 10000.0)).double()
+    assert (bad.cos() - angle64.cos()).abs().max().item() > 0.5
+
+
+def test_rope_rotation_returns_q_dtype_under_autocast():
+    torch.manual_seed(5)
+    hd = 16
+    pe = rope_module(hd)
+    positions = list(range(1000, 1024))
+    q = torch.randn(1, 2, len(positions), hd).to(torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = rotate_with(pe, q, positions)
+    assert out.dtype == torch.bfloat16
+    ref = ref_rotate_complex(q.double(), positions, ref_theta(hd, 10000.0))
+    # bf16 output: a relative rounding of 2^-8 per element; angles are right to ~1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=2 ** -7, atol=1e-2)
+
+
+def test_model_under_bf16_autocast_keeps_rope_tables_fp32():
+    model = make_model('rope')
+    pe = model.pe
+    seen = {'prepare': [], 'rotate': []}
+    orig_prepare, orig_rotate = pe.prepare, pe.rotate
+
+    def rec_prepare(*a, **k):
+        out = orig_prepare(*a, **k)
+        seen['prepare'].append(out)
+        return out
+
+    def rec_rotate(layer, q, k, *a, **kw):
+        q2, k2 = orig_rotate(layer, q, k, *a, **kw)
+        seen['rotate'].append((q.dtype, k.dtype, q2.dtype, k2.dtype))
+        return q2, k2
+
+    pe.prepare, pe.rotate = rec_prepare, rec_rotate
+    idx = tokens(1, 24)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(idx, pos_offset=1000)
+    (cos, sin), = seen['prepare']
+    assert cos.dtype == torch.float32 and sin.dtype == torch.float32
+    hd = model.config.n_embd // model.config.n_head
+    angle64 = torch.arange(1000, 1024, dtype=F64)[:, None] * torch.tensor(ref_theta(hd, 10000.0), dtype=F64)
+    bound = angle64.abs() * EPS32 + 1e-6
+    assert ((cos.double().reshape(angle64.shape) - angle64.cos()).abs() <= bound).all()
+    assert ((sin.double().reshape(angle64.shape) - angle64.sin()).abs() <= bound).all()
+    assert len(seen['rotate']) == model.config.n_layer
+    for dtypes in seen['rotate']:  # q/k come out of an autocast Linear in bf16, and go back in bf16
+        assert dtypes == (torch.bfloat16,) * 4
+
+
+# ----------------------------------------------------------------------------- sinusoidal
+
+@pytest.mark.parametrize('n_embd,base', [(32, 10000.0), (16, 100.0)])
+def test_sinusoidal_table_equals_vaswani_formula(n_embd, base):
+    model = make_model('sinusoidal', n_embd=n_embd, rope_base=base)
+    positions = list(range(0, 41)) + [77, 128]
+    pos = torch.tensor(positions)
+    ref = torch.empty(len(positions), n_embd, dtype=F64)
+    for t, m in enumerate(positions):
+        for i in range(n_embd // 2):
+            ref[t, 2 * i] = math.sin(m / base ** (2 * i / n_embd))
+            ref[t, 2 * i + 1] = math.cos(m / base ** (2 * i / n_embd))
+    torch.manual_seed(6)
+    x = torch.randn(2, len(positions), n_embd)
+    out = model.pe.embed(x, pos)
+    assert out.dtype == torch.float32
+    # fp32 angles at m <= 128: error <= 128 * 2^-23 ~ 1.5e-5
+    torch.testing.assert_close((out - x).double(), ref.expand(2, -1, -1), rtol=0, atol=3e-5)
+
+
+def test_fixed_tables_are_non_persistent_buffers():
+    for name in ('rope', 'sinusoidal'):
+        model = make_model(name)
+        assert sum(p.numel() for p in model.pe.parameters()) == 0
+        assert not any('inv_freq' in k for k in model.state_dict()), name
+
+
+# ----------------------------------------------------------------------------- shift invariance (model level)
+
+@pytest.mark.parametrize('name', ['rope', 'none'])
+def test_model_logits_invariant_to_pos_offset_fp32(name):
+    model = make_model(name)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        ref = all_logits(model, idx)
+        for s in (1, 7, 16):
+            torch.testing.assert_close(all_logits(model, idx, pos_offset=s), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['rope', 'none'])
+def test_model_logits_invariant_to_pos_offset_fp64(name):
+    model = make_model(name, dtype=F64)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        ref = all_logits(model, idx)
+        for s in (1, 16, 1000, 12345):
+            torch.testing.assert_close(all_logits(model, idx, pos_offset=s), ref, rtol=0, atol=1e-9)
+
+
+def test_rope_changes_the_logits_clearly():
+    """The invariance above is not vacuous: the same weights without the rotation give other logits."""
+    model = make_model('rope')
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        with_rope = all_logits(model, idx)
+        model.pe = rope.PositionEncoding(model.config)  # identity hooks, same weights
+        without = all_logits(model, idx)
+    assert (with_rope - without).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize('name', ['learned', 'sinusoidal'])
+def test_absolute_encodings_are_not_shift_invariant(name):
+    model = make_model(name)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        ref = all_logits(model, idx)
+        for s in (1, 16):
+            assert (all_logits(model, idx, pos_offset=s) - ref).abs().max().item() > 1e-2, s
+
+
+# ----------------------------------------------------------------------------- learned: block_size is a hard limit
+
+def test_learned_forward_past_block_size_raises():
+    model = make_model('learned')  # block_size 32
+    with torch.no_grad():
+        with pytest.raises(ValueError, match='block_size'):
+            model(tokens(1, 33))
+        with pytest.raises(ValueError, match='block_size'):
+            model(tokens(1, 16), pos_offset=17)
+        # the last representable position is fine, and it is a different position from 0..15
+        at_end = all_logits(model, tokens(1, 16), pos_offset=16)
+        assert (at_end - all_logits(model, tokens(1, 16))).abs().max().item() > 1e-2
+
+
+def test_learned_generate_past_block_size_raises_before_generating():
+    model = make_model('learned')  # block_size 32
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    prompt = tokens(1, 8)
+    # prompt 8 + 25 new: positions 0..31 are fed (the last new token never is): exactly fits
+    out = model.generate(prompt, 25, top_k=1)
+    assert out.shape == (1, 33) and torch.equal(out[:, :8], prompt) and len(calls) == 25
+    calls.clear()
+    for kwargs in (dict(max_new_tokens=26), dict(max_new_tokens=20, pos_offset=6)):
+        with pytest.raises(ValueError, match='block_size'):
+            model.generate(prompt, top_k=1, **kwargs)
+        assert calls == [], f"{kwargs}: the model ran before the length check"
+
+
+@pytest.mark.parametrize('name', EXTRAPOLATING_BASELINES)
+def test_extrapolating_encodings_generate_past_block_size(name):
+    model = make_model(name, dtype=F64)  # block_size 32
+    prompt = tokens(2, 32)
+    cached = model.generate(prompt, 12, top_k=1)
+    uncached = model.generate(prompt, 12, top_k=1, use_cache=False)
+    assert cached.shape == (2, 44)
+    assert torch.equal(cached[:, :32], prompt)
+    assert ((cached >= 0) & (cached < model.config.vocab_size)).all()
+    assert torch.equal(cached, uncached)
+    # and each new token is the argmax of a full forward past block_size
+    with torch.no_grad():
+        logits = all_logits(model, cached[:, :-1])
+    assert torch.equal(logits[:, 31:].argmax(-1), cached[:, 32:])
+
+
+# ----------------------------------------------------------------------------- every encoding
+
+@pytest.mark.parametrize('name', ALL)
+def test_causality(name):
+    model = make_model(name)
+    V, T = model.config.vocab_size, 16
+    idx = tokens(2, T)
+    with torch.no_grad():
+        ref = all_logits(model, idx)
+        for t in (0, 5, 11, T - 1):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1 + torch.arange(2)) % V
+            out = all_logits(model, changed)
+            torch.testing.assert_close(out[:, :t], ref[:, :t], rtol=0, atol=1e-6)
+            assert (out[:, t] - ref[:, t]).abs().amax(-1).min().item() > 1e-3, t
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_cached_and_uncached_generation_agree(name):
+    model = make_model(name, dtype=F64)
+    prompt = tokens(2, 5)
+    cached = model.generate(prompt, 15, top_k=1)
+    uncached = model.generate(prompt, 15, top_k=1, use_cache=False)
+    assert cached.shape == (2, 20)
+    assert torch.equal(cached, uncached)
+    offset_cached = model.generate(prompt, 8, top_k=1, pos_offset=4)
+    offset_uncached = model.generate(prompt, 8, top_k=1, pos_offset=4, use_cache=False)
+    assert torch.equal(offset_cached, offset_uncached)
+
+
+@pytest.mark.parametrize('pos_offset', [0, 3])
+@pytest.mark.parametrize('name', ALL)
+def test_cached_step_logits_equal_full_forward(name, pos_offset):
+    model = make_model(name)
+    seq = tokens(2, 14)
+    prompt_len = 5
+    cache = [{} for _ in model.transformer.h]
+    with torch.no_grad():
+        for end in range(prompt_len, seq.size(1) + 1):
+            feed = seq[:, :end] if end == prompt_len else seq[:, end - 1:end]
+            step, _ = model(feed, pos_offset=pos_offset, cache=cache)
+            assert step.shape == (2, 1, model.config.vocab_size)
+            full = all_logits(model, seq[:, :end], pos_offset=pos_offset)
+            torch.testing.assert_close(step[:, -1], full[:, -1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_cache_with_several_new_queries_equals_full_forward(name):
+    """The explicit-mask path: Tk cached keys, T > 1 new queries (query i sees keys up to Tk - T + i)."""
+    model = make_model(name)
+    seq = tokens(2, 15)
+    cache = [{} for _ in model.transformer.h]
+    with torch.no_grad():
+        full = all_logits(model, seq)
+        first = all_logits(model, seq[:, :6], cache=cache)
+        second = all_logits(model, seq[:, 6:10], cache=cache)  # 4 queries against 10 keys
+        third = all_logits(model, seq[:, 10:15], cache=cache)  # 5 queries against 15 keys
+    torch.testing.assert_close(first, full[:, :6], rtol=0, atol=1e-4)
+    torch.testing.assert_close(second, full[:, 6:10], rtol=0, atol=1e-4)
+    torch.testing.assert_close(third, full[:, 10:15], rtol=0, atol=1e-4)
+
+
+def test_unknown_pos_emb_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        GPT(tiny_config('bogus_encoding'))
+    message = str(err.value)
+    assert 'bogus_encoding' in message
+    for name in ENCODINGS:
+        assert name in message
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def hand_count(cfg):
+    """GPT-2 parameters without any position table, counted from the architecture (wte tied to lm_head)."""
+    C, V, L, b = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.bias
+    ln = C + (C if b else 0)
+    attn = C * 3 * C + (3 * C if b else 0) + C * C + (C if b else 0)
+    mlp = C * 4 * C + (4 * C if b else 0) + 4 * C * C + (C if b else 0)
+    return V * C + L * (2 * ln + attn + mlp) + ln
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_parameter_counts_of_the_baselines(bias):
+    cfg_kw = dict(bias=bias, block_size=24, n_embd=48, n_head=4)
+    counts = {name: sum(p.numel() for p in make_model(name, **cfg_kw).parameters()) for name in BASELINES}
+    expected = hand_count(tiny_config('none', **cfg_kw))
+    assert counts['none'] == counts['rope'] == counts['sinusoidal'] == expected
+    assert counts['learned'] - counts['none'] == 24 * 48
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_param_summary_reports_the_encodings_own_count(name):
+    model = make_model(name)
+    own = sum(p.numel() for p in model.pe.parameters())
+    summary = model.param_summary()
+    match = re.search(rf"position encoding \({re.escape(name)}\): ([\d,]+)", summary)
+    assert match, summary
+    assert int(match.group(1).replace(',', '')) == own
+    if name == 'learned':
+        assert own == model.config.block_size * model.config.n_embd
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_configure_optimizers_decays_exactly_the_matrices(name):
+    model = make_model(name, bias=True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay_groups = [g for g in opt.param_groups if g['weight_decay'] > 0]
+    no_decay_groups = [g for g in opt.param_groups if g['weight_decay'] == 0]
+    assert all(g['weight_decay'] == 0.1 for g in decay_groups)
+    decayed = [id(p) for g in decay_groups for p in g['params']]
+    not_decayed = [id(p) for g in no_decay_groups for p in g['params']]
+    everything = decayed + not_decayed
+    params = list(model.parameters())  # unique: the tied wte/lm_head weight once
+    assert len(everything) == len(set(everything)) == len(params), "a parameter is missing or duplicated"
+    assert set(everything) == {id(p) for p in params}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in params:
+        # matrices are decayed unless an encoding marks an angle/frequency tensor `no_weight_decay`
+        should_decay = p.dim() >= 2 and not getattr(p, 'no_weight_decay', False)
+        assert (id(p) in decayed) == should_decay, names[id(p)]
+    assert any(p.dim() < 2 for p in params) and any(p.dim() >= 2 for p in params)
+
+
+@pytest.mark.parametrize('name', ['rope', 'learned'])
+def test_estimate_mfu(name):
+    model = make_model(name, n_layer=2, n_head=4, n_embd=32, block_size=32)
+    assert model.estimate_mfu(1000, 0.5, 32, None) is None
+    # N: parameters without the learned position table (the tied wte counts once: it is lm_head)
+    N = sum(p.numel() for p in model.parameters()) - (32 * 32 if name == 'learned' else 0)
+    assert N == hand_count(model.config)
+    L, H, Q, T = 2, 4, 8, 32
+    tokens_per_iter, dt, peak = 4096, 0.25, 1e12
+    expected = (6 * N + 12 * L * H * Q * T) * tokens_per_iter / dt / peak
+    assert model.estimate_mfu(tokens_per_iter, dt, T, peak) == pytest.approx(expected, rel=1e-12)
+    # the attention term scales with the sequence length passed in, not block_size
+    expected_64 = (6 * N + 12 * L * H * Q * 64) * tokens_per_iter / dt / peak
+    assert model.estimate_mfu(tokens_per_iter, dt, 64, peak) == pytest.approx(expected_64, rel=1e-12)
