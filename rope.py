@@ -107,8 +107,9 @@ class ComRoPE_AP(PositionEncoding):
     block j of q and k to exp(t B_j) q_j. Blocks of one matrix commute, so R(s)^T R(t) = R(t - s)
     (Theorem 1) and scores depend on relative positions only.
     Fast path (exact): exp(tB) = exp(B)^t, so prepare() takes one matrix_exp per (layer, head, block) and
-    builds every position's R by doubling, R[n:2n] = R[0:n] exp(nB), log2(T) batched b x b matmuls; the
-    first position's exp(start B) seeds the doubling. No dense hd x hd matrix is ever formed."""
+    builds every position's R by doubling, R[n:2n] = R[0:n] exp(nB) (log2(T) batched b x b matmuls, all layers
+    at once); the first position's exp(start B) seeds the doubling. No dense hd x hd matrix is ever formed.
+    rotate() applies R blockwise with one einsum per tensor, q viewed as (B, nh, T, nb, b)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -163,9 +164,10 @@ class ComRoPE_AP(PositionEncoding):
 
 class ComRoPE_LD(ComRoPE_AP):
     """`comrope_ld`: ComRoPE, linearly dependent (arXiv:2506.03737, eq. 10): B_j = s_j (P_j - P_j^T) with a
-    trainable scale s per axis and block, shared by the heads of a layer (as in the official code), init 1
-    so the inits (rope, random) are those of comrope_ap. With text's single axis this reparameterises AP
-    (same matrices reachable); it differs in how training moves them."""
+    trainable scale s per axis and block, shared by the heads of a layer (as in the official code). s starts
+    at 1 (the official code draws N(0, 1), which would break the RoPE-exact init), so both inits are those of
+    comrope_ap. With text's single axis this reparameterises AP (the same matrices are reachable); it
+    differs in how training moves them."""
 
     def __init__(self, config):
         super().__init__(config)
