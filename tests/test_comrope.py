@@ -260,7 +260,7 @@ def test_parameters_init_and_no_weight_decay(name):
 
 @pytest.mark.parametrize('backend', [
     'aot_eager',  # dynamo + AOTAutograd: no graph break (fullgraph), same loss and gradients; a few seconds
-    pytest.param('inductor', marks=pytest.mark.skipif(  # + CPU codegen: ~30 s warm, ~80 s cold on 2 CPUs
+    pytest.param('inductor', marks=pytest.mark.skipif(  # + C++ codegen: ~80 s cold, ~10 s with a warm cache (2 CPUs)
         not os.environ.get('NANOROPE_SLOW_TESTS'), reason='slow: set NANOROPE_SLOW_TESTS=1'))])
 @pytest.mark.parametrize('name', VARIANTS)
 def test_compile_fullgraph_matches_eager(name, backend):
