@@ -25,6 +25,9 @@ class GPTConfig:
     bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     pos_emb: str = 'rope'  # one of rope.ENCODINGS
     rope_base: float = 10000.0  # frequency base of every encoding that derives frequencies from it
+    comrope_block: int = 8  # ComRoPE block size b (the paper's practical choice); must divide n_embd // n_head
+    comrope_init: str = 'rope'  # 'rope': angle matrices start as RoPE's generators (equals rope at step 0); 'random'
+    comrope_init_std: float = 0.02  # std of P for comrope_init='random' (small: positions are raw token indices)
 
 
 class LayerNorm(nn.Module):

@@ -100,11 +100,91 @@ class RoPE(PositionEncoding):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+class ComRoPE_AP(PositionEncoding):
+    """`comrope_ap`: ComRoPE with axial partition (arXiv:2506.03737, eq. 8). Per layer and head the angle
+    matrix is block-diagonal, A = blockdiag(B_1..B_nb) with skew-symmetric b x b blocks B_j = P_j - P_j^T
+    (P_j trainable, b = comrope_block), and position t (the integer token index; text has one axis) maps
+    block j of q and k to exp(t B_j) q_j. Blocks of one matrix commute, so R(s)^T R(t) = R(t - s)
+    (Theorem 1) and scores depend on relative positions only.
+    Fast path (exact): exp(tB) = exp(B)^t, so prepare() takes one matrix_exp per (layer, head, block) and
+    builds every position's R by doubling, R[n:2n] = R[0:n] exp(nB) (log2(T) batched b x b matmuls, all layers
+    at once); the first position's exp(start B) seeds the doubling. No dense hd x hd matrix is ever formed.
+    rotate() applies R blockwise with one einsum per tensor, q viewed as (B, nh, T, nb, b)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        hd, b = config.n_embd // config.n_head, config.comrope_block
+        if b < 2 or hd % b:
+            raise ValueError(f"comrope_block={b} must be >= 2 and divide the head dim n_embd/n_head={hd}; "
+                             f"set comrope_block to a divisor of {hd} (the paper uses 8)")
+        shape = (config.n_layer, config.n_head, hd // b, b, b)  # (L, nh, nb, b, b): one P_j per layer, head, block
+        if config.comrope_init == 'rope':  # theta_p [[0,-1],[1,0]] on pair p, P = G/2 so P - P^T = G: exactly rope
+            if b % 2:
+                raise ValueError(f"comrope_init='rope' needs an even comrope_block (RoPE pairs must not straddle "
+                                 f"blocks), got {b}")
+            theta = rope_frequencies(hd, config.rope_base).view(hd // b, b // 2)  # (nb, b/2), global pair index
+            i = torch.arange(0, b, 2)
+            P = torch.zeros(shape)
+            P[..., i + 1, i], P[..., i, i + 1] = theta / 2, -theta / 2
+        elif config.comrope_init == 'random':
+            # the official code draws P ~ N(0, 1) for positions scaled to [0, 1]; with raw token indices
+            # up to thousands that would spin every block by ~t radians per token, hence a small std
+            P = torch.randn(shape) * config.comrope_init_std
+        else:
+            raise ValueError(f"comrope_init={config.comrope_init!r} is not valid; valid: 'rope', 'random'")
+        self.P = nn.Parameter(P)
+        self.P.no_weight_decay = True  # decay would shrink the generators towards 0, i.e. towards NoPE
+
+    def generator(self, dtype):
+        """Every layer's blocks B_j = P_j - P_j^T (eq. 8): (L, nh, nb, b, b), skew-symmetric, formed in dtype."""
+        P = self.P.to(dtype)
+        return P - P.transpose(-1, -2)
+
+    def prepare(self, x, pos):
+        dtype = torch.promote_types(self.P.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
+        # exp(start B) and the powers exp(2^k B) in fp64 (tiny: L*nh*nb matrices of b x b), each then rounded once
+        # to fp32: R(t) is a product of <= log2(T) + 1 of them, error ~ log2(T) eps. Powers of an fp32 exp(B)
+        # would carry t * eps (~1e-3 at t = 4096; a fp32 matrix_exp(tB) is no better). MPS has no float64.
+        exact = torch.float32 if x.device.type == 'mps' else torch.float64
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            A = self.generator(exact).unsqueeze(2)  # (L, nh, 1, nb, b, b); fp64 also keeps P - P^T unrounded
+            S, E = torch.linalg.matrix_exp(torch.stack((pos[0].to(exact) * A, A)))  # exp(start B), exp(B)
+            R = S.to(dtype)  # (L, nh, n, nb, b, b): R(start + i) for i < n, laid out as rotate() reads it
+            while R.size(2) < pos.size(0):
+                R = torch.cat((R, R @ E.to(dtype)), 2)  # R(start + n + i) = R(start + i) exp(nB): blocks commute
+                E = E @ E  # exp(2nB)
+            return R[:, :, :pos.size(0)].unbind(0)  # L x (nh, T, nb, b, b); unbind: one stack in backward
+
+    def rotate(self, layer, q, k, x, shared, cache):
+        R = shared[layer]  # (nh, T, nb, b, b)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            rot = lambda y: torch.einsum('htjab,zhtjb->zhtja', R, y.unflatten(-1, (R.size(-3), -1)).to(R.dtype))
+            return rot(q).flatten(-2).to(q.dtype), rot(k).flatten(-2).to(k.dtype)  # (B, nh, T, hs) each
+
+
+class ComRoPE_LD(ComRoPE_AP):
+    """`comrope_ld`: ComRoPE, linearly dependent (arXiv:2506.03737, eq. 10): B_j = s_j (P_j - P_j^T) with a
+    trainable scale s per axis and block, shared by the heads of a layer (as in the official code). s starts
+    at 1 (the official code draws N(0, 1), which would break the RoPE-exact init), so both inits are those of
+    comrope_ap. With text's single axis this reparameterises AP (the same matrices are reachable); it
+    differs in how training moves them."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.s = nn.Parameter(torch.ones(config.n_layer, self.P.size(2)))  # (L, nb)
+        self.s.no_weight_decay = True  # a frequency scale: decay would pull it (and the angles) to 0
+
+    def generator(self, dtype):
+        return self.s.to(dtype)[:, None, :, None, None] * super().generator(dtype)  # (L, nh, nb, b, b), eq. 10
+
+
 ENCODINGS = {
     'none': PositionEncoding,
     'learned': Learned,
     'sinusoidal': Sinusoidal,
     'rope': RoPE,
+    'comrope_ap': ComRoPE_AP,
+    'comrope_ld': ComRoPE_LD,
 }
 
 
