@@ -42,7 +42,9 @@ class LayerNorm(nn.Module):
 
 
 FLEX_DEVICES = ('cuda',)  # device types whose forget-gate attention runs fused in FlexAttention (tests add 'cpu')
-_flex_attention = torch.compile(flex_attention)  # uncompiled, flex is an unfused reference
+# eager flex_attention is an unfused reference that materialises the scores: compiled, it is the fused kernel
+# (a compiled model inlines it); compilation is lazy, so CPU-only runs never pay for it
+_flex_attention = torch.compile(flex_attention)
 
 
 def forget_gate_attention(q, k, v, cq, ck, dropout_p):
