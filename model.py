@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from rope import build_position_encoding
 
@@ -28,6 +29,7 @@ class GPTConfig:
     comrope_block: int = 8  # ComRoPE block size b (the paper's practical choice); must divide n_embd // n_head
     comrope_init: str = 'rope'  # 'rope': angle matrices start as RoPE's generators (equals rope at step 0); 'random'
     comrope_init_std: float = 0.02  # std of P for comrope_init='random' (small: positions are raw token indices)
+    forget_gate: bool = False  # FoX forget gate (arXiv:2503.02130) in every attention layer, with any pos_emb
 
 
 class LayerNorm(nn.Module):
@@ -42,6 +44,28 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+FLEX_DEVICES = ('cuda',)  # device types whose forget-gate attention runs fused in FlexAttention (tests add 'cpu')
+# eager flex_attention is an unfused reference that materialises the scores: compiled, it is the fused kernel
+# (a compiled model inlines it); compilation is lazy, so CPU-only runs never pay for it
+_flex_attention = torch.compile(flex_attention)
+
+
+def forget_gate_attention(q, k, v, cq, ck, dropout_p):
+    """Forgetting Attention (FoX arXiv:2503.02130; papers.md 5.3): softmax_j(q_i.k_j / sqrt(hs) + c_i - c_j), j <= i,
+    c = cumsum(log f), so the bias is sum_{j<l<=i} log f_l. q: (B, nh, T, hs) are the last T of the Tk positions of
+    k, v: (B, nh, Tk, hs); cq: (B, nh, T), ck: (B, nh, Tk) fp32. Training and evaluation (T == Tk) on a FLEX_DEVICES
+    device run FlexAttention with the bias as a score_mod, never materialising it; elsewhere (CPU, MPS, dropout,
+    KV-cached decoding, where the bias is only T x Tk for the few new queries) SDPA takes it as a float mask."""
+    T, Tk = q.size(2), k.size(2)
+    if q.device.type in FLEX_DEVICES and T == Tk and dropout_p == 0.0:
+        block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=q.device)
+        return _flex_attention(q, k, v, block_mask=block_mask,
+                               score_mod=lambda s, b, h, i, j: s + (cq[b, h, i] - ck[b, h, j]).to(s.dtype))
+    causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)  # query i is key Tk - T + i
+    bias = (cq[..., :, None] - ck[..., None, :]).masked_fill(~causal, float('-inf'))  # (B, nh, T, Tk) fp32
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, pe):
@@ -49,6 +73,10 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.c_attn = pe.qkv_projection(config)  # d -> 3d (q, k, v)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # FoX forget gate f_t = sigmoid(w_h . x_t + b_h), one per head. GPT's init gives w ~ N(0, 0.02^2), b = 0,
+        # as FoX's official code does for its default data-dependent gate (ForgettingAttentionLayer.fgate_proj:
+        # Linear(d, H, bias=True), normal(0.02) weight, zero bias, so f = 1/2 at init)
+        self.fgate = nn.Linear(config.n_embd, config.n_head, bias=True) if config.forget_gate else None
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
@@ -60,20 +88,36 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q, k = pe.rotate(layer, q, k, x, shared, cache)
+        cq = ck = self.log_forget_cumsum(x) if self.fgate is not None else None  # (B, nh, T) fp32
         mask, causal = None, True
         if cache is not None:  # KV-cached decoding: keys/values of earlier tokens, already rotated
             if 'k' in cache:
                 k = torch.cat((cache['k'], k), dim=2)
                 v = torch.cat((cache['v'], v), dim=2)
+                if cq is not None:  # the running sum goes on from the last cached token
+                    cq = cache['fgate_c'][..., -1:] + cq
+                    ck = torch.cat((cache['fgate_c'], cq), dim=2)  # (B, nh, Tk)
             cache['k'], cache['v'] = k, v
+            if cq is not None:
+                cache['fgate_c'] = ck
             Tk = k.size(2)
             if Tk > T:  # new queries sit at the end: query i sees keys up to Tk - T + i
                 causal = False
                 mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if cq is not None:
+            y = forget_gate_attention(q, k, v, cq, ck, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def log_forget_cumsum(self, x):
+        """c_t = sum_{l<=t} log f_l (so c_i - c_j = sum_{j<l<=i} log f_l), x: (B, T, C) -> (B, nh, T). In fp32 and
+        outside autocast: c is a long running sum whose differences are the attention bias."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self.fgate(x)  # (B, T, nh); x, a LayerNorm output, is fp32 under autocast
+            return F.logsigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).transpose(1, 2).cumsum(dim=-1)
 
 
 class MLP(nn.Module):

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 
 
 def rope_frequencies(head_dim, base):
@@ -176,6 +177,44 @@ class ComRoPE_LD(ComRoPE_AP):
 
     def generator(self, dtype):
         return self.s.to(dtype)[:, None, :, None, None] * super().generator(dtype)  # (L, nh, nb, b, b), eq. 10
+class ComplexLinear(nn.Module):
+    """A complex-linear map from in_features/2 to out_features/2 complex numbers, stored as the real matrix
+    it is (CRoPE arXiv:2601.02728 eq. 30): every 2x2 block (output pair j, input pair l) is [[a, b], [-b, a]],
+    i.e. y~_j = sum_l (a_jl - i b_jl) x~_l with x~_l = x_2l + i x_2l+1. Equivalently W J = J W, J the
+    90-degree rotation of every adjacent pair. Half the parameters of nn.Linear, the same FLOPs."""
+
+    def __init__(self, in_features, out_features, bias):
+        super().__init__()
+        if in_features % 2 or out_features % 2:
+            raise ValueError(f"ComplexLinear needs even feature counts (complex pairs), got {in_features} -> "
+                             f"{out_features}: make n_embd even")
+        # N(0, 0.02^2) on a and b gives each entry of W nanoGPT's usual scale (the paper states no init)
+        self.A = nn.Parameter(torch.randn(out_features // 2, in_features // 2) * 0.02)  # real parts
+        self.B = nn.Parameter(torch.randn(out_features // 2, in_features // 2) * 0.02)  # minus imaginary parts
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None  # a complex bias is out reals anyway
+
+    @property
+    def weight(self):
+        """The effective real (out, in) matrix, built from (A, B) on every call: eq. 30's blocks [[a, b], [-b, a]]."""
+        A, B = self.A, self.B
+        blocks = torch.stack((A, B, -B, A), dim=-1).unflatten(-1, (2, 2))  # (out/2, in/2, 2, 2): [j, l, row, col]
+        return blocks.transpose(1, 2).reshape(2 * A.size(0), 2 * A.size(1))  # row 2j+r, column 2l+c
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)  # one dense matmul: the FLOPs of rope's c_attn
+
+
+class CRoPE(RoPE):
+    """`crope`: CRoPE (arXiv:2601.02728, papers.md section 2). The Q, K and V projections are complex-linear
+    (ComplexLinear, eq. 30), so q, k, v are genuinely complex vectors on RoPE's adjacent pairs and RoPE's rotation
+    (multiplication by exp(i m theta_p)) acts on them unchanged. Output pair j of the d -> 3d map is pair
+    j mod (hd/2) of head (j mod d/2) // (hd/2) of q, k or v: d and hd are even, so no pair straddles q/k/v or two
+    heads, and the pairs inside each head are exactly the (2p, 2p+1) that apply_rotary rotates.
+    The output projection c_proj stays a full real d x d: the paper's savings (37.5% of attention weights, 12.5%
+    of a block with a 4x MLP; papers.md section 2) count Q/K/V only. GPT-2 small: 1.5 d^2 L = 10,616,832 fewer."""
+
+    def qkv_projection(self, config):
+        return ComplexLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
 
 
 ENCODINGS = {
@@ -185,6 +224,7 @@ ENCODINGS = {
     'rope': RoPE,
     'comrope_ap': ComRoPE_AP,
     'comrope_ld': ComRoPE_LD,
+    'crope': CRoPE,
 }
 
 

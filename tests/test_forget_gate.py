@@ -1,0 +1,190 @@
+"""FoX forget gate (arXiv:2503.02130, papers.md 5.3) with every pos_emb: the attention bias against an explicit
+sum_{j<l<=i} log f_l, reduction to the gateless model, causality, cached decoding, the FlexAttention path against the
+masked one, compile, training."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import model as model_py  # noqa: E402
+from model import GPT, GPTConfig, forget_gate_attention  # noqa: E402
+from rope import ENCODINGS  # noqa: E402
+
+
+def tiny(**kw):
+    cfg = dict(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb='rope', forget_gate=True)
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+def model(seed=0, dtype=torch.float64, gate_std=2.0, **kw):
+    """A tiny model whose gate biases are spread (N(0, gate_std^2)) so that forgetting is strong and uneven."""
+    torch.manual_seed(seed)
+    m = GPT(tiny(**kw)).to(dtype).eval()
+    with torch.no_grad():
+        for b in m.transformer.h:
+            if b.attn.fgate is not None:
+                b.attn.fgate.bias.normal_(0.0, gate_std)
+    return m
+
+
+def reference_attention(q, k, v, logf):
+    """Python double loop over queries i and keys j <= Tk - T + i of
+    softmax_j(q_i.k_j / sqrt(hs) + sum_{j<l<=i} log f_l) v_j. logf: (B, nh, Tk), the log forget gate of every key."""
+    B, nh, T, hs = q.shape
+    Tk = k.size(2)
+    y = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(nh):
+            for i in range(T):
+                qi = Tk - T + i  # the query's position among the keys
+                s = [q[b, h, i] @ k[b, h, j] / math.sqrt(hs) + sum(logf[b, h, l] for l in range(j + 1, qi + 1))
+                     for j in range(qi + 1)]
+                p = torch.softmax(torch.stack(s), dim=0)
+                y[b, h, i] = sum(p[j] * v[b, h, j] for j in range(qi + 1))
+    return y
+
+
+@pytest.mark.parametrize('pos_emb', ['none', 'rope'])
+def test_attention_equals_double_loop_reference(pos_emb):
+    m = model(pos_emb=pos_emb)
+    attn = m.transformer.h[1].attn
+    B, T, C, nh = 2, 7, 32, 2
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    pos = torch.arange(T)
+    shared = m.pe.prepare(x, pos)
+    with torch.no_grad():
+        out = attn(x, 1, m.pe, shared, None)
+        q, k, v = [t.view(B, T, nh, C // nh).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2)]
+        q, k = m.pe.rotate(1, q, k, x, shared, None)
+        w, b = attn.fgate.weight, attn.fgate.bias
+        logf = torch.tensor([[[math.log(1 / (1 + math.exp(-(x[bb, t] @ w[h] + b[h]).item()))) for t in range(T)]
+                              for h in range(nh)] for bb in range(B)], dtype=torch.float64)  # log sigmoid, by hand
+        ref = attn.c_proj(reference_attention(q, k, v, logf).transpose(1, 2).reshape(B, T, C))
+    assert logf.min() < -0.5  # the gates really forget: a bias-free attention would not pass
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_helper_with_cached_keys_equals_double_loop_reference():
+    """New queries that sit after cached keys (chunked prefill): query i is key Tk - T + i."""
+    torch.manual_seed(0)
+    B, nh, T, Tk, hs = 2, 2, 3, 8, 4
+    q, k, v = torch.randn(B, nh, T, hs).double(), torch.randn(B, nh, Tk, hs).double(), torch.randn(B, nh, Tk, hs).double()
+    logf = F.logsigmoid(2 * torch.randn(B, nh, Tk)).double()
+    c = logf.cumsum(-1)
+    y = forget_gate_attention(q, k, v, c[..., -T:], c, 0.0)
+    torch.testing.assert_close(y, reference_attention(q, k, v, logf), rtol=0, atol=1e-12)
+
+
+def test_saturated_gate_equals_model_without_gate():
+    gated, plain = model(dtype=torch.float32), model(seed=1, dtype=torch.float32, forget_gate=False)
+    with torch.no_grad():
+        for b in gated.transformer.h:
+            b.attn.fgate.bias.fill_(50.0)  # f = sigmoid(50 + w.x): log f ~ -2e-22, nothing is forgotten
+    missing, unexpected = plain.load_state_dict(gated.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == [f'transformer.h.{i}.attn.fgate.{p}' for i in range(2) for p in
+                                                  ('bias', 'weight')]
+    idx = torch.randint(64, (2, 40))
+    torch.testing.assert_close(gated(idx, idx)[0], plain(idx, idx)[0], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        gated.transformer.h[0].attn.fgate.bias.fill_(0.0)  # f = 1/2: the same model forgets, the test can fail
+    assert (gated(idx, idx)[0] - plain(idx, idx)[0]).abs().max() > 1e-3
+
+
+def test_gate_is_attention_parameters_and_off_by_default():
+    assert GPTConfig().forget_gate is False
+    on, off = model(), model(forget_gate=False)
+    assert all(b.attn.fgate is None for b in off.transformer.h)
+    assert on.get_num_params() - off.get_num_params() == 2 * (32 * 2 + 2)  # L * (d*H + H)
+    assert sum(p.numel() for p in on.pe.parameters()) == 0
+    # GPT's init: w ~ N(0, 0.02^2), b = 0 (FoX's official init), so f = 1/2 at step 0
+    torch.manual_seed(0)
+    g = GPT(tiny(n_embd=256, n_head=8)).transformer.h[0].attn.fgate
+    assert torch.equal(g.bias, torch.zeros(8)) and abs(g.weight.std().item() - 0.02) < 0.002
+
+
+def test_causality():
+    m = model()
+    idx = torch.randint(64, (1, 20))
+    idx2 = idx.clone()
+    idx2[0, 12:] = (idx2[0, 12:] + 5) % 64
+    a, b = m(idx, idx)[0], m(idx2, idx2)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-12)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('pos_emb', list(ENCODINGS))
+def test_cached_decoding_equals_uncached(pos_emb):
+    m = model(dtype=torch.float32, pos_emb=pos_emb, block_size=24)
+    idx = torch.randint(64, (2, 10))
+    out = m.generate(idx, 14, top_k=1, use_cache=True)  # to position 23: within learned's 24 positions
+    assert torch.equal(out, m.generate(idx, 14, top_k=1, use_cache=False))
+    full = m(out, out)[0]
+    cache = [{} for _ in m.transformer.h]
+    logits, _ = m(out[:, :6], cache=cache)
+    logits, _ = m(out[:, 6:10], cache=cache)  # a chunk of 4 new queries after 6 cached keys
+    for t in range(10, out.size(1)):
+        torch.testing.assert_close(logits[:, -1], full[:, t - 1], rtol=0, atol=1e-4)
+        logits, _ = m(out[:, t:t + 1], cache=cache)
+    assert cache[0]['fgate_c'].shape == (2, 2, 24)
+
+
+def test_log_forget_cumsum_is_fp32_under_bf16_autocast():
+    m = model(dtype=torch.float32)
+    idx = torch.randint(64, (2, 12))
+    cache = [{} for _ in m.transformer.h]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        m(idx, cache=cache)
+        logits = m(idx, idx)[0]
+    assert cache[0]['fgate_c'].dtype == torch.float32 and cache[0]['k'].dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), m(idx, idx)[0], rtol=0, atol=5e-2)
+
+
+def test_flex_path_equals_masked_path_on_cpu(monkeypatch):
+    """FlexAttention runs forward-only on CPU (its backward is CUDA-only in torch 2.13), so the fused path's
+    gradients and its inductor kernel are checked on a GPU; here its score_mod and block mask, eagerly and traced
+    whole by dynamo (fullgraph) with the aot_eager backend."""
+    m = model(dtype=torch.float32)
+    idx = torch.randint(64, (2, 40))
+    with torch.no_grad():
+        masked = m(idx, idx)[0]
+        monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
+        torch.testing.assert_close(m(idx, idx)[0], masked, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.compile(m, fullgraph=True, backend='aot_eager')(idx, idx)[0], masked,
+                                   rtol=0, atol=1e-5)
+
+
+def test_compile_fullgraph_masked_path_matches_eager():
+    torch.manual_seed(0)
+    m = GPT(tiny(n_layer=1, block_size=32))
+    idx = torch.randint(64, (2, 16))
+    grads = []
+    for f in (torch.compile(m, fullgraph=True), m):
+        logits, loss = f(idx, idx)
+        m.zero_grad()
+        loss.backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('pos_emb', ['none', 'rope'])
+def test_loss_falls(pos_emb):
+    torch.manual_seed(0)
+    m = GPT(tiny(pos_emb=pos_emb))
+    seq = torch.randint(64, (1, 8)).repeat(1, 5)  # a random period-8 sequence: learnable only from context
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        _, loss = m(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.5 and losses[-1] < 0.5
