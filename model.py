@@ -25,6 +25,7 @@ class GPTConfig:
     bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     pos_emb: str = 'rope'  # one of rope.ENCODINGS
     rope_base: float = 10000.0  # frequency base of every encoding that derives frequencies from it
+    carope_source: str = 'block'  # carope's x_t: 'block' (each attention's LayerNorm'd input) or 'embedding'
 
 
 class LayerNorm(nn.Module):

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 
 
 def rope_frequencies(head_dim, base):
@@ -100,11 +101,78 @@ class RoPE(PositionEncoding):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+class CARoPE(PositionEncoding):
+    """`carope`: Context-Aware RoPE (Veisi et al., arXiv:2507.23083, section 2 "Proposed Method").
+    RoPE's phase written as an accumulation, phi_p(m) = sum_{t<=m} theta_1^p, with the fixed base
+    theta_1 = rope_base^(-2/hd) replaced by a learned, bounded base per token and head:
+        f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H, one pair per layer
+        phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,          p = 0..hd/2-1
+    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (papers.md section 4).
+    The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it initialises
+    from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and phi_p(m) = (m+1) theta_p, i.e.
+    RoPE with every position shifted by one, so the attention scores are RoPE's.
+    Not shift invariant: the phase between key n and query m is sum_{n<t<=m} f(x_t)^p, it depends on the tokens
+    in between. Phases start at zero before the first token fed, so pos_offset has no effect on CARoPE.
+    KV-cached decoding carries each layer's phase of the last cached token (B, H, P) in cache['carope_phase'].
+    x_t (GPTConfig.carope_source; the paper says "the embedding of the token at position t"): 'block' = the
+    attention's LayerNorm'd input, context-aware in every layer (default); 'embedding' = the input token
+    embeddings (the literal reading), still with W, beta per layer."""
+
+    SOURCES = ('block', 'embedding')
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.carope_source not in self.SOURCES:
+            raise ValueError(f"carope_source={config.carope_source!r} is not valid; use one of "
+                             f"{', '.join(map(repr, self.SOURCES))}")
+        head_dim = config.n_embd // config.n_head
+        if head_dim % 2:
+            raise ValueError(f"rotary encodings need an even head dim, got n_embd/n_head = {head_dim}")
+        self.source = config.carope_source
+        # exponents p as int64: model.to(dtype) leaves them alone, and log f (fp32) * p stays fp32
+        self.register_buffer('p', torch.arange(head_dim // 2), persistent=False)
+        # x_t W + beta for every layer; W is a projection like any other (weight decay on), beta is 1-D (none)
+        self.proj = nn.ModuleList([nn.Linear(config.n_embd, config.n_head) for _ in range(config.n_layer)])
+        y = 1 / config.rope_base ** (-2 / head_dim) - 1  # softplus(beta) = 1/theta_1 - 1 makes f = theta_1
+        beta = y + math.log(-math.expm1(-y))  # softplus^-1(y), in fp64, stable for any y > 0
+        for proj in self.proj:
+            nn.init.zeros_(proj.weight)
+            nn.init.constant_(proj.bias, beta)
+
+    def log_f(self, layer, x):
+        """log f(x_t) (B, T, H) fp32, strictly negative. -log1p(softplus(z)) never forms 1/(1+s): no overflow
+        or 0/0 for large |z|; softplus is floored at fp32 eps so that f < 1 also where exp(z) underflows."""
+        proj = self.proj[layer]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = F.linear(x.float(), proj.weight.float(), proj.bias.float())  # (B, T, H) = x_t W + beta
+            return -torch.log1p(F.softplus(z).clamp_min(torch.finfo(torch.float32).eps))
+
+    def phase(self, layer, x):
+        """phi^h_p(m) = sum_{t<=m} f(x_t)_h^p, (B, H, T, P) fp32, from zero before x's first token."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            log_f = self.log_f(layer, x).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+            return torch.exp(log_f * self.p).cumsum(dim=2)  # f^p = exp(p log f) for all pairs at once
+
+    def prepare(self, x, pos):
+        return x if self.source == 'embedding' else None  # the input embeddings every layer reads x_t from
+
+    def rotate(self, layer, q, k, x, shared, cache):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            phi = self.phase(layer, x if shared is None else shared)  # (B, nh, T, hs/2)
+            if cache is not None:  # the new tokens' phases continue from the last cached token's
+                if 'carope_phase' in cache:
+                    phi = phi + cache['carope_phase'].unsqueeze(2)
+                cache['carope_phase'] = phi[:, :, -1]  # (B, nh, hs/2)
+            cos, sin = phi.cos(), phi.sin()
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 ENCODINGS = {
     'none': PositionEncoding,
     'learned': Learned,
     'sinusoidal': Sinusoidal,
     'rope': RoPE,
+    'carope': CARoPE,
 }
 
 
