@@ -31,6 +31,32 @@ def apply_rotary(x, cos, sin):
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+class RotateByPhase(torch.autograd.Function):
+    """apply_rotary(q and k, cos phi, sin phi) for a phase phi that needs a gradient (CARoPE), with the backward
+    written out: d out/d phi = (-out_1, out_0) per pair, so grad_phi = g_1 out_0 - g_0 out_1, and grad_x is
+    grad_out rotated back by -phi. Autograd's own backward goes through cos and sin separately: about twice the
+    (strided, memory-bound) elementwise passes, the bulk of CARoPE's extra step time."""
+
+    @staticmethod
+    def forward(ctx, q, k, phi):  # q, k: (B, nh, T, hs); phi: (B, nh, T, hs/2) fp32, one per head and token
+        cos, sin = phi.cos(), phi.sin()
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ctx.save_for_backward(cos, sin, q, k)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin, q, k = ctx.saved_tensors
+
+        def grad_phi(g, out):  # in phi's dtype (fp32) whatever q's dtype
+            g0, g1 = g.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+            o0, o1 = out.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+            return g1 * o0 - g0 * o1
+
+        return (apply_rotary(grad_q, cos, -sin), apply_rotary(grad_k, cos, -sin),
+                grad_phi(grad_q, q) + grad_phi(grad_k, k))
+
+
 class PositionEncoding(nn.Module):
     """`none` (NoPE): causal attention alone. Also the base class: every hook is the identity."""
 
@@ -163,8 +189,7 @@ class CARoPE(PositionEncoding):
                 if 'carope_phase' in cache:
                     phi = phi + cache['carope_phase'].unsqueeze(2)
                 cache['carope_phase'] = phi[:, :, -1]  # (B, nh, hs/2)
-            cos, sin = phi.cos(), phi.sin()
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            return RotateByPhase.apply(q, k, phi)
 
 
 ENCODINGS = {
