@@ -30,6 +30,7 @@ class GPTConfig:
     comrope_init: str = 'rope'  # 'rope': angle matrices start as RoPE's generators (equals rope at step 0); 'random'
     comrope_init_std: float = 0.02  # std of P for comrope_init='random' (small: positions are raw token indices)
     forget_gate: bool = False  # FoX forget gate (arXiv:2503.02130) in every attention layer, with any pos_emb
+    carope_source: str = 'block'  # carope's x_t: 'block' (each attention's LayerNorm'd input) or 'embedding'
 
 
 class LayerNorm(nn.Module):

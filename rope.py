@@ -31,6 +31,32 @@ def apply_rotary(x, cos, sin):
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+class RotateByPhase(torch.autograd.Function):
+    """apply_rotary(q and k, cos phi, sin phi) for a phase phi that needs a gradient (CARoPE), with the backward
+    written out: d out/d phi = (-out_1, out_0) per pair, so grad_phi = g_1 out_0 - g_0 out_1, and grad_x is
+    grad_out rotated back by -phi. Autograd's own backward goes through cos and sin separately: about twice the
+    (strided, memory-bound) elementwise passes, the bulk of CARoPE's extra step time."""
+
+    @staticmethod
+    def forward(ctx, q, k, phi):  # q, k: (B, nh, T, hs); phi: (B, nh, T, hs/2) fp32, one per head and token
+        cos, sin = phi.cos(), phi.sin()
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ctx.save_for_backward(cos, sin, q, k)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin, q, k = ctx.saved_tensors
+
+        def grad_phi(g, out):  # in phi's dtype (fp32) whatever q's dtype
+            g0, g1 = g.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+            o0, o1 = out.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+            return g1 * o0 - g0 * o1
+
+        return (apply_rotary(grad_q, cos, -sin), apply_rotary(grad_k, cos, -sin),
+                grad_phi(grad_q, q) + grad_phi(grad_k, k))
+
+
 class PositionEncoding(nn.Module):
     """`none` (NoPE): causal attention alone. Also the base class: every hook is the identity."""
 
@@ -217,6 +243,71 @@ class CRoPE(RoPE):
         return ComplexLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
 
 
+class CARoPE(PositionEncoding):
+    """`carope`: Context-Aware RoPE (Veisi et al., arXiv:2507.23083, section 2 "Proposed Method").
+    RoPE's phase written as an accumulation, phi_p(m) = sum_{t<=m} theta_1^p, with the fixed base
+    theta_1 = rope_base^(-2/hd) replaced by a learned, bounded base per token and head:
+        f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H, one pair per layer
+        phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,          p = 0..hd/2-1
+    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (papers.md section 4).
+    The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it initialises
+    from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and phi_p(m) = (m+1) theta_p, i.e.
+    RoPE with every position shifted by one, so the attention scores are RoPE's.
+    Not shift invariant: the phase between key n and query m is sum_{n<t<=m} f(x_t)^p, it depends on the tokens
+    in between. Phases start at zero before the first token fed, so pos_offset has no effect on CARoPE.
+    KV-cached decoding carries each layer's phase of the last cached token (B, H, P) in cache['carope_phase'].
+    x_t (GPTConfig.carope_source; the paper says "the embedding of the token at position t"): 'block' = the
+    attention's LayerNorm'd input, context-aware in every layer (default); 'embedding' = the input token
+    embeddings (the literal reading), still with W, beta per layer."""
+
+    SOURCES = ('block', 'embedding')
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.carope_source not in self.SOURCES:
+            raise ValueError(f"carope_source={config.carope_source!r} is not valid; use one of "
+                             f"{', '.join(map(repr, self.SOURCES))}")
+        head_dim = config.n_embd // config.n_head
+        if head_dim % 2:
+            raise ValueError(f"rotary encodings need an even head dim, got n_embd/n_head = {head_dim}")
+        self.source = config.carope_source
+        # exponents p as int64: model.to(dtype) leaves them alone, and log f (fp32) * p stays fp32
+        self.register_buffer('p', torch.arange(head_dim // 2), persistent=False)
+        # x_t W + beta for every layer; W is a projection like any other (weight decay on), beta is 1-D (none)
+        self.proj = nn.ModuleList([nn.Linear(config.n_embd, config.n_head) for _ in range(config.n_layer)])
+        y = 1 / config.rope_base ** (-2 / head_dim) - 1  # softplus(beta) = 1/theta_1 - 1 makes f = theta_1
+        beta = y + math.log(-math.expm1(-y))  # softplus^-1(y), in fp64, stable for any y > 0
+        for proj in self.proj:
+            nn.init.zeros_(proj.weight)
+            nn.init.constant_(proj.bias, beta)
+
+    def log_f(self, layer, x):
+        """log f(x_t) (B, T, H) fp32, strictly negative. -log1p(softplus(z)) never forms 1/(1+s): no overflow
+        or 0/0 for large |z|; softplus is floored at fp32 eps so that f < 1 also where exp(z) underflows."""
+        proj = self.proj[layer]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = F.linear(x.float(), proj.weight.float(), proj.bias.float())  # (B, T, H) = x_t W + beta
+            return -torch.log1p(F.softplus(z).clamp_min(torch.finfo(torch.float32).eps))
+
+    def phase(self, layer, x):
+        """phi^h_p(m) = sum_{t<=m} f(x_t)_h^p, (B, H, T, P) fp32, from zero before x's first token."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            log_f = self.log_f(layer, x).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+            return torch.exp(log_f * self.p).cumsum(dim=2)  # f^p = exp(p log f) for all pairs at once
+
+    def prepare(self, x, pos):
+        return x if self.source == 'embedding' else None  # the input embeddings every layer reads x_t from
+
+    def rotate(self, layer, q, k, x, shared, cache):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            phi = self.phase(layer, x if shared is None else shared)  # (B, nh, T, hs/2)
+            if cache is not None:  # the new tokens' phases continue from the last cached token's
+                if 'carope_phase' in cache:
+                    phi = phi + cache['carope_phase'].unsqueeze(2)
+                cache['carope_phase'] = phi[:, :, -1]  # (B, nh, hs/2)
+            return RotateByPhase.apply(q, k, phi)
+
+
 ENCODINGS = {
     'none': PositionEncoding,
     'learned': Learned,
@@ -225,6 +316,7 @@ ENCODINGS = {
     'comrope_ap': ComRoPE_AP,
     'comrope_ld': ComRoPE_LD,
     'crope': CRoPE,
+    'carope': CARoPE,
 }
 
 
