@@ -71,7 +71,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, pe):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
         self.c_attn = pe.qkv_projection(config)  # d -> 3d (q, k, v)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # FoX forget gate f_t = sigmoid(w_h . x_t + b_h), one per head. GPT's init gives w ~ N(0, 0.02^2), b = 0,
@@ -233,10 +234,13 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len):
-        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12*L*H*Q*T for attention."""
+        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12*L*H*Q*T for attention.
+        N counts the matmuls actually run: CRoPE's q/k/v weights are half the parameters but a full matmul."""
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
-        return 6 * self.get_num_params() + 12 * L * H * Q * seq_len
+        qkv_params = sum(p.numel() for b in self.transformer.h for p in b.attn.c_attn.parameters())
+        qkv_matmul = L * (3 * cfg.n_embd * cfg.n_embd + (3 * cfg.n_embd if cfg.bias else 0))
+        return 6 * (self.get_num_params() - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len
 
     def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
         """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at sequence length
