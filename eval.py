@@ -1,0 +1,257 @@
+"""
+Compare trained checkpoints on the same fixed val tokens: perplexity at several context lengths (length
+extrapolation), loss by token position, and robustness to a global position offset.
+$ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
+Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
+PNG plots go to --plots (default: next to the report) when matplotlib is installed.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import prepare_data
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
+eval_block_sizes = ''  # comma list of context lengths; '' = 1x, 2x, 4x each checkpoint's training block_size
+eval_tokens = 0  # number of fixed val tokens (the first ones of the val split); 0 = 8 * max(eval_block_sizes)
+data_root = ''  # '' = the data_root each checkpoint was trained with
+batch_size = 8  # windows per forward
+pos_offsets = '0,100,1000'  # comma list of global position offsets, evaluated at the training block_size
+report = ''  # Markdown file to write the tables to ('' = stdout only)
+plots = ''  # directory for the PNGs; '' = next to the report, or none without a report
+device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
+_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
+
+
+def fail(message):
+    print(f"eval.py: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def int_list(key, text):
+    try:
+        values = [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        fail(f"--{key}={text!r} must be a comma list of integers, e.g. --{key}=512,1024")
+    return values
+
+
+def fmt(v, digits=4):
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def md_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.set_float32_matmul_precision('high')
+
+# checkpoints: every one is loaded (and every request checked) before any evaluation runs
+dirs = [d.strip() for d in out_dirs.split(',') if d.strip()]
+if not dirs:
+    fail("--out_dirs is required: a comma list of training out_dirs, e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope")
+if batch_size < 1:
+    fail(f"--batch_size={batch_size} must be >= 1")
+offsets = int_list('pos_offsets', pos_offsets) or [0]
+if any(s < 0 for s in offsets):
+    fail(f"--pos_offsets={pos_offsets!r}: offsets must be >= 0")
+runs = []
+for d in dirs:
+    ckpt_path = os.path.join(d, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path}; train one first (python train.py ...) or fix --out_dirs")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model = GPT(GPTConfig(**checkpoint['model_args']))  # uncompiled: every length is a new shape
+        model.load_state_dict(checkpoint['model'])
+        config = checkpoint['config']
+    except Exception as e:
+        fail(f"cannot load checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"it is corrupt or not a nanoRoPE checkpoint")
+    model.eval().to(device)
+    pos_emb, block = model.config.pos_emb, model.config.block_size
+    runs.append(dict(out_dir=d, label=f"{os.path.basename(os.path.normpath(d))} ({pos_emb})", model=model,
+                     pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
+                     dataset=config['dataset'], data_root=data_root or config['data_root']))
+lengths = sorted(set(int_list('eval_block_sizes', eval_block_sizes) or
+                     [m * r['block_size'] for r in runs for m in (1, 2, 4)]))
+if not lengths or min(lengths) < 1:
+    fail(f"--eval_block_sizes={eval_block_sizes!r}: lengths must be >= 1")
+n_tokens = eval_tokens or 8 * max(lengths)
+
+
+def fits(run, end):
+    """Can the checkpoint's encoding represent positions 0..end-1? (`learned` has only block_size of them.)"""
+    try:
+        run['model'].check_length(end)
+        return True
+    except ValueError:
+        return False
+
+
+# an encoding that cannot produce any requested cell is a request error, never a table of dashes
+for r in runs:
+    why = f"pos_emb={r['pos_emb']!r} has only {r['max_len']} positions (block_size={r['block_size']}) and cannot " \
+          f"extrapolate"
+    if not any(fits(r, T) for T in lengths):
+        fail(f"{r['out_dir']}: {why}: none of eval_block_sizes={','.join(map(str, lengths))} can be evaluated; "
+             f"ask for lengths <= {r['max_len']}")
+    if not any(fits(r, s + r['block_size']) for s in offsets):
+        fail(f"{r['out_dir']}: {why}: no offset in pos_offsets={pos_offsets} fits at its block_size; include 0")
+
+# the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of the val split
+data = {}
+for r in runs:
+    key = (r['data_root'], r['dataset'])
+    if key not in data:
+        try:
+            data[key] = prepare_data.eval_tokens(prepare_data.ensure_dataset(*key), 'val', n_tokens)
+        except prepare_data.DataError as e:
+            fail(str(e))
+        if len(data[key]) - 1 < max(lengths):
+            fail(f"dataset {key[1]!r} has only {len(data[key]) - 1} val tokens to predict, fewer than the longest "
+                 f"eval block size {max(lengths)}")
+    r['tokens'] = data[key]
+
+
+@torch.no_grad()
+def token_losses(model, tokens, T, pos_offset=0):
+    """Per-token cross entropy (n_windows, T) over the non-overlapping windows of length T of tokens."""
+    n = (len(tokens) - 1) // T
+    out = []
+    for i in range(0, n, batch_size):
+        starts = range(i, min(i + batch_size, n))
+        x = torch.from_numpy(np.stack([tokens[s * T:(s + 1) * T] for s in starts])).to(device)
+        y = torch.from_numpy(np.stack([tokens[s * T + 1:(s + 1) * T + 1] for s in starts])).to(device)
+        with ctx:
+            logits, _ = model(x, y, pos_offset=pos_offset)  # with targets: logits of every position
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction='none')
+        out.append(loss.view(len(starts), T).double().cpu())
+    return torch.cat(out)
+
+
+for r in runs:
+    t0 = time.time()
+    r['loss'], r['by_pos'] = {}, None
+    for T in lengths:  # ascending: the last one that fits gives the loss-by-position curve
+        if fits(r, T):
+            losses = token_losses(r['model'], r['tokens'], T)
+            r['loss'][T] = losses.mean().item()
+            r['by_pos'] = losses.mean(dim=0).numpy()  # (T,) mean over windows of each position's loss
+        else:
+            r['loss'][T] = None
+    T = r['block_size']
+    r['offset'] = {s: token_losses(r['model'], r['tokens'], T, s).mean().item() if fits(r, s + T) else None
+                   for s in offsets}
+    print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# tables
+footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions (block_size); it cannot extrapolate"
+                    for r in runs if None in r['loss'].values() or None in r['offset'].values()})
+sections = [f"Fixed val tokens: the first {n_tokens:,} of "
+            + ', '.join(sorted({f"'{r['dataset']}'" for r in runs})) + " (the same for every length and checkpoint)."]
+
+ppl = lambda v: None if v is None else math.exp(v)
+sections.append("### Perplexity (val loss) by context length\n\n" + md_table(
+    ['checkpoint', 'train T'] + [f"ppl @{T}" for T in lengths] + [f"loss @{T}" for T in lengths],
+    [[r['label'], str(r['block_size'])] + [fmt(ppl(r['loss'][T]), 2) for T in lengths]
+     + [fmt(r['loss'][T]) for T in lengths] for r in runs]))
+
+sections.append("### Val loss at the training block size under a global position offset\n\n" + md_table(
+    ['checkpoint', 'train T'] + [f"offset {s}" for s in offsets],
+    [[r['label'], str(r['block_size'])] + [fmt(r['offset'][s]) for s in offsets] for r in runs]))
+
+# loss by position, averaged over buckets in multiples of each checkpoint's training length: 0-1x, 1x-2x, 2x-4x...
+edges = [0, 1]
+while edges[-1] * min(r['block_size'] for r in runs) < max(lengths):
+    edges.append(edges[-1] * 2)
+buckets = list(zip(edges[:-1], edges[1:]))
+bucket_rows = []
+for r in runs:
+    n, B = len(r['by_pos']), r['block_size']
+    bucket_rows.append([r['label'], str(n)] + [fmt(float(r['by_pos'][a * B:b * B].mean()) if b * B <= n else None)
+                                              for a, b in buckets])
+sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
+    ['checkpoint', 'eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows))
+if footnotes:
+    sections.append('\n'.join(footnotes))
+text = '\n\n'.join(sections) + '\n'
+print(text)
+
+results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets, 'checkpoints': [
+    {'out_dir': r['out_dir'], 'pos_emb': r['pos_emb'], 'block_size': r['block_size'],
+     'loss': {str(T): v for T, v in r['loss'].items()}, 'offset_loss': {str(s): v for s, v in r['offset'].items()},
+     'loss_by_position': r['by_pos'].tolist()} for r in runs]}
+if report:
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    with open(report, 'w', encoding='utf-8') as f:
+        f.write("# Comparing position encodings\n\n" + text)
+    with open(os.path.splitext(report)[0] + '.json', 'w') as f:  # full precision, for scripts
+        json.dump(results, f, indent=1)
+    print(f"wrote {report}", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# plots (matplotlib is optional)
+plot_dir = plots or (os.path.dirname(os.path.abspath(report)) if report else '')
+if plot_dir:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        print("eval.py: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
+if plot_dir and plt is not None:
+    os.makedirs(plot_dir, exist_ok=True)
+    train_lengths = sorted({r['block_size'] for r in runs})
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        ax.plot(lengths, [np.nan if r['loss'][T] is None else r['loss'][T] for T in lengths], 'o-', label=r['label'])
+    for B in train_lengths:
+        ax.axvline(B, color='gray', ls='--', lw=1)
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(lengths, [str(T) for T in lengths])
+    ax.minorticks_off()
+    ax.set(xlabel='context length (dashed: training length)', ylabel='val loss', title='Loss vs context length')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(plot_dir, 'loss_vs_length.png'), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        w = max(1, len(r['by_pos']) // 64)  # moving average: one window's worth of positions is noisy
+        smooth = np.convolve(r['by_pos'], np.ones(w) / w, mode='valid')
+        ax.plot(np.arange(len(smooth)) + (w + 1) / 2, smooth, label=r['label'])  # position 1 = the first token
+    for B in train_lengths:
+        ax.axvline(B, color='gray', ls='--', lw=1)
+    ax.set_xscale('log')
+    ax.set(xlabel='token position (dashed: training length)', ylabel='val loss', title='Loss vs token position')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(plot_dir, 'loss_vs_position.png'), dpi=120)
+    plt.close(fig)
+    print(f"wrote {plot_dir}/loss_vs_length.png, loss_vs_position.png", file=sys.stderr)
