@@ -91,9 +91,13 @@ for d in dirs:
              f"it is corrupt or not a nanoRoPE checkpoint")
     model.eval().to(device)
     pos_emb, block = model.config.pos_emb, model.config.block_size
+    pos_emb += ' + forget gate' if model.config.forget_gate else ''
     runs.append(dict(out_dir=d, label=f"{os.path.basename(os.path.normpath(d))} ({pos_emb})", model=model,
                      pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
                      dataset=config['dataset'], data_root=data_root or config['data_root']))
+if len({r['label'] for r in runs}) < len(runs):  # e.g. runs/a/out and runs/b/out: name rows by the whole path
+    for r in runs:
+        r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']})"
 lengths = sorted(set(int_list('eval_block_sizes', eval_block_sizes) or
                      [m * r['block_size'] for r in runs for m in (1, 2, 4)]))
 if not lengths or min(lengths) < 1:
@@ -191,8 +195,13 @@ buckets = list(zip(edges[:-1], edges[1:]))
 bucket_rows = []
 for r in runs:
     n, B = len(r['by_pos']), r['block_size']
-    bucket_rows.append([r['label'], str(n)] + [fmt(float(r['by_pos'][a * B:b * B].mean()) if b * B <= n else None)
-                                              for a, b in buckets])
+    cells = []
+    for a, b in buckets:  # a dash where the encoding cannot go; blank where it can but no length went that far
+        if b * B <= n:
+            cells.append(fmt(float(r['by_pos'][a * B:b * B].mean())))
+        else:
+            cells.append(DASH if r['max_len'] is not None and b * B > r['max_len'] else '')
+    bucket_rows.append([r['label'], str(n)] + cells)
 sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
     ['checkpoint', 'eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows))
 if footnotes:
