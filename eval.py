@@ -22,7 +22,8 @@ from model import GPT, GPTConfig
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
 eval_block_sizes = ''  # comma list of context lengths; '' = 1x, 2x, 4x each checkpoint's training block_size
-eval_tokens = 0  # number of fixed val tokens (the first ones of the val split); 0 = 8 * max(eval_block_sizes)
+eval_tokens = 0  # number of fixed val tokens (the first of the val split); 0 = 8 * max(eval_block_sizes); rounded
+# to a multiple of every eval block size, so that each length sees exactly the same tokens
 data_root = ''  # '' = the data_root each checkpoint was trained with
 batch_size = 8  # windows per forward
 pos_offsets = '0,100,1000'  # comma list of global position offsets, evaluated at the training block_size
@@ -102,7 +103,11 @@ lengths = sorted(set(int_list('eval_block_sizes', eval_block_sizes) or
                      [m * r['block_size'] for r in runs for m in (1, 2, 4)]))
 if not lengths or min(lengths) < 1:
     fail(f"--eval_block_sizes={eval_block_sizes!r}: lengths must be >= 1")
-n_tokens = eval_tokens or 8 * max(lengths)
+# every length must cut the same tokens into whole windows: a multiple of all the lengths
+step = math.lcm(*lengths)
+n_tokens = eval_tokens // step * step if eval_tokens else -(-8 * max(lengths) // step) * step
+if n_tokens <= 0:
+    fail(f"--eval_tokens={eval_tokens} is fewer than {step}, the least multiple of every eval block size")
 
 
 def fits(run, end):
@@ -133,9 +138,9 @@ for r in runs:
             data[key] = prepare_data.eval_tokens(prepare_data.ensure_dataset(*key), 'val', n_tokens)
         except prepare_data.DataError as e:
             fail(str(e))
-        if len(data[key]) - 1 < max(lengths):
-            fail(f"dataset {key[1]!r} has only {len(data[key]) - 1} val tokens to predict, fewer than the longest "
-                 f"eval block size {max(lengths)}")
+        if len(data[key]) - 1 < n_tokens:  # never a silent crop: the header says how many tokens were used
+            fail(f"dataset {key[1]!r} has only {len(data[key]) - 1} val tokens to predict, fewer than the "
+                 f"{n_tokens} asked for; use a smaller --eval_tokens (a multiple of {step})")
     r['tokens'] = data[key]
 
 

@@ -152,5 +152,8 @@ def test_impossible_requests_and_bad_out_dirs_fail_clearly(evaluated, tmp_path):
     p = run('eval.py', f"--out_dirs={tmp_path / 'bad'}")
     assert p.returncode == 1 and len(errors(p)) == 1 and 'corrupt' in errors(p)[0], p.stderr
 
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=32,48', '--eval_tokens=90')
+    assert p.returncode == 1 and len(errors(p)) == 1 and 'multiple' in errors(p)[0], p.stderr  # lcm 96 > 90
+
     p = run('eval.py')
     assert p.returncode == 1 and len(errors(p)) == 1 and 'out_dirs' in errors(p)[0], p.stderr
