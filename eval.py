@@ -2,12 +2,14 @@
 Compare trained checkpoints on the same fixed val tokens: perplexity at several context lengths (length
 extrapolation), loss by token position, and robustness to a global position offset.
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
+$ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py --report=report.md  # train, then compare
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
 PNG plots go to --plots (default: next to the report) when matplotlib is installed.
 """
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -29,6 +31,11 @@ batch_size = 8  # windows per forward
 pos_offsets = '0,100,1000'  # comma list of global position offsets, evaluated at the training block_size
 report = ''  # Markdown file to write the tables to ('' = stdout only)
 plots = ''  # directory for the PNGs; '' = next to the report, or none without a report
+# sweep: train one config once per encoding, then compare them (these out_dirs are added to out_dirs)
+pos_embs = ''  # comma list of pos_emb values to train, e.g. rope,carope,learned ('' = no training)
+sweep_config = 'config/quickstart.py'  # the train.py config every encoding is trained with
+sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
+sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb>
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
@@ -70,8 +77,19 @@ torch.set_float32_matmul_precision('high')
 
 # checkpoints: every one is loaded (and every request checked) before any evaluation runs
 dirs = [d.strip() for d in out_dirs.split(',') if d.strip()]
+for pe in [p.strip() for p in pos_embs.split(',') if p.strip()]:  # the sweep: same config, one run per encoding
+    out = f"{sweep_out}-{pe}"
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), sweep_config,
+           f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
+    print(f"training: {' '.join(cmd[1:])}", file=sys.stderr)
+    t0 = time.time()
+    if subprocess.run(cmd).returncode != 0:
+        fail(f"training pos_emb={pe} failed (command above); fix it or leave it out of --pos_embs")
+    print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
+    dirs.append(out)
 if not dirs:
-    fail("--out_dirs is required: a comma list of training out_dirs, e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope")
+    fail("--out_dirs or --pos_embs is required: a comma list of training out_dirs "
+         "(e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope) or of encodings to train and compare (--pos_embs=rope,carope)")
 if batch_size < 1:
     fail(f"--batch_size={batch_size} must be >= 1")
 offsets = int_list('pos_offsets', pos_offsets) or [0]

@@ -157,3 +157,20 @@ def test_impossible_requests_and_bad_out_dirs_fail_clearly(evaluated, tmp_path):
 
     p = run('eval.py')
     assert p.returncode == 1 and len(errors(p)) == 1 and 'out_dirs' in errors(p)[0], p.stderr
+
+
+def test_sweep_trains_each_encoding_then_compares(tmp_path, data_root):
+    """--pos_embs trains one config once per encoding, then the same tables cover every one of them."""
+    sweep_args = ' '.join([*TINY, f'--data_root={data_root}', '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=4'])
+    report = tmp_path / 'report.md'
+    p = run('eval.py', '--pos_embs=rope,none', '--sweep_config=config/quickstart.py', f'--sweep_args={sweep_args}',
+            f'--sweep_out={tmp_path / "sw"}', '--eval_block_sizes=32,64', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    for pe in ('rope', 'none'):
+        ckpt = torch.load(tmp_path / f'sw-{pe}' / 'ckpt.pt', weights_only=True)
+        assert ckpt['model_args']['pos_emb'] == pe and ckpt['iter_num'] == 4
+    rows = table(report.read_text(encoding='utf-8'), 'Perplexity')
+    assert list(rows) == ['sw-rope (rope)', 'sw-none (none)']
+    assert all(DASH not in cell for r in rows.values() for cell in r.values())  # both extrapolate to 64
+    p = run('eval.py', '--pos_embs=bogus', f'--sweep_out={tmp_path / "bad"}', '--device=cpu')
+    assert p.returncode == 1 and 'pos_emb=bogus' in errors(p)[-1]
