@@ -10,15 +10,13 @@ worst for encodings with many small elementwise ops, which skews the ratios).
 """
 import dataclasses
 import os
-import statistics
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, setup_device
 from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
@@ -55,14 +53,8 @@ names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.s
 if unknown := [n for n in names if n not in ENCODINGS]:
     sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} or 'all'")
 names = [baseline] * (baseline not in names) + names
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+device, device_type, dtype, ctx = setup_device(device, dtype)
 cuda = device_type == 'cuda'
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if cuda else 'float32'
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-torch.set_float32_matmul_precision('high')
 torch._dynamo.config.recompile_limit = max(8, 2 * len(names))  # one GPT.forward code object, a graph per encoding
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'pos_emb'}
 g = torch.Generator().manual_seed(seed)
@@ -151,7 +143,10 @@ for _ in range(rounds):
             del runs[name]
 
 # -----------------------------------------------------------------------------
-ms = {n: statistics.median(r['times']) * 1000 for n, r in runs.items()}  # a slow round (noise) moves a median little
+# min, not mean or median: machine noise (other jobs, clocks) only ever adds time, so the fastest round is the
+# best estimate of the encoding's own cost
+ms = {n: min(r['times']) * 1000 for n, r in runs.items()}
+spread = {n: (max(r['times']) - min(r['times'])) * 1000 / ms[n] for n, r in runs.items()}
 mem = {n: r['mem'] / 2**20 for n, r in runs.items()}
 base_ms, base_mem = ms.get(baseline), mem.get(baseline)
 mem_col = 'peak CUDA MiB' if cuda else 'saved activations MiB'
@@ -161,21 +156,21 @@ extra = ' '.join(f"{k}={v}" for k, v in model_args.items() if k not in ('n_layer
 lines = [f"device {where} | dtype {dtype} | compile {compile} | n_layer={n_layer} n_head={n_head} n_embd={n_embd} "
          f"vocab={vocab_size} bias={bias} dropout={dropout} {extra} | batch {batch_size} x T {block_size} | "
          f"torch {torch.__version__} | {datetime.now():%Y-%m-%d %H:%M}",
-         f"ms/step: median over {rounds} interleaved rounds of the mean of {steps} steps (fwd+bwd+AdamW), after "
-         f"{warmup} warmup steps; {mem_col}: " + ("max_memory_allocated over the warmup steps minus what was "
+         f"ms/step: min over {rounds} interleaved rounds of the mean of {steps} steps (fwd+bwd+AdamW), after "
+         f"{warmup} warmup steps; spread: (slowest - fastest round) / fastest, a noise gauge; {mem_col}: " + ("max_memory_allocated over the warmup steps minus what was "
                                                   "allocated before the model was built (model + grads + AdamW state + activations)"
                                                   if cuda else "tensor storages saved for backward by one eager forward, "
                                                   "parameters excluded"), '',
-         f"| pos_emb | params | pe params | ms/step | tokens/s | time vs {baseline} | {mem_col} | memory vs {baseline} |",
-         '|---|---:|---:|---:|---:|---:|---:|---:|']
+         f"| pos_emb | params | pe params | ms/step | spread | tokens/s | time vs {baseline} | {mem_col} | memory vs {baseline} |",
+         '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
 for n in names:
     if n in runs:
         r = runs[n]
-        lines.append(f"| {n} | {r['params']:,} | {r['pe_params']:,} | {ms[n]:.2f} | {batch_size * block_size / ms[n] * 1000:,.0f} | "
+        lines.append(f"| {n} | {r['params']:,} | {r['pe_params']:,} | {ms[n]:.2f} | {spread[n]:.0%} | {batch_size * block_size / ms[n] * 1000:,.0f} | "
                      f"{f'{ms[n] / base_ms:.3f}x' if base_ms else 'n/a'} | {mem[n]:.1f} | "
                      f"{f'{mem[n] / base_mem:.3f}x' if base_mem else 'n/a'} |")
     else:
-        lines.append(f"| {n} | error: {errors[n]} | | | | | | |")
+        lines.append(f"| {n} | error: {errors[n]} | | | | | | | |")
 print('\n'.join(lines))
 if report:
     with open(report, 'w') as f:

@@ -12,14 +12,13 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 import prepare_data
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, setup_device
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
@@ -66,14 +65,7 @@ def md_table(header, rows):
     return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else device
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-torch.set_float32_matmul_precision('high')
+device, device_type, dtype, ctx = setup_device(device, dtype)
 
 # checkpoints: every one is loaded (and every request checked) before any evaluation runs
 dirs = [d.strip() for d in out_dirs.split(',') if d.strip()]

@@ -5,6 +5,7 @@ The encodings live in rope.py; this file only calls their hooks. References:
 2) nanoGPT, whose structure and names this follows: https://github.com/karpathy/nanoGPT
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -288,3 +289,18 @@ def device_peak_flops(device, dtype):
         if key in name:
             return flops if dtype in ('bfloat16', 'float16') else flops / 2
     return None
+
+
+def setup_device(device, dtype):
+    """Resolve device='auto' (cuda if available, then mps, then cpu) and dtype='auto' (bfloat16 autocast on CUDA
+    where supported, else float16, which needs a GradScaler to train; float32 on CPU and MPS), turn on TF32
+    matmuls, and return (device, device_type, dtype, autocast context). train, sample, eval and bench share it."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else device
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    torch.set_float32_matmul_precision('high')  # TF32 on Ampere and newer
+    torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    return device, device_type, dtype, ctx

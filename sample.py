@@ -6,11 +6,10 @@ $ python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt
 """
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, setup_device
 from prepare_data import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -34,15 +33,8 @@ def fail(message):
     sys.exit(1)
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else device
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+device, device_type, dtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
-torch.set_float32_matmul_precision('high')
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.isfile(ckpt_path):

@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, device_peak_flops
+from model import GPT, GPTConfig, device_peak_flops, setup_device
 from prepare_data import DataError, ShardLoader, ensure_dataset, eval_tokens, load_meta
 from rope import ENCODINGS
 
@@ -97,9 +96,7 @@ def fail(message):
     sys.exit(1)
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else device
+device, device_type, dtype, ctx = setup_device(device, dtype)
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
 if ddp:
     dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
@@ -114,8 +111,6 @@ if ddp:
 else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0  # does the logging and checkpointing
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
 eval_block_size = eval_block_size or block_size
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
@@ -123,10 +118,6 @@ if master_process:
           f"micro-steps x {batch_size} x {block_size})")
 
 torch.manual_seed(seed + ddp_rank)
-torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # data
 try:
