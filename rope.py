@@ -31,10 +31,39 @@ def apply_rotary(x, cos, sin):
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+class RotateByAngle(torch.autograd.Function):
+    """(q, k, angle) -> apply_rotary of q and of k by cos/sin(angle), for learned angles (fp32, broadcastable to
+    (B, nh, T, hs/2)), with the backward written out. q's gradient is g rotated back (apply_rotary with -sin); as
+    d(R_a x)/da = J R_a x (J: +90 degrees on each pair), the angle's gradient is g_1 o_0 - g_0 o_1 per pair of the
+    rotated output o, summed over q and k. Autograd through cos/sin keeps q, k, angle, cos and sin for backward and
+    makes about 3x the elementwise passes (for Selective RoPE: 1.13x -> 1.08x the step time of rope on CPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, angle):
+        cos, sin = angle.cos(), angle.sin()
+        qo, ko = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ctx.save_for_backward(cos, sin, qo, ko)
+        return qo, ko
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gq, gk):
+        cos, sin, qo, ko = ctx.saved_tensors
+        nsin = -sin
+        g_angle = None
+        if ctx.needs_input_grad[2]:
+            def turn(g, o):  # g . (J o) per pair, fp32: (B, nh, T, hs/2)
+                (g0, g1), (o0, o1) = (t.float().unflatten(-1, (-1, 2)).unbind(-1) for t in (g, o))
+                return g1 * o0 - g0 * o1
+            g_angle = (turn(gq, qo) + turn(gk, ko)).sum_to_size(cos.shape)
+        return apply_rotary(gq, cos, nsin), apply_rotary(gk, cos, nsin), g_angle  # R_a^T g
+
+
 def conv_time(x, weight, groups):
-    """F.conv2d along time of x (B, T, C), read as the channels-last (B, C, 1, T) view it already is in memory: no
-    transposed copy either way (mkldnn and cuDNN run channels-last natively; an einsum or a (B, C, T) conv1d made
-    copies and was ~2x slower on CPU). weight: (C_out, C / groups, 1, k). Returns (B, T - k + 1, C_out)."""
+    """F.conv2d along time of x (B, T, C), read as the channels-last (B, C, 1, T) view it already is in memory, so no
+    transposed copy is made either way (mkldnn and cuDNN run channels-last natively; as an einsum, Selective RoPE's
+    per-head projection made permuted copies and took 2x longer on CPU). weight: (C_out, C / groups, 1, k).
+    Returns (B, T - k + 1, C_out)."""
     return F.conv2d(x.transpose(1, 2).unsqueeze(2), weight, groups=groups).squeeze(2).transpose(1, 2)
 
 
@@ -120,7 +149,7 @@ class SelectiveRoPE(PositionEncoding):
       4. optional u += exp(beta)                     (selective_bias)
       5. optional u *= sigmoid(Linear_{d->H}(h))     (selective_gate, one gate per head, on the normalised chunks)
       6. Phi = cumsum_t(u) * tau_p, tau_p = rope_base^(-2p/hd), fixed (the release's temp_type='rope', temp_grad=False)
-      7. rotate pair p of head h of q and k by Phi (adjacent pairs, apply_rotary)
+      7. rotate pair p of head h of q and k by Phi (adjacent pairs, apply_rotary inside RotateByAngle)
     With u == 1 (selective_reduce, conv/gate/bias off) Phi_t = (t+1) theta_p: RoPE at positions 1..T.
     Not shift invariant and blind to pos (and pos_offset): order enters only through the cumsum. KV-cached
     decoding carries the conv's last width-1 inputs and the running phase in the layer's cache dict.
@@ -220,9 +249,7 @@ class SelectiveRoPE(PositionEncoding):
 
     def rotate(self, layer, q, k, x, shared, cache):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            angle = self.phase(layer, x, cache)
-            cos, sin = angle.cos(), angle.sin()
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # step 7
+            return RotateByAngle.apply(q, k, self.phase(layer, x, cache))  # step 7
 
 
 ENCODINGS = {
