@@ -32,6 +32,15 @@ class GPTConfig:
     comrope_init_std: float = 0.02  # std of P for comrope_init='random' (small: positions are raw token indices)
     forget_gate: bool = False  # FoX forget gate (arXiv:2503.02130) in every attention layer, with any pos_emb
     carope_source: str = 'block'  # carope's x_t: 'block' (each attention's LayerNorm'd input) or 'embedding'
+    # selective (rope.SelectiveRoPE): defaults are the released code's language-modelling sweep
+    # (configs/language_modeling/language_modeling.yaml of github.com/timurcarstensen/selective-rope)
+    selective_rank: int = 0  # 0 = per-head weight-normalised d/H -> P projection (LM sweep); r > 0: d -> r -> H*P
+    selective_conv: bool = True  # causal depthwise conv over time on u (the release's skip_conv=False)
+    selective_conv_width: int = 4  # the release's d_conv
+    selective_conv_silu: bool = True  # SiLU after the conv (LM sweep conv_act: silu; the class default is none)
+    selective_bias: bool = False  # u += exp(beta), beta init 0 (LM sweep use_bias: false)
+    selective_gate: bool = True  # phase gate u *= sigmoid(Linear_{d->H}(h)) (LM sweep use_gate: true, standard)
+    selective_reduce: bool = False  # test hook: u_t = 1, no projection (conv/gate/bias off too: RoPE at 1..T)
 
 
 class LayerNorm(nn.Module):

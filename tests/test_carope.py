@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
-from rope import RotateByPhase  # noqa: E402
+from rope import RotateByAngle  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 
@@ -89,11 +89,11 @@ def test_rotate_by_phase_backward_matches_finite_differences():
     q, k = (torch.randn(2, 2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     for phi in (torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True) * 3,
                 torch.randn(2, 2, 3, 4, dtype=torch.float64).requires_grad_()):
-        assert torch.autograd.gradcheck(RotateByPhase.apply, (q, k, phi))
+        assert torch.autograd.gradcheck(RotateByAngle.apply, (q, k, phi))
     # bf16 q, k: grads come back in their dtypes, the phase's in fp32
     qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
     phi = torch.randn(2, 2, 3, 4, requires_grad=True)
-    oq, ok = RotateByPhase.apply(qb, kb, phi)
+    oq, ok = RotateByAngle.apply(qb, kb, phi)
     (oq.float().sum() + ok.float().square().sum()).backward()
     assert qb.grad.dtype == kb.grad.dtype == torch.bfloat16 and phi.grad.dtype == torch.float32
 
