@@ -1,6 +1,7 @@
 """
 Compare trained checkpoints on the same fixed val tokens: perplexity at several context lengths (length
-extrapolation), loss by token position, and robustness to a global position offset.
+extrapolation), loss by token position, and robustness to a global position offset. Checkpoints trained on a
+synthetic task (mqar, copy, parity) get answer accuracy at each context length instead.
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
 $ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py --report=report.md  # train, then compare
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
@@ -27,6 +28,7 @@ eval_tokens = 0  # number of fixed val tokens (the first of the val split); 0 = 
 # to a multiple of every eval block size, so that each length sees exactly the same tokens
 data_root = ''  # '' = the data_root each checkpoint was trained with
 batch_size = 8  # windows per forward
+eval_sequences = 256  # synthetic-task checkpoints: fixed sequences of the task's eval set per length
 pos_offsets = '0,100,1000'  # comma list of global position offsets, evaluated at the training block_size
 report = ''  # Markdown file to write the tables to ('' = stdout only)
 plots = ''  # directory for the PNGs; '' = next to the report, or none without a report
@@ -105,7 +107,7 @@ for d in dirs:
     pos_emb += ' + forget gate' if model.config.forget_gate else ''
     runs.append(dict(out_dir=d, label=f"{os.path.basename(os.path.normpath(d))} ({pos_emb})", model=model,
                      pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
-                     dataset=config['dataset'], data_root=data_root or config['data_root']))
+                     dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed']))
 if len({r['label'] for r in runs}) < len(runs):  # e.g. runs/a/out and runs/b/out: name rows by the whole path
     for r in runs:
         r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']})"
@@ -138,6 +140,10 @@ for r in runs:
              f"ask for lengths <= {r['max_len']}")
     if not any(fits(r, s + r['block_size']) for s in offsets):
         fail(f"{r['out_dir']}: {why}: no offset in pos_offsets={pos_offsets} fits at its block_size; include 0")
+
+# synthetic-task checkpoints are scored apart (answer accuracy); everything below on val tokens is for the others
+synthetic = [r for r in runs if r['dataset'] in prepare_data.SYNTHETIC_TASKS]
+runs = [r for r in runs if r['dataset'] not in prepare_data.SYNTHETIC_TASKS]
 
 # the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of the val split
 data = {}
@@ -185,40 +191,73 @@ for r in runs:
                    for s in offsets}
     print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
 
+
+@torch.no_grad()
+def answer_accuracy(model, task, T, seed):
+    """Fraction of answer tokens (y != -1) whose argmax prediction is the answer, over the task's fixed eval set
+    of length T (the set train.py's val loss uses at that length, with the checkpoint's seed)."""
+    X, Y = prepare_data.synthetic_eval_set(task, eval_sequences, T, seed)
+    hits, total = 0, 0
+    for x, y in zip(X.split(batch_size), Y.split(batch_size)):
+        with ctx:
+            logits, _ = model(x.to(device), y.to(device))
+        answer = y != -1
+        hits += (logits.argmax(-1).cpu()[answer] == y[answer]).sum().item()
+        total += answer.sum().item()
+    return hits / total
+
+
+for r in synthetic:
+    t0 = time.time()
+    r['accuracy'] = {T: answer_accuracy(r['model'], r['dataset'], T, r['seed']) if fits(r, T) else None
+                     for T in lengths}
+    print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
+
 # -----------------------------------------------------------------------------
 # tables
 footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions (block_size); it cannot extrapolate"
-                    for r in runs if None in r['loss'].values() or None in r['offset'].values()})
-sections = [f"Fixed val tokens: the first {n_tokens:,} of "
-            + ', '.join(sorted({f"'{r['dataset']}'" for r in runs})) + " (the same for every length and checkpoint)."]
+                    for r in runs + synthetic if None in [*r.get('loss', {}).values(), *r.get('offset', {}).values(),
+                                                          *r.get('accuracy', {}).values()]})
+sections = []
+if runs:
+    sections.append(f"Fixed val tokens: the first {n_tokens:,} of "
+                    + ', '.join(sorted({f"'{r['dataset']}'" for r in runs}))
+                    + " (the same for every length and checkpoint).")
 
-ppl = lambda v: None if v is None else math.exp(v)
-sections.append("### Perplexity (val loss) by context length\n\n" + md_table(
-    ['checkpoint', 'train T'] + [f"ppl @{T}" for T in lengths] + [f"loss @{T}" for T in lengths],
-    [[r['label'], str(r['block_size'])] + [fmt(ppl(r['loss'][T]), 2) for T in lengths]
-     + [fmt(r['loss'][T]) for T in lengths] for r in runs]))
+    ppl = lambda v: None if v is None else math.exp(v)
+    sections.append("### Perplexity (val loss) by context length\n\n" + md_table(
+        ['checkpoint', 'train T'] + [f"ppl @{T}" for T in lengths] + [f"loss @{T}" for T in lengths],
+        [[r['label'], str(r['block_size'])] + [fmt(ppl(r['loss'][T]), 2) for T in lengths]
+         + [fmt(r['loss'][T]) for T in lengths] for r in runs]))
 
-sections.append("### Val loss at the training block size under a global position offset\n\n" + md_table(
-    ['checkpoint', 'train T'] + [f"offset {s}" for s in offsets],
-    [[r['label'], str(r['block_size'])] + [fmt(r['offset'][s]) for s in offsets] for r in runs]))
+    sections.append("### Val loss at the training block size under a global position offset\n\n" + md_table(
+        ['checkpoint', 'train T'] + [f"offset {s}" for s in offsets],
+        [[r['label'], str(r['block_size'])] + [fmt(r['offset'][s]) for s in offsets] for r in runs]))
 
-# loss by position, averaged over buckets in multiples of each checkpoint's training length: 0-1x, 1x-2x, 2x-4x...
-edges = [0, 1]
-while edges[-1] * min(r['block_size'] for r in runs) < max(lengths):
-    edges.append(edges[-1] * 2)
-buckets = list(zip(edges[:-1], edges[1:]))
-bucket_rows = []
-for r in runs:
-    n, B = len(r['by_pos']), r['block_size']
-    cells = []
-    for a, b in buckets:  # a dash where the encoding cannot go; blank where it can but no length went that far
-        if b * B <= n:
-            cells.append(fmt(float(r['by_pos'][a * B:b * B].mean())))
-        else:
-            cells.append(DASH if r['max_len'] is not None and b * B > r['max_len'] else '')
-    bucket_rows.append([r['label'], str(n)] + cells)
-sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
-    ['checkpoint', 'eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows))
+    # loss by position, averaged over buckets in multiples of each checkpoint's training length: 0-1x, 1x-2x, 2x-4x...
+    edges = [0, 1]
+    while edges[-1] * min(r['block_size'] for r in runs) < max(lengths):
+        edges.append(edges[-1] * 2)
+    buckets = list(zip(edges[:-1], edges[1:]))
+    bucket_rows = []
+    for r in runs:
+        n, B = len(r['by_pos']), r['block_size']
+        cells = []
+        for a, b in buckets:  # a dash where the encoding cannot go; blank where it can but no length went that far
+            if b * B <= n:
+                cells.append(fmt(float(r['by_pos'][a * B:b * B].mean())))
+            else:
+                cells.append(DASH if r['max_len'] is not None and b * B > r['max_len'] else '')
+        bucket_rows.append([r['label'], str(n)] + cells)
+    sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
+        ['checkpoint', 'eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows))
+if synthetic:
+    sections.append(f"### Answer accuracy on synthetic tasks by context length\n\n{eval_sequences} fixed sequences "
+                    f"per length from each task's eval set; accuracy: argmax == answer, mean over answer tokens.\n\n"
+                    + md_table(
+        ['checkpoint', 'task', 'train T'] + [f"acc @{T}" for T in lengths],
+        [[r['label'], r['dataset'], str(r['block_size'])] + [fmt(r['accuracy'][T]) for T in lengths]
+         for r in synthetic]))
 if footnotes:
     sections.append('\n'.join(footnotes))
 text = '\n\n'.join(sections) + '\n'
@@ -227,7 +266,9 @@ print(text)
 results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets, 'checkpoints': [
     {'out_dir': r['out_dir'], 'pos_emb': r['pos_emb'], 'block_size': r['block_size'],
      'loss': {str(T): v for T, v in r['loss'].items()}, 'offset_loss': {str(s): v for s, v in r['offset'].items()},
-     'loss_by_position': r['by_pos'].tolist()} for r in runs]}
+     'loss_by_position': r['by_pos'].tolist()} for r in runs] + [
+    {'out_dir': r['out_dir'], 'pos_emb': r['pos_emb'], 'block_size': r['block_size'], 'task': r['dataset'],
+     'accuracy': {str(T): v for T, v in r['accuracy'].items()}} for r in synthetic]}
 if report:
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     with open(report, 'w', encoding='utf-8') as f:
@@ -247,7 +288,7 @@ if plot_dir:
     except ImportError:
         plt = None
         print("eval.py: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
-if plot_dir and plt is not None:
+if plot_dir and plt is not None and runs:  # the plots are of val loss: text checkpoints
     os.makedirs(plot_dir, exist_ok=True)
     train_lengths = sorted({r['block_size'] for r in runs})
 

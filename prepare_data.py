@@ -118,6 +118,9 @@ def load_meta(data_dir):
 
 
 def get_tokenizer(name):
+    if name == 'synthetic':
+        raise DataError("a synthetic task (mqar, copy, parity) has no text tokenizer; evaluate it with eval.py "
+                        "(answer accuracy), not sample.py")
     if name == 'bytes':
         encode = lambda s: list(s.encode('utf-8'))
         # ids >= 256 are EOT (or garbage a model sampled); a byte string cut mid-character still decodes
@@ -382,6 +385,96 @@ def eval_tokens(data_dir, split, n_tokens):
     if len(tokens) < 2:
         raise DataError(f"{path}: {len(tokens)} tokens, need at least 2 to evaluate; re-run {_prepare_cmd(data_dir)}")
     return np.array(tokens, dtype=np.int64)
+
+# -----------------------------------------------------------------------------
+# synthetic tasks: generated on the fly from a seed, no files. Each generator maps (rng, B, T) to int64 (x, y)
+# of shape (B, T) with y = -1 except at the answer positions, so the loss (ignore_index=-1) is on answers only.
+
+MQAR_KEYS = 63  # keys are tokens 1..63, values 64..127, 0 is the filler between queries
+
+
+def mqar_batch(rng, B, T):
+    """Multi-query associative recall (Zoology): T//8 key-value pairs k1 v1 k2 v2 ..., then every key queried
+    once, in random order, at random positions of the rest (filler 0 between); the answer at a query is its
+    value. Longer sequences hold more pairs and longer gaps (up to the 63 keys the vocab has)."""
+    n = min(T // 8, MQAR_KEYS)
+    if n < 1:
+        raise DataError(f"mqar needs block_size >= 8 (one key-value pair and its query), got {T}")
+    x = np.zeros((B, T), dtype=np.int64)
+    y = np.full((B, T), -1, dtype=np.int64)
+    for b in range(B):
+        keys = 1 + rng.choice(MQAR_KEYS, n, replace=False)  # distinct: every query has one answer
+        values = 1 + MQAR_KEYS + rng.integers(0, 64, n)
+        x[b, 0:2 * n:2], x[b, 1:2 * n:2] = keys, values
+        pos = 2 * n + np.sort(rng.choice(T - 2 * n, n, replace=False))
+        order = rng.permutation(n)
+        x[b, pos], y[b, pos] = keys[order], values[order]
+    return x, y
+
+
+def copy_batch(rng, B, T):
+    """A random string of T//2 symbols (tokens 2..63), the separator 1, then the string again: the answers
+    are the copy (predicting each copied symbol from the ones before it). An odd T ends with a filler 0."""
+    L = T // 2
+    if L < 1:
+        raise DataError(f"copy needs block_size >= 2, got {T}")
+    s = rng.integers(2, 64, (B, L))
+    seq = np.concatenate([s, np.ones((B, 1), dtype=np.int64), s, np.zeros((B, T - 2 * L), dtype=np.int64)], 1)
+    x, y = seq[:, :-1].copy(), seq[:, 1:].copy()
+    y[:, :L] = -1  # the string itself is random: nothing to learn there
+    y[:, 2 * L:] = -1  # the filler
+    return x, y
+
+
+def parity_batch(rng, B, T):
+    """Random bits (tokens 0, 1); the answer at every position is the parity of the bits so far (2 = even,
+    3 = odd): state tracking, which a bounded-depth softmax transformer struggles to do at longer lengths."""
+    x = rng.integers(0, 2, (B, T))
+    return x, 2 + np.cumsum(x, axis=1) % 2
+
+
+SYNTHETIC_TASKS = {  # what load_meta gives for a dataset: train.py sizes the vocab from it
+    'mqar': {'tokenizer': 'synthetic', 'vocab_size': 128},
+    'copy': {'tokenizer': 'synthetic', 'vocab_size': 64},
+    'parity': {'tokenizer': 'synthetic', 'vocab_size': 4},
+}
+SYNTHETIC_GENERATORS = {'mqar': mqar_batch, 'copy': copy_batch, 'parity': parity_batch}
+
+
+def _generator(task):
+    if task not in SYNTHETIC_GENERATORS:
+        raise DataError(f"unknown synthetic task {task!r}; one of {', '.join(SYNTHETIC_GENERATORS)}")
+    return SYNTHETIC_GENERATORS[task]
+
+
+class SyntheticLoader:
+    """ShardLoader's interface for a synthetic task. Batch g is generated from the seed (seed, 0, g), and rank r's
+    call m is batch m*world_size + r, so resumes and DDP ranks see exactly what one process would."""
+
+    def __init__(self, task, batch_size, block_size, rank=0, world_size=1, seed=1337):
+        self.generate = _generator(task)
+        self.B, self.T = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batch = 0  # the global batch number this process's next step starts at
+
+    def next_batch(self):
+        rng = np.random.default_rng((self.seed, 0, self.batch + self.rank))
+        self.batch += self.world_size
+        x, y = self.generate(rng, self.B, self.T)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def state_dict(self):
+        return {'batch': int(self.batch)}
+
+    def load_state_dict(self, state):
+        self.batch = int(state['batch'])
+
+
+def synthetic_eval_set(task, n_sequences, block_size, seed):
+    """A fixed set of n_sequences (x, y) of a task at one length, from a stream training never draws from
+    (seed, 1, block_size): every run with this seed is scored on the same sequences."""
+    x, y = _generator(task)(np.random.default_rng((seed, 1, block_size)), n_sequences, block_size)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 # -----------------------------------------------------------------------------
 # command line: python prepare_data.py --key=value ...

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from model import GPT, GPTConfig, setup_device
-from prepare_data import get_tokenizer
+from prepare_data import DataError, get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # directory holding ckpt.pt
@@ -48,7 +48,10 @@ except Exception as e:
     fail(f"cannot load checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
          f"it is corrupt or not a nanoRoPE checkpoint")
 model.eval().to(device)
-encode, decode = get_tokenizer(meta['tokenizer'])
+try:
+    encode, decode = get_tokenizer(meta['tokenizer'])
+except DataError as e:  # e.g. a synthetic-task checkpoint: no text to sample
+    fail(str(e))
 
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:

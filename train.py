@@ -25,13 +25,13 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig, device_peak_flops, setup_device
-from prepare_data import DataError, ShardLoader, ensure_dataset, eval_tokens, load_meta
+from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
+                          load_meta, synthetic_eval_set)
 from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,7 @@ eval_only = False  # evaluate once, then exit
 always_save_checkpoint = False  # else write ckpt.pt only when val loss improves (and at the end)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 # data
-dataset = 'fineweb_edu'
+dataset = 'fineweb_edu'  # or a synthetic task (mqar, copy, parity): generated from the seed, loss on answers only
 data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 gradient_accumulation_steps = 5 * 8  # global: divided by the number of DDP processes
 batch_size = 12  # micro-batch per process
@@ -119,12 +119,25 @@ if master_process:
 
 torch.manual_seed(seed + ddp_rank)
 
-# data
+# data. eval_data: each split's fixed (x, y) eval sequences of eval_block_size, as two (n, T) tensors
+def windows(tokens, T):
+    n = (len(tokens) - 1) // T  # non-overlapping: every eval token is a target once
+    return torch.from_numpy(tokens[:n * T].reshape(n, T)), torch.from_numpy(tokens[1:n * T + 1].reshape(n, T))
+
+
 try:
-    data_dir = ensure_dataset(data_root, dataset)
-    meta = load_meta(data_dir)
-    train_loader = ShardLoader(data_dir, 'train', batch_size, block_size, ddp_rank, ddp_world_size, seed)
-    eval_data = {split: eval_tokens(data_dir, split, eval_iters * batch_size * block_size) for split in ('train', 'val')}
+    if dataset in SYNTHETIC_TASKS:
+        meta = SYNTHETIC_TASKS[dataset]
+        train_loader = SyntheticLoader(dataset, batch_size, block_size, ddp_rank, ddp_world_size, seed)
+        first = SyntheticLoader(dataset, batch_size, eval_block_size, 0, 1, seed)  # 'train': the first batches
+        eval_data = {'train': [torch.cat(t) for t in zip(*[first.next_batch() for _ in range(eval_iters)])],
+                     'val': synthetic_eval_set(dataset, eval_iters * batch_size, eval_block_size, seed)}
+    else:
+        data_dir = ensure_dataset(data_root, dataset)
+        meta = load_meta(data_dir)
+        train_loader = ShardLoader(data_dir, 'train', batch_size, block_size, ddp_rank, ddp_world_size, seed)
+        eval_data = {split: windows(eval_tokens(data_dir, split, eval_iters * batch_size * block_size), eval_block_size)
+                     for split in ('train', 'val')}
 except DataError as e:
     fail(str(e))
 
@@ -197,22 +210,21 @@ if ddp:
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the fixed eval tokens of each split, in windows of eval_block_size, windows split
-    across processes and all-reduced: every run, whatever its world size, reports the same number."""
+    """Mean loss over the fixed eval sequences of each split (over their scored targets: all tokens of real data,
+    the answers of a synthetic task), sequences split across processes and all-reduced: every run, whatever its
+    world size, reports the same number."""
     out = {}
     raw_model.eval()
     eval_model = compiled_model if eval_block_size == block_size else raw_model  # other shapes: no recompiles
-    for split, tokens in eval_data.items():
-        T = eval_block_size
-        windows = list(range(ddp_rank, (len(tokens) - 1) // T, ddp_world_size))
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
-        for i in range(0, len(windows), batch_size):
-            starts = windows[i:i + batch_size]
-            x = torch.from_numpy(np.stack([tokens[s * T:(s + 1) * T] for s in starts])).to(device)
-            y = torch.from_numpy(np.stack([tokens[s * T + 1:(s + 1) * T + 1] for s in starts])).to(device)
+    for split, (X, Y) in eval_data.items():
+        rows = torch.arange(ddp_rank, len(X), ddp_world_size)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, scored target count
+        for i in range(0, len(rows), batch_size):
+            x, y = X[rows[i:i + batch_size]].to(device), Y[rows[i:i + batch_size]].to(device)
             with ctx:
                 _, loss = eval_model(x, y)
-            total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+            n = (y != -1).sum().double()
+            total += torch.stack([loss.double() * n, n])
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item() if total[1] > 0 else float('nan')

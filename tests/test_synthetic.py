@@ -1,0 +1,198 @@
+"""Synthetic tasks (mqar, copy, parity): the generators against reference code written here from the task
+definitions, the loader's determinism/resume/DDP contract, a tiny model that learns copy in-process, and
+train.py + eval.py run on a task as subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from model import GPT, GPTConfig  # noqa: E402
+from prepare_data import (SYNTHETIC_TASKS, DataError, SyntheticLoader, get_tokenizer,  # noqa: E402
+                          synthetic_eval_set)
+
+TASKS = list(SYNTHETIC_TASKS)
+DASH = '\u2013'
+
+
+def reference_mqar(x, n):
+    """The first n (key 1..63, value 64..127) pairs, then filler 0 and every key once as a query, whose answer is
+    its pair's value."""
+    pairs = {}
+    for t in range(0, 2 * n, 2):
+        assert 1 <= x[t] <= 63 and 64 <= x[t + 1] <= 127 and x[t] not in pairs
+        pairs[x[t]] = x[t + 1]
+    y = [-1] * len(x)
+    for i in range(2 * n, len(x)):
+        if x[i] != 0:
+            y[i] = pairs[x[i]]
+    assert sorted(k for k in x[2 * n:] if k != 0) == sorted(pairs)  # every key queried exactly once
+    return y
+
+
+def reference_copy(x):
+    """The string is everything before the separator 1; after it, each position predicts the next copied symbol."""
+    s = x.index(1)
+    string = x[:s]
+    assert all(2 <= c <= 63 for c in string)
+    y = [-1] * len(x)
+    for i, c in enumerate(string):
+        if s + i < len(x):
+            y[s + i] = c
+    return y
+
+
+def reference_parity(x):
+    y, ones = [], 0
+    for bit in x:
+        assert bit in (0, 1)
+        ones += bit
+        y.append(3 if ones % 2 else 2)
+    return y
+
+
+@pytest.mark.parametrize('task', TASKS)
+def test_generators_are_deterministic_per_seed(task):
+    a, b, c = (synthetic_eval_set(task, 16, 64, s) for s in (7, 7, 8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    x1, _ = SyntheticLoader(task, 16, 64, seed=7).next_batch()
+    x2, _ = SyntheticLoader(task, 16, 64, seed=7).next_batch()
+    x3, _ = SyntheticLoader(task, 16, 64, seed=8).next_batch()
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert not torch.equal(x1, a[0])  # the eval set is not a training batch
+    for t in (a[0], a[1], x1):
+        assert t.dtype == torch.int64 and t.shape == (16, 64)
+    assert a[0].min() >= 0 and a[0].max() < SYNTHETIC_TASKS[task]['vocab_size']
+    assert a[1].max() < SYNTHETIC_TASKS[task]['vocab_size']
+
+
+@pytest.mark.parametrize('T', [8, 63, 64, 128, 256])
+def test_answers_match_reference(T):
+    x, y = synthetic_eval_set('mqar', 32, T, 1)
+    for xr, yr in zip(x.tolist(), y.tolist()):
+        assert yr == reference_mqar(xr, T // 8)  # more pairs at longer lengths
+    x, y = synthetic_eval_set('copy', 32, T, 1)
+    for xr, yr in zip(x.tolist(), y.tolist()):
+        assert yr == reference_copy(xr) and sum(v != -1 for v in yr) == T // 2
+    x, y = synthetic_eval_set('parity', 32, T, 1)
+    for xr, yr in zip(x.tolist(), y.tolist()):
+        assert yr == reference_parity(xr)
+
+
+def test_mqar_pairs_cap_at_the_keys_and_short_blocks_fail():
+    x, y = synthetic_eval_set('mqar', 4, 1024, 0)
+    assert ((y != -1).sum(1) == 63).all()  # 1024 // 8 = 128 pairs, but only 63 distinct keys exist
+    with pytest.raises(DataError, match='block_size >= 8'):
+        synthetic_eval_set('mqar', 1, 7, 0)
+    with pytest.raises(DataError, match='unknown synthetic task'):
+        SyntheticLoader('nope', 1, 8)
+    with pytest.raises(DataError, match='eval.py'):
+        get_tokenizer('synthetic')
+
+
+@pytest.mark.parametrize('task', TASKS)
+def test_loader_resume_and_ranks(task):
+    a = SyntheticLoader(task, 4, 32, seed=3)
+    for _ in range(5):
+        a.next_batch()
+    state = a.state_dict()
+    assert state == {'batch': 5} and all(type(v) is int for v in state.values())
+    b = SyntheticLoader(task, 4, 32, seed=3)
+    b.load_state_dict(state)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+    # two DDP ranks: rank r's call m is the single process's call 2m + r
+    one = SyntheticLoader(task, 4, 32, seed=3)
+    ranks = [SyntheticLoader(task, 4, 32, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    for m in range(3):
+        for r in (0, 1):
+            (x1, y1), (xr, yr) = one.next_batch(), ranks[r].next_batch()
+            assert torch.equal(x1, xr) and torch.equal(y1, yr)
+    assert ranks[0].state_dict() == ranks[1].state_dict() == one.state_dict() == {'batch': 6}
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        logits, _ = model(x, y)
+    answer = y != -1
+    return (logits.argmax(-1)[answer] == y[answer]).float().mean().item()
+
+
+def test_tiny_model_learns_copy():
+    torch.manual_seed(0)
+    T = 32
+    model = GPT(GPTConfig(block_size=T, vocab_size=64, n_layer=2, n_head=2, n_embd=64, pos_emb='rope'))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    loader = SyntheticLoader('copy', 32, T, seed=0)
+    x_val, y_val = synthetic_eval_set('copy', 128, T, 0)
+    assert accuracy(model, x_val, y_val) < 0.1  # 62 symbols: chance is 1/62
+    for step in range(300):
+        x, y = loader.next_batch()
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert accuracy(model, x_val, y_val) > 0.9
+
+
+def run(script, *args):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    env.setdefault('OMP_NUM_THREADS', '1')
+    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+        '--batch_size=16', '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1',
+        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4']
+
+
+def records(out_dir, key):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    return {r['iter']: r[key] for r in rows if key in r}
+
+
+def test_train_and_eval_on_a_task(tmp_path):
+    rope, learned = str(tmp_path / 'rope'), str(tmp_path / 'learned')
+    run('train.py', *TINY, '--dataset=mqar', f'--out_dir={rope}', '--max_iters=40', '--lr_decay_iters=40',
+        '--eval_interval=20')
+    val = records(rope, 'val_loss')
+    assert val[40] < val[20] < val[0]  # loss on the answers: values are 64 of the 128 tokens
+    ckpt = torch.load(os.path.join(rope, 'ckpt.pt'), weights_only=True)
+    assert ckpt['meta'] == SYNTHETIC_TASKS['mqar'] and ckpt['model_args']['vocab_size'] == 128
+    assert ckpt['loader'] == {'batch': 40}
+
+    # resuming gives the losses of the straight run: the loader's batch counter is checkpointed
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    common = [*TINY, '--dataset=copy', '--pos_emb=learned', '--lr_decay_iters=8', '--eval_interval=4']
+    run('train.py', *common, f'--out_dir={straight}', '--max_iters=8')
+    run('train.py', *common, f'--out_dir={resumed}', '--max_iters=4')
+    run('train.py', *common, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
+    a, b = records(straight, 'train_loss'), records(resumed, 'train_loss')
+    assert sorted(a) == sorted(b) == list(range(8)) and all(abs(a[i] - b[i]) < 1e-6 for i in a)
+
+    p = run('eval.py', f'--out_dirs={rope},{straight}', '--device=cpu', '--eval_sequences=64')
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+            for line in p.stdout.splitlines() if line.startswith('| ') and 'checkpoint' not in line}
+    assert rows['rope (rope)'][:2] == ['mqar', '32'] and rows['straight (learned)'][:2] == ['copy', '32']
+    assert rows['straight (learned)'][3:] == [DASH, DASH]  # 64 and 128 are past learned's 32 positions
+    assert 'Perplexity' not in p.stdout  # no text checkpoint: no val-token tables
+
+    # the 1x cell is the accuracy of the checkpoint called directly on the task's eval set
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    x, y = synthetic_eval_set('mqar', 64, 32, ckpt['config']['seed'])
+    assert float(rows['rope (rope)'][2]) == pytest.approx(accuracy(model, x, y), abs=1e-4)
+    assert all(0 <= float(v) <= 1 for v in rows['rope (rope)'][2:])
