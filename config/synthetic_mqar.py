@@ -5,26 +5,11 @@
 # Measured: in 2000 steps this model only reaches the plateau of picking one of the 8 values in context
 # (val loss ~2.1 = ln 8, accuracy 0.17); 4x the width and batch did no better in 1500 steps. Breaking the
 # plateau (an induction-style key -> value lookup) needs a longer run: raise max_iters.
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), 'synthetic_copy.py')).read())  # the same tiny model and schedule
 out_dir = 'out-synthetic-mqar'
 dataset = 'mqar'
-device = 'cpu'
-compile = False  # compiling costs more than it saves in a run this short
-eval_interval = 250
-eval_iters = 8  # 8 * 32 = 256 fixed val sequences
-log_interval = 50
-
-pos_emb = 'rope'
-n_layer = 2
-n_head = 2
-n_embd = 64
-dropout = 0.0
-block_size = 64
-batch_size = 32
-gradient_accumulation_steps = 1
-
-learning_rate = 3e-3
 weight_decay = 0.1
 max_iters = 2000
 lr_decay_iters = 2000
-min_lr = 3e-4
-warmup_iters = 100
