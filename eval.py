@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import prepare_data
-from model import GPT, GPTConfig, setup_device
+from model import load_checkpoint, setup_device
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
@@ -95,13 +95,10 @@ for d in dirs:
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint at {ckpt_path}; train one first (python train.py ...) or fix --out_dirs")
     try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        model = GPT(GPTConfig(**checkpoint['model_args']))  # uncompiled: every length is a new shape
-        model.load_state_dict(checkpoint['model'])
+        checkpoint, model = load_checkpoint(ckpt_path)  # uncompiled: every length is a new shape
         config = checkpoint['config']
-    except Exception as e:
-        fail(f"cannot load checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-             f"it is corrupt or not a nanoRoPE checkpoint")
+    except (ValueError, KeyError) as err:
+        fail(str(err))
     model.eval().to(device)
     pos_emb, block = model.config.pos_emb, model.config.block_size
     pos_emb += ' + forget gate' if model.config.forget_gate else ''

@@ -300,6 +300,19 @@ def device_peak_flops(device, dtype):
     return None
 
 
+def load_checkpoint(path):
+    """(checkpoint dict, its uncompiled GPT with the weights loaded) from a ckpt.pt train.py wrote (a plain dict,
+    read with weights_only=True). A corrupt or foreign file raises ValueError naming it."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model.load_state_dict(checkpoint['model'])
+    except Exception as e:
+        raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                         f"it is corrupt or not a nanoRoPE checkpoint") from e
+    return checkpoint, model
+
+
 def setup_device(device, dtype):
     """Resolve device='auto' (cuda if available, then mps, then cpu) and dtype='auto' (bfloat16 autocast on CUDA
     where supported, else float16, which needs a GradScaler to train; float32 on CPU and MPS), turn on TF32

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from model import GPT, GPTConfig, setup_device
+from model import load_checkpoint, setup_device
 from prepare_data import DataError, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -40,13 +40,10 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.isfile(ckpt_path):
     fail(f"no checkpoint at {ckpt_path}; train one first (python train.py config/quickstart.py) or fix --out_dir")
 try:
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
+    checkpoint, model = load_checkpoint(ckpt_path)
     meta = checkpoint['meta']
-except Exception as e:
-    fail(f"cannot load checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-         f"it is corrupt or not a nanoRoPE checkpoint")
+except (ValueError, KeyError) as e:
+    fail(str(e))
 model.eval().to(device)
 try:
     encode, decode = get_tokenizer(meta['tokenizer'])
