@@ -3,7 +3,6 @@ f(x_t) = 1 / (softplus(x_t W + beta) + 1), phi_p^h(m) = sum_{t<=m} f(x_t)_h^p, R
 import math
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -264,7 +263,6 @@ def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     model = carope_model(dtype=torch.float32, n_layer=1).train()
     idx = torch.randint(64, (2, 16))
-    t0 = time.time()
     compiled = torch.compile(model, fullgraph=True)
     _, loss_c = compiled(idx, idx)
     loss_c.backward()
@@ -274,4 +272,3 @@ def test_compile_fullgraph_matches_eager():
     loss_e.backward()
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_c, model.pe.proj[0].weight.grad, rtol=1e-4, atol=1e-6)
-    assert time.time() - t0 < 120
