@@ -114,7 +114,8 @@ class Learned(PositionEncoding):
 class Sinusoidal(PositionEncoding):
     """`sinusoidal`: the fixed table of Vaswani et al. 2017 (section 3.5), added to the token embeddings:
     PE(m, 2i) = sin(m * base^(-2i/d)), PE(m, 2i+1) = cos(m * base^(-2i/d)). Computed from the positions,
-    so any length works."""
+    so any length works. As in the paper (section 3.4) the token embeddings are first multiplied by sqrt(d): with
+    GPT-2's 0.02 init the unit-amplitude table would otherwise drown them (rms 0.71 against 0.02)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -125,7 +126,7 @@ class Sinusoidal(PositionEncoding):
     def embed(self, x, pos):
         angle = pos.float()[:, None] * self.inv_freq  # (T, C/2) fp32
         pe = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)  # (T, C), interleaved sin/cos
-        return x + pe.to(x.dtype)
+        return x * math.sqrt(x.size(-1)) + pe.to(x.dtype)  # section 3.4: embeddings times sqrt(d_model)
 
 
 class RoPE(PositionEncoding):

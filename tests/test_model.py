@@ -301,7 +301,8 @@ def test_model_under_bf16_autocast_keeps_rope_tables_fp32():
 # ----------------------------------------------------------------------------- sinusoidal
 
 @pytest.mark.parametrize('n_embd,base', [(32, 10000.0), (16, 100.0)])
-def test_sinusoidal_table_equals_vaswani_formula(n_embd, base):
+def test_sinusoidal_equals_vaswani_formula(n_embd, base):
+    """Section 3.5's table, added to the token embeddings scaled by sqrt(d_model) (section 3.4)."""
     model = make_model('sinusoidal', n_embd=n_embd, rope_base=base)
     positions = list(range(0, 41)) + [77, 128]
     pos = torch.tensor(positions)
@@ -315,7 +316,7 @@ def test_sinusoidal_table_equals_vaswani_formula(n_embd, base):
     out = model.pe.embed(x, pos)
     assert out.dtype == torch.float32
     # fp32 angles at m <= 128: error <= 128 * 2^-23 ~ 1.5e-5
-    torch.testing.assert_close((out - x).double(), ref.expand(2, -1, -1), rtol=0, atol=3e-5)
+    torch.testing.assert_close((out - x * math.sqrt(n_embd)).double(), ref.expand(2, -1, -1), rtol=0, atol=3e-5)
 
 
 def test_fixed_tables_are_non_persistent_buffers():
