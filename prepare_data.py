@@ -427,10 +427,16 @@ def copy_batch(rng, B, T):
 
 
 def parity_batch(rng, B, T):
-    """Random bits (tokens 0, 1); the answer at every position is the parity of the bits so far (2 = even,
-    3 = odd): state tracking, which a bounded-depth softmax transformer struggles to do at longer lengths."""
-    x = rng.integers(0, 2, (B, T))
-    return x, 2 + np.cumsum(x, axis=1) % 2
+    """Running parity (state tracking): the start token 2 (the state "even" before any bit), then random bits
+    (tokens 0, 1); the answer at every bit is the parity of the bits so far (2 = even, 3 = odd). Softmax attention
+    carries no running state; an input-dependent rotation can (Selective RoPE: pi per 1-bit, read off against the
+    start token)."""
+    if T < 2:
+        raise DataError(f"parity needs block_size >= 2 (the start token and a bit), got {T}")
+    x = np.concatenate([np.full((B, 1), 2, dtype=np.int64), rng.integers(0, 2, (B, T - 1))], 1)
+    y = 2 + np.cumsum(x, axis=1) % 2  # the start token 2 adds nothing mod 2
+    y[:, 0] = -1  # no answer at the start token
+    return x, y
 
 
 SYNTHETIC_TASKS = {  # what load_meta gives for a dataset: train.py sizes the vocab from it

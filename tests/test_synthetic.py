@@ -48,8 +48,10 @@ def reference_copy(x):
 
 
 def reference_parity(x):
-    y, ones = [], 0
-    for bit in x:
+    """The start token 2, then bits; after each bit, 2 if it has seen an even number of ones so far, else 3."""
+    assert x[0] == 2
+    y, ones = [-1], 0
+    for bit in x[1:]:
         assert bit in (0, 1)
         ones += bit
         y.append(3 if ones % 2 else 2)
@@ -90,6 +92,8 @@ def test_mqar_pairs_cap_at_the_keys_and_short_blocks_fail():
     assert ((y != -1).sum(1) == 63).all()  # 1024 // 8 = 128 pairs, but only 63 distinct keys exist
     with pytest.raises(DataError, match='block_size >= 8'):
         synthetic_eval_set('mqar', 1, 7, 0)
+    with pytest.raises(DataError, match='block_size >= 2'):
+        synthetic_eval_set('parity', 1, 1, 0)
     with pytest.raises(DataError, match='unknown synthetic task'):
         SyntheticLoader('nope', 1, 8)
     with pytest.raises(DataError, match='eval.py'):
