@@ -26,6 +26,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     pos_emb: str = 'rope'  # one of rope.ENCODINGS
+    # 'gpt2': N(0, 0.02) weights (residual projections / sqrt(2 n_layer)), wte tied to lm_head. 'pytorch': the modules'
+    # own defaults (Linear U(+-1/sqrt(fan_in)), wte N(0, 1)), lm_head untied, zero biases: at tiny widths (d=64)
+    # content lookups such as MQAR's key -> value form far sooner from it (config/synthetic_mqar.py)
+    weight_init: str = 'gpt2'
     rope_base: float = 10000.0  # frequency base of every encoding that derives frequencies from it
     comrope_block: int = 8  # ComRoPE block size b (the paper's practical choice); must divide n_embd // n_head
     comrope_init: str = 'rope'  # 'rope': angle matrices start as RoPE's generators (equals rope at step 0); 'random'
@@ -174,11 +178,19 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying (https://paperswithcode.com/method/weight-tying)
-        self.transformer.apply(self._init_weights)  # the encoding keeps the init its paper asks for
-        for pn, p in self.transformer.named_parameters():
-            if pn.endswith('c_proj.weight'):  # scaled init of residual projections, per GPT-2
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # the encoding keeps the init its paper asks for: it is not in self.transformer
+        if config.weight_init == 'gpt2':
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+            self.transformer.apply(self._init_weights)
+            for pn, p in self.transformer.named_parameters():
+                if pn.endswith('c_proj.weight'):  # scaled init of residual projections, per GPT-2
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        elif config.weight_init == 'pytorch':  # the modules already hold their defaults; biases start at zero
+            for module in self.transformer.modules():
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+        else:
+            raise ValueError(f"weight_init={config.weight_init!r}: use 'gpt2' or 'pytorch'")
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -189,7 +201,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves out a `learned` table (the tied wte counts: it is lm_head)."""
+        """Parameter count; non_embedding leaves out a `learned` table (a tied wte counts: it is lm_head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and hasattr(self.pe, 'wpe'):
             n -= self.pe.wpe.weight.numel()
@@ -250,7 +262,8 @@ class GPT(nn.Module):
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         qkv_params = sum(p.numel() for b in self.transformer.h for p in b.attn.c_attn.parameters())
         qkv_matmul = L * (3 * cfg.n_embd * cfg.n_embd + (3 * cfg.n_embd if cfg.bias else 0))
-        return 6 * (self.get_num_params() - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len
+        lookup = 0 if self.transformer.wte.weight is self.lm_head.weight else self.transformer.wte.weight.numel()
+        return 6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len
 
     def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
         """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at sequence length

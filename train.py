@@ -81,7 +81,8 @@ compile = True  # torch.compile the model (needs Triton on GPU, a C++ compiler o
 # -----------------------------------------------------------------------------
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
 _choices = {
-    'pos_emb': list(ENCODINGS), 'init_from': ['scratch', 'resume'], 'backend': ['auto', 'nccl', 'gloo'],
+    'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch'], 'init_from': ['scratch', 'resume'],
+    'backend': ['auto', 'nccl', 'gloo'],
     'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
 }
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]

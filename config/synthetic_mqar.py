@@ -1,20 +1,19 @@
-# Multi-query associative recall (Zoology) at T=64: 8 key-value pairs, each key queried once, loss on the
-# answers only. Generated on the fly from the seed (no files); ~1 min on one CPU thread:
+# Multi-query associative recall (Zoology) at T=32: 4 key-value pairs, each key queried once, loss on the answers
+# only. Generated on the fly from the seed (no files); 1,500 steps, about 40 s on one CPU thread:
 # $ python train.py config/synthetic_mqar.py && python eval.py --out_dirs=out-synthetic-mqar
-# (eval.py reports answer accuracy at 64, 128 and 256: 16 and 32 pairs, longer gaps)
-# Measured (2026-11-23): this GPT-2-initialised d=64 model does not get past the plateau of picking one of the
-# values in context (val loss ~ln 8, accuracy ~0.17) on a CPU budget: at T=32 (4 pairs) it was still at ln 4 after
-# 20,000 steps (6.5 min); 4x the width, 4 layers/heads, lr 1e-2 or biases did no better in 3,000-6,000 steps. The
-# key -> value lookup (an induction circuit) forms suddenly and late. The data is not the obstacle: a plain
-# reference transformer (PyTorch's default init, N(0, 1) untied token embeddings, random biases) on the same 4-pair
-# batches formed it within 2,000 steps for 3 of 4 seeds, and not with its token embeddings at GPT-2's 0.02: the
-# small init (tied to the output layer here) is the likely cause at d=64.
-# Zoology's own recipe trains up to 100 epochs of 10,000 sequences (~31,000 steps); raise max_iters on a GPU.
+# (eval.py reports answer accuracy at 32, 64 and 128: 4, 8 and 16 pairs, longer gaps)
+# weight_init='pytorch' is what makes this learn in seconds: with GPT-2's init (N(0, 0.02), tied embeddings) this
+# d=64 model sat at the plateau of picking one of the values in context (loss ln 4) for 20,000 steps: the key ->
+# value lookup (an induction circuit) forms late from tiny weights. Measured (2026-11-23): weight_init='pytorch'
+# solved it (val loss < 0.02) by step 750 for each of 5 seeds (1, 2, 3, 4, 1337); with 2 heads, 2 of 3 seeds.
 import os
 
 exec(open(os.path.join(os.path.dirname(__file__), 'synthetic_copy.py')).read())  # the same tiny model and schedule
 out_dir = 'out-synthetic-mqar'
 dataset = 'mqar'
+weight_init = 'pytorch'
+n_head = 4
+block_size = 32
 weight_decay = 0.1
-max_iters = 2000
-lr_decay_iters = 2000
+max_iters = 1500
+lr_decay_iters = 1500

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -503,6 +504,34 @@ def test_parameter_counts_of_the_baselines(bias):
     expected = hand_count(tiny_config('none', **cfg_kw))
     assert counts['none'] == counts['rope'] == counts['sinusoidal'] == expected
     assert counts['learned'] - counts['none'] == 24 * 48
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_init_gpt2_and_pytorch(bias):
+    """'gpt2': N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), wte tied to lm_head. 'pytorch': the modules'
+    defaults (Linear U(+-1/sqrt(fan_in)), wte N(0, 1)), lm_head untied: one more V x C matrix, same FLOPs."""
+    cfg = dict(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=128, bias=bias)
+    torch.manual_seed(0)
+    gpt2, torch_init = GPT(tiny_config('rope', **cfg)), GPT(tiny_config('rope', weight_init='pytorch', **cfg))
+    assert gpt2.transformer.wte.weight is gpt2.lm_head.weight
+    assert torch_init.transformer.wte.weight is not torch_init.lm_head.weight
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(torch_init) - n(gpt2) == 512 * 128
+    assert torch_init.flops_per_token(32) == gpt2.flops_per_token(32)  # an embedding lookup is not a matmul
+    assert abs(gpt2.transformer.wte.weight.std().item() - 0.02) < 0.001
+    assert abs(torch_init.transformer.wte.weight.std().item() - 1.0) < 0.02
+    for name, module in torch_init.named_modules():
+        if isinstance(module, nn.Linear):
+            bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
+            w = module.weight
+            assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
+            assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound, name
+            if module.bias is not None:
+                assert not module.bias.any(), name
+    c_proj = gpt2.transformer.h[0].mlp.c_proj.weight
+    assert abs(c_proj.std().item() - 0.02 / math.sqrt(4)) < 0.001
+    with pytest.raises(ValueError, match="weight_init='xavier'"):
+        GPT(tiny_config('rope', weight_init='xavier'))
 
 
 @pytest.mark.parametrize('name', ALL)
