@@ -1,5 +1,5 @@
 # Running parity at T=32 (state tracking): a start token, random bits, and after each bit the parity so far; loss
-# on every answer. Generated on the fly from the seed (no files); 2000 steps, about 30 s on the CPU:
+# on every answer. Generated on the fly from the seed (no files); 2000 steps, 26 s on the 2-core CPU:
 # $ python train.py config/synthetic_parity.py && python eval.py --out_dirs=out-synthetic-parity
 # Selective RoPE's input-dependent rotation can carry the state (a rotation by pi per 1-bit, read off against the
 # start token). Measured (2026-11-23, answer accuracy @32/@64/@128, README "Results"): selective 0.94/0.72/0.61,
