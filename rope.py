@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 import torch.nn.functional as F
 
 

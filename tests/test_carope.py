@@ -257,18 +257,3 @@ def test_loss_falls_and_the_encoding_learns():
         losses.append(loss.item())
     assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
     assert model.pe.proj[0].weight.abs().max() > 1e-3  # W moved off zero: gradients reach the encoding
-
-
-def test_compile_fullgraph_matches_eager():
-    torch.manual_seed(0)
-    model = carope_model(dtype=torch.float32, n_layer=1).train()
-    idx = torch.randint(64, (2, 16))
-    compiled = torch.compile(model, fullgraph=True)
-    _, loss_c = compiled(idx, idx)
-    loss_c.backward()
-    grad_c = model.pe.proj[0].weight.grad.clone()
-    model.zero_grad()
-    _, loss_e = model(idx, idx)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_c, model.pe.proj[0].weight.grad, rtol=1e-4, atol=1e-6)

@@ -486,6 +486,39 @@ def test_unknown_pos_emb_lists_valid_names():
         assert name in message
 
 
+COMPILE_CASES = {name: {} for name in ALL} | {
+    'selective, gate+bias+low-rank': dict(pos_emb='selective', selective_bias=True, selective_rank=4),
+    'rope + forget_gate (masked SDPA)': dict(pos_emb='rope', forget_gate=True),
+}
+
+
+@pytest.mark.parametrize('case', COMPILE_CASES)
+def test_compile_fullgraph_matches_eager(case):
+    """torch.compile(fullgraph=True): no graph break, and the same logits and gradients of every parameter as eager,
+    with every parameter moved off its init (carope's W starts at zero). ComRoPE runs through AOTAutograd only unless
+    NANOROPE_SLOW_TESTS=1: its inductor C++ build takes ~80 s cold on 2 CPUs."""
+    kw = {'pos_emb': case, **COMPILE_CASES[case]}
+    slow_ok = not kw['pos_emb'].startswith('comrope') or os.environ.get('NANOROPE_SLOW_TESTS')
+    torch._dynamo.reset()  # each case is a new model: GPT.forward would hit dynamo's recompile limit (8)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**kw, n_layer=1)).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    compiled = torch.compile(model, fullgraph=True, backend='inductor' if slow_ok else 'aot_eager')
+    idx = tokens(2, 16)
+    runs = []
+    for f in (compiled, model):
+        model.zero_grad()
+        logits, loss = f(idx, idx)
+        loss.backward()
+        runs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logits_c, grads_c), (logits_e, grads_e) = runs
+    torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-4)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- parameters
 
 def hand_count(cfg):

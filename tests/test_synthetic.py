@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -185,7 +184,7 @@ def records(out_dir, key):
 
 
 def test_train_and_eval_on_a_task(tmp_path):
-    rope, learned = str(tmp_path / 'rope'), str(tmp_path / 'learned')
+    rope = str(tmp_path / 'rope')
     run('train.py', *TINY, '--dataset=mqar', f'--out_dir={rope}', '--max_iters=40', '--lr_decay_iters=40',
         '--eval_interval=20')
     val = records(rope, 'val_loss')
