@@ -17,6 +17,7 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123
 
 DDP works on CPU too (gloo): $ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py
 """
+import gc
 import json
 import math
 import os
@@ -364,4 +365,9 @@ while True:
 if not eval_only:
     save_checkpoint()  # reaching max_iters or a stop request always leaves a resumable checkpoint
 if ddp:
+    # DDP holds the process group: freed only at interpreter exit, gloo's worker threads can abort the process there
+    # (SIGABRT after a finished run). Wait for rank 0's checkpoint, drop the wrapper, then tear the group down.
+    dist.barrier()
+    del model
+    gc.collect()
     dist.destroy_process_group()
