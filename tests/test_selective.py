@@ -20,13 +20,7 @@ OPTIONS = {  # the LM default; every option on at once (low-rank instead of per-
 REDUCE = dict(selective_reduce=True, selective_conv=False, selective_gate=False, selective_bias=False)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU spinning OpenMP threads make them 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def make(seed=0, dtype=torch.float32, strong=True, **kw):
