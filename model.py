@@ -5,6 +5,7 @@ The encodings live in rope.py; this file only calls their hooks. References:
 2) nanoGPT, whose structure and names this follows: https://github.com/karpathy/nanoGPT
 """
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import build_position_encoding
+from rope import ENCODINGS, build_position_encoding
 
 
 @dataclass
@@ -45,6 +46,15 @@ class GPTConfig:
     selective_bias: bool = False  # u += exp(beta), beta init 0 (LM sweep use_bias: false)
     selective_gate: bool = True  # phase gate u *= sigmoid(Linear_{d->H}(h)) (LM sweep use_gate: true, standard)
     selective_reduce: bool = False  # test hook: u_t = 1, no projection (conv/gate/bias off too: RoPE at 1..T)
+
+
+# the valid values of GPTConfig's fields, as every script's config keys check them (configurator.py's _choices and
+# _ranges: intervals, [ ] closed, ( ) open); the encodings' own constructors check what depends on several fields
+CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch'], 'comrope_init': ['rope', 'random'],
+                  'carope_source': ['block', 'embedding']}
+CONFIG_RANGES = {'block_size': '[1, inf)', 'vocab_size': '[1, inf)', 'n_layer': '[1, inf)', 'n_head': '[1, inf)',
+                 'n_embd': '[1, inf)', 'dropout': '[0, 1)', 'rope_base': '(1, inf)', 'comrope_block': '[2, inf)',
+                 'comrope_init_std': '(0, inf)', 'selective_rank': '[0, inf)', 'selective_conv_width': '[1, inf)'}
 
 
 class LayerNorm(nn.Module):
@@ -231,7 +241,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            # the mean over scored targets (not -1); 0, not 0/0 = nan, for a batch that scores none
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction='sum') / (targets != -1).sum().clamp_min(1)
         else:  # inference: the last position's logits are all that sampling needs
             logits = self.lm_head(x[:, [-1], :])
             loss = None
@@ -313,6 +325,20 @@ def device_peak_flops(device, dtype):
     return None
 
 
+def find_checkpoint(out_dir, which='best'):
+    """(path, description) of a run's checkpoint: which='best' is best.pt, the weights of the best val loss
+    (ckpt.pt where the run never wrote one), 'latest' is ckpt.pt, the state training stopped at. The description
+    says which file it is, for the user. Raises ValueError naming the fix when out_dir holds neither."""
+    best, latest = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
+    if which == 'best' and os.path.isfile(best):
+        return best, f"{best} (the best val loss; --checkpoint=latest for the last state)"
+    if os.path.isfile(latest):
+        why = "the last state; no best.pt in this run" if which == 'best' else "the last state"
+        return latest, f"{latest} ({why})"
+    raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt); train one first "
+                     f"(python train.py config/quickstart.py) or fix --out_dir")
+
+
 def load_checkpoint(path):
     """(checkpoint dict, its uncompiled GPT with the weights loaded) from a ckpt.pt train.py wrote (a plain dict,
     read with weights_only=True). A corrupt or foreign file raises ValueError naming it."""
@@ -329,12 +355,29 @@ def load_checkpoint(path):
 def setup_device(device, dtype):
     """Resolve device='auto' (cuda if available, then mps, then cpu) and dtype='auto' (bfloat16 autocast on CUDA
     where supported, else float16, which needs a GradScaler to train; float32 on CPU and MPS), turn on TF32
-    matmuls, and return (device, device_type, dtype, autocast context). train, sample, eval and bench share it."""
+    matmuls, and return (device, device_type, dtype, autocast context). train, sample, eval and bench share it.
+    A device or dtype this torch build or machine cannot use raises ValueError with a one-line fix."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    device_type = 'cuda' if device.startswith('cuda') else device
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; use --device=auto, cpu, cuda, cuda:1 or mps") from None
+    index = torch.device(device).index or 0
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device={device!r}: nanoRoPE runs on --device=cpu, cuda or mps")
+    if device_type == 'cuda' and index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} cannot be used: this torch {torch.__version__} sees "
+                         f"{torch.cuda.device_count()} CUDA devices" + ('' if torch.backends.cuda.is_built() else
+                                                                         " (a CPU-only build)") + "; use --device=cpu")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device='mps' is not available in this torch {torch.__version__} on this machine; "
+                         f"use --device=cpu")
     if dtype == 'auto':
         dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+    elif dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(device)}; "
+                         f"use --dtype=float16 (or auto)")
     torch.set_float32_matmul_precision('high')  # TF32 on Ampere and newer
     torch.backends.cudnn.allow_tf32 = True
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
