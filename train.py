@@ -15,7 +15,8 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py config/gpt2_rope.py
 (If the cluster has no Infiniband, prepend NCCL_IB_DISABLE=1.)
 
-DDP works on CPU too (gloo): $ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py
+DDP works on CPU too (gloo); the quick start's global batch of 16 sequences, split over 2 processes:
+$ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py --batch_size=8 --gradient_accumulation_steps=2
 """
 import gc
 import json
@@ -30,10 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, device_peak_flops, setup_device
+from model import CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, device_peak_flops, setup_device
 from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
                           load_meta, synthetic_eval_set)
-from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 small (124M) on FineWeb-Edu; every name here is a config key
@@ -44,8 +44,8 @@ log_interval = 10
 eval_iters = 20  # evaluate on a fixed eval_iters * batch_size * block_size tokens of each split
 eval_block_size = 0  # context length of evaluation; 0 = block_size (larger = length extrapolation)
 eval_only = False  # evaluate once, then exit
-always_save_checkpoint = False  # else write ckpt.pt only when val loss improves (and at the end)
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+always_save_checkpoint = True  # write ckpt.pt (the latest state, to resume from) at every eval; else at the end only
+init_from = 'scratch'  # 'scratch' (out_dir must not hold a run) or 'resume' (from out_dir/ckpt.pt)
 # data
 dataset = 'fineweb_edu'  # or a synthetic task (mqar, copy, parity): generated from the seed, loss on answers only
 data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -81,24 +81,45 @@ dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16 (+ Gra
 compile = True  # torch.compile the model (needs Triton on GPU, a C++ compiler on CPU)
 # -----------------------------------------------------------------------------
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
-_choices = {
-    'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch'], 'init_from': ['scratch', 'resume'],
-    'backend': ['auto', 'nccl', 'gloo'],
-    'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
-}
+_choices = {**CONFIG_CHOICES, 'init_from': ['scratch', 'resume'], 'backend': ['auto', 'nccl', 'gloo'],
+            'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
+_ranges = {**CONFIG_RANGES, 'eval_interval': '[1, inf)', 'log_interval': '[1, inf)', 'eval_iters': '[1, inf)',
+           'eval_block_size': '[0, inf)', 'gradient_accumulation_steps': '[1, inf)', 'batch_size': '[1, inf)',
+           'seed': '[0, inf)', 'vocab_size': '[0, inf)', 'learning_rate': '(0, inf)', 'max_iters': '[0, inf)',
+           'weight_decay': '[0, inf)', 'beta1': '[0, 1)', 'beta2': '[0, 1)', 'grad_clip': '[0, inf)',
+           'warmup_iters': '[0, inf)', 'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)'}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+_world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's number of processes
+_n = math.lcm(gradient_accumulation_steps, _world)
+_keep = f" --batch_size={batch_size * gradient_accumulation_steps // _n} (the same global batch)" \
+    if batch_size * gradient_accumulation_steps % _n == 0 else ''
+for _bad, _message in [  # conditions between keys, checked like each key's range
+    (gradient_accumulation_steps % _world, f"gradient_accumulation_steps={gradient_accumulation_steps} (global) "
+     f"must be a multiple of the {_world} processes: e.g. --gradient_accumulation_steps={_n}{_keep}"),
+    (min_lr > learning_rate, f"min_lr={min_lr} is above learning_rate={learning_rate}"),
+    ((eval_block_size or block_size) > eval_iters * batch_size * block_size,
+     f"the eval set (eval_iters x batch_size x block_size = {eval_iters * batch_size * block_size} tokens) holds "
+     f"no window of eval_block_size={eval_block_size}; raise eval_iters"),
+]:
+    if _bad:
+        _config_fail(_message)
 config = {k: globals()[k] for k in config_keys}  # what was run, stored in the checkpoint
 # -----------------------------------------------------------------------------
 
 
 def fail(message):
-    """A clear one-line error and a non-zero exit, before anything is written."""
-    print(f"train.py: {message}", file=sys.stderr)
+    """A clear one-line error and a non-zero exit, before anything is written. Every process of a torchrun job
+    stops; the first one speaks for all (they fail alike: same config, same data)."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"train.py: {message}", file=sys.stderr)
     sys.exit(1)
 
 
-device, device_type, dtype, ctx = setup_device(device, dtype)
+try:
+    device, device_type, dtype, ctx = setup_device(device, dtype)
+except ValueError as e:
+    fail(str(e))
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
 if ddp:
     dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
@@ -106,13 +127,41 @@ if ddp:
     if device_type == 'cuda':
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
-    if gradient_accumulation_steps % ddp_world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
-             f"{ddp_world_size} processes")
     gradient_accumulation_steps //= ddp_world_size
 else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0  # does the logging and checkpointing
+
+# a run's files: ckpt.pt (the latest state, to resume from), best.pt (the weights of the best val loss), log.jsonl.
+# A fresh run never writes into another run's out_dir: it would overwrite its checkpoints and mix the logs.
+ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'best.pt', 'log.jsonl'))
+if init_from == 'scratch' and (held := [f for f in (ckpt_path, best_path, log_path) if os.path.exists(f)]):
+    fail(f"out_dir={out_dir!r} already holds a run ({', '.join(map(os.path.basename, held))}); continue it with "
+         f"--init_from=resume, or use another --out_dir (or delete that one)")
+
+# resume: the checkpoint's architecture (and block_size) replaces this command's
+checkpoint = None
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        fail(f"init_from='resume' but {ckpt_path} does not exist; check out_dir or use init_from='scratch'")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model_args = checkpoint['model_args']
+        trained_on = checkpoint['config']['dataset'], checkpoint['meta'].get('content_hash')
+    except Exception as e:
+        fail(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"it is corrupt or not a nanoRoPE checkpoint: restore it or use init_from='scratch'")
+    if trained_on[0] != dataset:
+        fail(f"{ckpt_path} was trained on dataset={trained_on[0]!r}; resume it with --dataset={trained_on[0]}")
+    # the architecture is the checkpoint's: say which keys of this command it overrides, and record what runs
+    taken = [f"{k}={v!r} (not {globals()[k]!r})" for k, v in model_args.items()
+             if globals()[k] != v and not (k == 'vocab_size' and vocab_size == 0)]
+    config.update({k: v for k, v in model_args.items() if k in config})
+    globals().update(model_args)
+    if master_process:
+        print(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}"
+              + (f"; from the checkpoint: {', '.join(taken)}" if taken else ''))
+
 eval_block_size = eval_block_size or block_size
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
@@ -140,8 +189,15 @@ try:
         train_loader = ShardLoader(data_dir, 'train', batch_size, block_size, ddp_rank, ddp_world_size, seed)
         eval_data = {split: windows(eval_tokens(data_dir, split, eval_iters * batch_size * block_size), eval_block_size)
                      for split in ('train', 'val')}
+        for split, (X, _) in eval_data.items():
+            if len(X) == 0:  # a loss over no tokens would be nan
+                fail(f"the {split} split of {data_dir} is shorter than one eval window of eval_block_size="
+                     f"{eval_block_size} (+1) tokens; use a smaller --eval_block_size or prepare more data")
 except DataError as e:
     fail(str(e))
+if master_process and checkpoint is not None and trained_on[1] and meta.get('content_hash') != trained_on[1]:
+    print(f"warning: dataset {dataset!r} is not the data the checkpoint was trained on (content hash "
+          f"{meta.get('content_hash')} vs {trained_on[1]}): prepared on another Python or another version?")
 
 
 def get_batch():
@@ -152,20 +208,7 @@ def get_batch():
 
 
 # model
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = None
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        fail(f"init_from='resume' but {ckpt_path} does not exist; check out_dir or use init_from='scratch'")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        model_args = checkpoint['model_args']
-    except Exception as e:
-        fail(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-             f"it is corrupt or not a nanoRoPE checkpoint: restore it or use init_from='scratch'")
-    if master_process:
-        print(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}")
-else:
+if init_from == 'scratch':
     model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
     model_args['vocab_size'] = vocab_size or -(-meta['vocab_size'] // 64) * 64
 if model_args['vocab_size'] < meta['vocab_size']:
@@ -199,6 +242,9 @@ if checkpoint is not None:
         if device_type == 'cuda' and rng[ddp_rank]['cuda'] is not None:
             torch.cuda.set_rng_state(rng[ddp_rank]['cuda'], device)
     checkpoint = None  # free memory
+    if master_process and decay_lr and lr_decay_iters <= iter_num < max_iters:
+        print(f"note: iter {iter_num} is past lr_decay_iters={lr_decay_iters}, so the LR stays at min_lr={min_lr}; "
+              f"to extend the schedule pass --lr_decay_iters={max_iters} too")
 
 if compile:
     if master_process:
@@ -206,8 +252,8 @@ if compile:
     model = torch.compile(model)
 compiled_model = model  # eval at the training length reuses the compiled graph
 if ddp:
-    # the encodings' buffers are fixed tables: nothing to broadcast each forward
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    # no broadcast_buffers: the encodings' buffers are small fixed tables, equal on every process anyway
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 
 @torch.no_grad()
@@ -243,44 +289,53 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def save_checkpoint():
-    """Write out_dir/ckpt.pt atomically (temp file, then rename): a crash never leaves a half-written file.
-    Every process calls it (RNG states are gathered); the master writes."""
+def save_checkpoint(path, resumable):
+    """Write a checkpoint atomically (temp file, then rename): a crash never leaves a half-written file. A plain
+    dict; resumable adds the optimizer, grad scaler, loader position and every process's RNG state (gathered: every
+    process calls this), without it only the weights and what describes them (best.pt)."""
     rng = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
     rngs = [None] * ddp_world_size
-    if ddp:
+    if ddp and resumable:
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
     if not master_process:
         return
-    checkpoint = {
-        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-        'model_args': asdict(gptconf), 'config': config, 'meta': meta, 'iter_num': iter_num,
-        'best_val_loss': best_val_loss, 'loader': train_loader.state_dict(), 'rng': rngs,
-    }
-    tmp_path = ckpt_path + '.tmp'
+    checkpoint = {'model': raw_model.state_dict(), 'model_args': asdict(gptconf), 'config': config, 'meta': meta,
+                  'iter_num': iter_num, 'best_val_loss': best_val_loss}
+    if resumable:
+        checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                          loader=train_loader.state_dict(), rng=rngs)
+    global writing
+    writing, tmp_path = True, path + '.tmp'
     with open(tmp_path, 'wb') as f:
         torch.save(checkpoint, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp_path, ckpt_path)
-    print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+    os.replace(tmp_path, path)
+    writing = False
+    print(f"saved {path} (iter {iter_num})")
 
 
 def log_record(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+    with open(log_path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
-# cluster preemption (SIGTERM) or Ctrl-C: finish the current step, write a checkpoint, exit cleanly
-stop_requested = False
+# cluster preemption (SIGTERM) or Ctrl-C: finish the current step, write a checkpoint, exit cleanly. A second
+# Ctrl-C while training stops at once (the last checkpoint written is kept); while a checkpoint is being written or
+# the run is finishing, more Ctrl-Cs only say so: the write finishes, nothing is half-written or lost
+stop_requested, finishing, writing = False, False, False
 
 
 def request_stop(signum, frame):
     global stop_requested
-    if stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, without a checkpoint
-        raise KeyboardInterrupt
+    if finishing or writing:
+        print("stopping: finishing the checkpoint write, then exiting", file=sys.stderr, flush=True)
+    elif stop_requested and signum == signal.SIGINT:
+        print("second Ctrl-C: stopped without a checkpoint (the last one written is kept)", file=sys.stderr,
+              flush=True)
+        os._exit(130)  # at once: no atexit handlers that a third Ctrl-C could interrupt
     stop_requested = True
 
 
@@ -299,7 +354,7 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    final = iter_num >= max_iters or eval_only
+    final = finishing = iter_num >= max_iters or eval_only
     if iter_num % eval_interval == 0 or final:
         t_eval = time.time()
         losses = estimate_loss()
@@ -308,22 +363,28 @@ while True:
                   f" (eval_block_size {eval_block_size})")
             log_record({'iter': iter_num, 'val_loss': losses['val'], 'train_eval_loss': losses['train'],
                         'eval_block_size': eval_block_size})
-        improved = losses['val'] < best_val_loss
-        best_val_loss = min(best_val_loss, losses['val'])
-        if (improved or always_save_checkpoint) and iter_num > 0 and not final and not eval_only:
-            save_checkpoint()
+        if losses['val'] < best_val_loss and iter_num > 0 and not eval_only:
+            best_val_loss = losses['val']
+            save_checkpoint(best_path, resumable=False)
+        if always_save_checkpoint and iter_num > 0 and not final:
+            save_checkpoint(ckpt_path, resumable=True)
         t_last += time.time() - t_eval  # evaluation time is not training time
     if final:
         break
 
-    # one optimizer step: gradient accumulation over micro-steps (DDP syncs gradients on the last one)
-    for micro_step in range(gradient_accumulation_steps):
-        X, Y = get_batch()
+    # one optimizer step: gradient accumulation over micro-steps (DDP syncs gradients on the last one). Each
+    # micro-batch's mean loss is weighted by its share of the targets scored in the whole step (all processes),
+    # so the step's loss is the mean over every scored target even when micro-batches score different counts
+    batches = [get_batch() for _ in range(gradient_accumulation_steps)]
+    n_scored = sum((Y != -1).sum() for _, Y in batches).float()
+    if ddp:
+        dist.all_reduce(n_scored)
+    for micro_step, (X, Y) in enumerate(batches):
         if ddp:  # must be set before the forward (the flag is read there)
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with ctx:
             _, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps
+            loss = loss * ((Y != -1).sum() * ddp_world_size / n_scored)  # DDP averages the processes' gradients
         scaler.scale(loss).backward()
         loss_accum += loss.detach()
     if grad_clip != 0.0:
@@ -360,10 +421,12 @@ while True:
     if stop:
         if master_process:
             print(f"stop requested: checkpointing at iter {iter_num} and exiting")
+        finishing = True
         break
 
+finishing = True
 if not eval_only:
-    save_checkpoint()  # reaching max_iters or a stop request always leaves a resumable checkpoint
+    save_checkpoint(ckpt_path, resumable=True)  # max_iters or a stop request always leaves a resumable checkpoint
 if ddp:
     # DDP holds the process group: freed only at interpreter exit, gloo's worker threads can abort the process there
     # (SIGABRT after a finished run). Wait for rank 0's checkpoint, drop the wrapper, then tear the group down.

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2', '--n_embd=32',
@@ -147,3 +149,171 @@ def test_length_extrapolation_eval_and_sampling_errors(tmp_path, data_root):
     train(learned, data_root, '--pos_emb=learned', '--max_iters=2', '--lr_decay_iters=2', '--eval_interval=2')
     p = run('sample.py', f'--out_dir={learned}', '--max_new_tokens=100', check=False)  # 1 + 100 > 32 positions
     assert p.returncode == 1 and 'block_size' in p.stderr and 'Traceback' not in p.stderr
+
+
+# ----------------------------------------------------------------------------- runs: nothing lost, nothing mixed
+
+def test_best_weights_survive_a_worse_ending_and_readers_say_which_they_load(tmp_path, data_root):
+    """best.pt keeps the best val loss's weights when training goes on to a worse one; ckpt.pt is the last state;
+    sample.py and eval.py say which file they read, and eval.py's default reproduces train.py's val loss."""
+    out = tmp_path / 'out'
+    train(out, data_root, '--max_iters=20', '--lr_decay_iters=20', '--eval_interval=10')
+    best_bytes = (out / 'best.pt').read_bytes()
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['iter_num'] == 20 and 'optimizer' not in best  # weights only: small, not resumable
+    # an LR far too high makes the end worse than the best
+    train(out, data_root, '--max_iters=30', '--lr_decay_iters=30', '--eval_interval=10', '--init_from=resume',
+          '--learning_rate=0.5', '--min_lr=0.5', '--grad_clip=0.0')
+    val = records(out, 'val_loss')
+    assert val[30] > val[20] + 0.1, val
+    assert (out / 'best.pt').read_bytes() == best_bytes  # not overwritten by the worse state
+    latest = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert latest['iter_num'] == 30 and latest['best_val_loss'] == pytest.approx(val[20], abs=1e-9)
+
+    p = run('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5')
+    assert f"{out / 'best.pt'}" in p.stderr and 'best val loss' in p.stderr
+    p = run('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5', '--checkpoint=latest')
+    assert f"{out / 'ckpt.pt'}" in p.stderr and 'last state' in p.stderr
+    p = run('eval.py', f'--out_dirs={out}', '--eval_block_sizes=32', '--pos_offsets=0', f'--data_root={data_root}')
+    assert f"{out / 'best.pt'}" in p.stderr and "= train.py's eval set" in p.stdout
+    row = next(line for line in p.stdout.splitlines() if line.startswith(f'| out (rope)'))
+    assert float(row.split('|')[4]) == pytest.approx(val[20], abs=2e-4)  # the loss column: train.py's number
+
+
+def test_fresh_run_never_writes_into_another_run(tmp_path, data_root):
+    out = tmp_path / 'out'
+    train(out, data_root, '--max_iters=2', '--lr_decay_iters=2', '--eval_interval=2')
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    p = train(out, data_root, '--max_iters=2', '--lr_decay_iters=2', check=False)
+    assert p.returncode == 1 and 'already holds a run' in p.stderr and '--init_from=resume' in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 or 'Traceback' not in p.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # log.jsonl not appended to either
+
+
+def test_resume_takes_the_architecture_from_the_checkpoint_and_says_so(tmp_path, data_root):
+    out = tmp_path / 'out'
+    train(out, data_root, '--pos_emb=learned', '--max_iters=2', '--lr_decay_iters=2', '--eval_interval=2')
+    p = train(out, data_root, '--pos_emb=carope', '--init_from=resume', '--max_iters=4', '--lr_decay_iters=4')
+    assert "pos_emb='learned' (not 'carope')" in p.stdout, p.stdout
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['pos_emb'] == ckpt['model_args']['pos_emb'] == 'learned'  # what ran is recorded
+
+    p = train(out, data_root, '--dataset=copy', '--init_from=resume', '--max_iters=6', check=False)
+    assert p.returncode == 1 and "--dataset=embedded" in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_train_longer_extends_the_schedule_as_the_readme_shows(tmp_path, data_root):
+    out = tmp_path / 'out'
+    train(out, data_root, '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=4', '--warmup_iters=1')
+    p = train(out, data_root, '--init_from=resume', '--max_iters=8', '--lr_decay_iters=4', '--eval_interval=4',
+              '--warmup_iters=1')
+    assert 'the LR stays at min_lr' in p.stdout and '--lr_decay_iters=8' in p.stdout
+    assert set(records(out, 'lr')[it] for it in range(4, 8)) == {3e-4}
+    out2 = tmp_path / 'out2'
+    train(out2, data_root, '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=4', '--warmup_iters=1')
+    train(out2, data_root, '--init_from=resume', '--max_iters=8', '--lr_decay_iters=8', '--eval_interval=4',
+          '--warmup_iters=1')
+    lr = records(out2, 'lr')
+    assert all(lr[it] > 3e-4 for it in range(4, 8)) and lr[4] > lr[5] > lr[6] > lr[7]  # the cosine goes on
+
+
+def test_eval_set_without_a_window_is_an_error_not_nan(tmp_path, data_root):
+    p = train(tmp_path / 'x', data_root, '--eval_iters=1', '--batch_size=1', '--eval_block_size=64', check=False)
+    assert p.returncode == 2 and 'eval_block_size=64' in p.stderr and 'eval_iters' in p.stderr
+    root = tmp_path / 'data'  # a dataset whose val split is shorter than one window
+    sys.path.insert(0, REPO)
+    from prepare_data import shard_name, write_shard
+    (root / 'tiny').mkdir(parents=True)
+    write_shard(str(root / 'tiny' / shard_name('tiny', 0)), np.arange(20) % 256)
+    write_shard(str(root / 'tiny' / shard_name('tiny', 1)), np.arange(5000) % 256)
+    (root / 'tiny' / 'meta.json').write_text(json.dumps({'tokenizer': 'bytes', 'vocab_size': 257, 'eot': 256}))
+    p = train(tmp_path / 'x', str(root), '--dataset=tiny', check=False)
+    assert p.returncode == 1 and 'val split' in p.stderr and 'eval window' in p.stderr
+    assert not (tmp_path / 'x').exists()
+
+
+def test_unusable_device_is_one_line(tmp_path, data_root):
+    for device, words in [('cuda', 'CUDA'), ('cuda:7', 'CUDA'), ('tpu', 'not a device')]:
+        if device.startswith('cuda') and torch.cuda.device_count() > 7:
+            continue
+        p = train(tmp_path / 'x', data_root, f'--device={device}', check=False)
+        lines = [line for line in p.stderr.splitlines() if not line.startswith('Overriding')]
+        assert p.returncode == 1 and len(lines) == 1 and words in lines[0] and '--device=' in lines[0], p.stderr
+    assert not (tmp_path / 'x').exists()
+
+
+# grad accumulation: patch the loader so that micro-batches score different numbers of targets (-1 elsewhere), then
+# run train.py unchanged; the reference computes the same step by hand
+MASKED_TRAIN = """
+import runpy, sys, torch, prepare_data
+next_batch = prepare_data.ShardLoader.next_batch
+def masked(self):
+    x, y = next_batch(self)
+    k = 1 + self.batch % 7 * 4  # a different number of scored targets per micro-batch (batch counts calls)
+    y[:, k:] = -1
+    return x, y
+prepare_data.ShardLoader.next_batch = masked
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def test_accumulation_weights_micro_batches_by_their_scored_targets(tmp_path, data_root):
+    sys.path.insert(0, REPO)
+    import prepare_data
+    from model import GPT, GPTConfig
+    out = tmp_path / 'out'
+    args = [*TINY, f'--out_dir={out}', f'--data_root={data_root}', '--max_iters=1', '--lr_decay_iters=1',
+            '--eval_interval=1', '--gradient_accumulation_steps=3', '--grad_clip=0.0']
+    p = subprocess.run([sys.executable, '-c', MASKED_TRAIN, *args], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    logged = records(out, 'train_loss')[0]
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+
+    # the reference: the mean over every scored target of the three micro-batches, one AdamW step on it
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    loader = prepare_data.ShardLoader(os.path.join(data_root, 'embedded'), 'train', 4, 32, seed=1337)
+    total, count = 0.0, 0
+    for _ in range(3):
+        x, y = loader.next_batch()
+        y[:, 1 + loader.batch % 7 * 4:] = -1
+        logits, _ = model(x, y)
+        total = total + F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                        reduction='sum')
+        count += (y != -1).sum().item()
+    assert len({(1 + b % 7 * 4) for b in (1, 2, 3)}) == 3  # the counts really differ
+    loss = total / count
+    assert logged == pytest.approx(loss.item(), abs=1e-5)
+    opt = model.configure_optimizers(0.1, 3e-3 / 3, (0.9, 0.95), 'cpu')  # warmup: lr * 1 / (2 + 1)
+    loss.backward()
+    opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, ckpt['model'][k], atol=1e-6), k
+
+
+# a second Ctrl-C while the final checkpoint is written: torch.save is slowed and interrupted twice by the test
+DOUBLE_CTRL_C = """
+import os, runpy, signal, sys, time, torch
+save = torch.save
+def interrupted_save(*args, **kw):
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+    return save(*args, **kw)
+torch.save = interrupted_save
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def test_ctrl_c_during_the_final_save_finishes_it_quietly(tmp_path, data_root):
+    out = tmp_path / 'out'
+    args = [*TINY, f'--out_dir={out}', f'--data_root={data_root}', '--max_iters=3', '--lr_decay_iters=3',
+            '--eval_interval=100']
+    p = subprocess.run([sys.executable, '-c', DOUBLE_CTRL_C, *args], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and 'Traceback' not in p.stderr and 'Exception ignored' not in p.stderr, p.stderr
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 3
+    assert not (out / 'ckpt.pt.tmp').exists()
