@@ -16,7 +16,7 @@ from datetime import datetime
 
 import torch
 
-from model import GPT, GPTConfig, setup_device
+from model import CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, setup_device
 from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
@@ -41,7 +41,10 @@ seed = 1337
 report = ''  # also write the table to this Markdown file
 # pos_emb is left out: pos_embs picks the encodings, and --pos_emb gets a "did you mean 'pos_embs'?" hint
 globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in globals() and f.name != 'pos_emb'})
-_choices = {'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'baseline': list(ENCODINGS)}
+_choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
+            'baseline': list(ENCODINGS)}
+_ranges = {**CONFIG_RANGES, 'batch_size': '[1, inf)', 'warmup': '[0, inf)', 'steps': '[1, inf)', 'rounds': '[1, inf)',
+           'seed': '[0, inf)'}
 _defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -53,7 +56,14 @@ names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.s
 if unknown := [n for n in names if n not in ENCODINGS]:
     sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} or 'all'")
 names = [baseline] * (baseline not in names) + names
-device, device_type, dtype, ctx = setup_device(device, dtype)
+auto_device = device == 'auto'
+try:
+    device, device_type, dtype, ctx = setup_device(device, dtype)
+except ValueError as e:
+    sys.exit(f"bench.py: {e}")
+if preset == 'gpt2' and device_type == 'cpu' and auto_device:  # no GPU found, and none asked for
+    sys.exit("bench.py: --preset=gpt2 is GPT-2 small at T=1024, sized for a GPU: on this CPU it would run for hours; "
+             "pass --device=cpu to run it anyway, or drop --preset for the CPU model")
 cuda = device_type == 'cuda'
 torch._dynamo.config.recompile_limit = max(8, 2 * len(names))  # one GPT.forward code object, a graph per encoding
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'pos_emb'}

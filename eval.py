@@ -19,13 +19,15 @@ import torch
 from torch.nn import functional as F
 
 import prepare_data
-from model import load_checkpoint, setup_device
+from model import find_checkpoint, load_checkpoint, setup_device
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
 eval_block_sizes = ''  # comma list of context lengths; '' = 1x, 2x, 4x each checkpoint's training block_size
-eval_tokens = 0  # number of fixed val tokens (the first of the val split); 0 = 8 * max(eval_block_sizes); rounded
-# to a multiple of every eval block size, so that each length sees exactly the same tokens
+eval_tokens = 0  # number of fixed val tokens (the first of the val split); 0 = train.py's eval set (eval_iters x
+# batch_size x block_size of the checkpoints' config, the largest), rounded down to a multiple of every eval block
+# size, so that each length sees exactly the same tokens (and at the training length train.py's val loss)
+checkpoint = 'best'  # 'best' = best.pt (the weights of the best val loss), 'latest' = ckpt.pt (the last state)
 data_root = ''  # '' = the data_root each checkpoint was trained with
 batch_size = 8  # windows per forward
 eval_sequences = 256  # synthetic-task checkpoints: fixed sequences of the task's eval set per length
@@ -39,7 +41,8 @@ sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=5
 sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb>
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
-_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
+_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
+_ranges = {'eval_tokens': '[0, inf)', 'batch_size': '[1, inf)', 'eval_sequences': '[1, inf)'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
@@ -67,11 +70,19 @@ def md_table(header, rows):
     return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
 
-device, device_type, dtype, ctx = setup_device(device, dtype)
+try:
+    device, device_type, dtype, ctx = setup_device(device, dtype)
+except ValueError as e:
+    fail(str(e))
 
 # checkpoints: every one is loaded (and every request checked) before any evaluation runs
 dirs = [d.strip() for d in out_dirs.split(',') if d.strip()]
-for pe in [p.strip() for p in pos_embs.split(',') if p.strip()]:  # the sweep: same config, one run per encoding
+sweep = [p.strip() for p in pos_embs.split(',') if p.strip()]
+for pe in sweep:  # before training any: a sweep never trains into, or mixes with, an earlier run
+    if any(os.path.exists(os.path.join(f"{sweep_out}-{pe}", f)) for f in ('ckpt.pt', 'best.pt', 'log.jsonl')):
+        fail(f"{sweep_out}-{pe} already holds a run; compare it with --out_dirs={sweep_out}-{pe}, or use another "
+             f"--sweep_out (or delete it)")
+for pe in sweep:  # the sweep: same config, one run per encoding
     out = f"{sweep_out}-{pe}"
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), sweep_config,
            f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
@@ -84,27 +95,26 @@ for pe in [p.strip() for p in pos_embs.split(',') if p.strip()]:  # the sweep: s
 if not dirs:
     fail("--out_dirs or --pos_embs is required: a comma list of training out_dirs "
          "(e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope) or of encodings to train and compare (--pos_embs=rope,carope)")
-if batch_size < 1:
-    fail(f"--batch_size={batch_size} must be >= 1")
 offsets = int_list('pos_offsets', pos_offsets) or [0]
 if any(s < 0 for s in offsets):
     fail(f"--pos_offsets={pos_offsets!r}: offsets must be >= 0")
 runs = []
 for d in dirs:
-    ckpt_path = os.path.join(d, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path}; train one first (python train.py ...) or fix --out_dirs")
     try:
-        checkpoint, model = load_checkpoint(ckpt_path)  # uncompiled: every length is a new shape
-        config = checkpoint['config']
+        ckpt_path, what = find_checkpoint(d, checkpoint)
+        ckpt, model = load_checkpoint(ckpt_path)  # uncompiled: every length is a new shape
+        config = ckpt['config']
     except (ValueError, KeyError) as err:
         fail(str(err))
+    print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}", file=sys.stderr)
     model.eval().to(device)
     pos_emb, block = model.config.pos_emb, model.config.block_size
     pos_emb += ' + forget gate' if model.config.forget_gate else ''
     runs.append(dict(out_dir=d, label=f"{os.path.basename(os.path.normpath(d))} ({pos_emb})", model=model,
                      pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
-                     dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed']))
+                     dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed'],
+                     content_hash=ckpt['meta'].get('content_hash'),
+                     train_eval_tokens=config['eval_iters'] * config['batch_size'] * config['block_size']))
 if len({r['label'] for r in runs}) < len(runs):  # e.g. runs/a/out and runs/b/out: name rows by the whole path
     for r in runs:
         r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']})"
@@ -114,9 +124,10 @@ if not lengths or min(lengths) < 1:
     fail(f"--eval_block_sizes={eval_block_sizes!r}: lengths must be >= 1")
 # every length must cut the same tokens into whole windows: a multiple of all the lengths
 step = math.lcm(*lengths)
-n_tokens = eval_tokens // step * step if eval_tokens else -(-8 * max(lengths) // step) * step
+n_tokens = (eval_tokens or max(r['train_eval_tokens'] for r in runs)) // step * step
 if n_tokens <= 0:
-    fail(f"--eval_tokens={eval_tokens} is fewer than {step}, the least multiple of every eval block size")
+    fail(f"--eval_tokens={eval_tokens or max(r['train_eval_tokens'] for r in runs)} is fewer than {step}, the least "
+         f"multiple of every eval block size; raise --eval_tokens")
 
 
 def fits(run, end):
@@ -155,6 +166,14 @@ for r in runs:
             fail(f"dataset {key[1]!r} has only {len(data[key]) - 1} val tokens to predict, fewer than the "
                  f"{n_tokens} asked for; use a smaller --eval_tokens (a multiple of {step})")
     r['tokens'] = data[key]
+    meta = prepare_data.load_meta(prepare_data.ensure_dataset(*key))
+    if r['content_hash'] and meta.get('content_hash') != r['content_hash']:
+        print(f"eval.py: warning: {r['out_dir']} was trained on other {r['dataset']!r} data than {key[0]} holds "
+              f"(content hash {r['content_hash']} vs {meta.get('content_hash')}); its numbers are not comparable",
+              file=sys.stderr)
+if len({(r['dataset'], r['content_hash']) for r in runs}) > len({r['dataset'] for r in runs}):
+    print("eval.py: warning: these checkpoints were trained on different data (content hashes differ): "
+          + ', '.join(f"{r['out_dir']} {r['content_hash']}" for r in runs), file=sys.stderr)
 
 
 @torch.no_grad()
@@ -217,9 +236,12 @@ footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions 
                                                           *r.get('accuracy', {}).values()]})
 sections = []
 if runs:
+    train_set = {r['train_eval_tokens'] for r in runs}
+    same = f" = train.py's eval set" if train_set == {n_tokens} else \
+        f" (train.py's val loss used {', '.join(map(str, sorted(train_set)))}: the numbers differ)"
     sections.append(f"Fixed val tokens: the first {n_tokens:,} of "
                     + ', '.join(sorted({f"'{r['dataset']}'" for r in runs}))
-                    + " (the same for every length and checkpoint).")
+                    + f"{same} (the same for every length and checkpoint).")
 
     ppl = lambda v: None if v is None else math.exp(v)
     sections.append("### Perplexity (val loss) by context length\n\n" + md_table(
