@@ -1,0 +1,142 @@
+"""Every shell command README.md shows runs as written. The commands are read from the README's ```sh blocks, and
+each must have an entry below saying how this test runs it: as written in a scratch copy of the repo, with
+overrides appended that shorten training (the configurator's later --key=value wins), or up to the one-line error
+it must give here (no network, no GPU), or not at all, with the reason. A command added to the README without an
+entry, or an entry whose command left the README, fails the test."""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# appended to each script's invocation: a few steps, tiny evals, short samples
+SHORT = {
+    'train.py': ['--max_iters=4', '--lr_decay_iters=4', '--eval_interval=2', '--eval_iters=1', '--log_interval=1'],
+    'sample.py': ['--max_new_tokens=8', '--num_samples=1'],
+    'eval.py': ['--eval_tokens=2048', '--sweep_args=--max_iters=2 --lr_decay_iters=2 --eval_interval=2 '
+                '--eval_iters=1 --log_interval=1'],
+    'bench.py': ['--rounds=1', '--steps=1', '--warmup=0'],
+    'prepare_data.py': [],
+}
+GPU = "needs CUDA GPUs and FineWeb-Edu (network)"
+# command (as in the README, continuation lines joined, comment dropped) -> 'run' | ('error', text) | ('skip', why)
+COMMANDS = {
+    'python train.py config/gpt2_rope.py --pos_emb=carope': ('error', 'prepare_data.py --dataset=fineweb_edu'),
+    'pip install -r requirements.txt && python train.py config/quickstart.py && python sample.py '
+    '--out_dir=out-quickstart': 'run',
+    'pip install -r requirements.txt pytest && python -m pytest -q tests': ('skip', "the test suite itself: "
+                                                                            ".ci/run runs this exact line"),
+    'python sample.py --out_dir=out-quickstart --start="def "': 'run',
+    'python train.py config/quickstart.py --pos_emb=learned --n_layer=6 --out_dir=out-learned': 'run',
+    'python prepare_data.py --dataset=fineweb_edu': ('error', 'HF_HUB_OFFLINE'),
+    'torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py': ('skip', GPU),
+    'torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py '
+    'config/gpt2_rope.py': ('skip', "needs 2 nodes of 8 GPUs"),
+    'torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=1234 train.py '
+    'config/gpt2_rope.py': ('skip', "needs 2 nodes of 8 GPUs"),
+    'torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py --batch_size=8 '
+    '--gradient_accumulation_steps=2 --out_dir=out-ddp': 'run',
+    'python train.py config/quickstart.py --init_from=resume': 'run',
+    'python train.py config/quickstart.py --init_from=resume --max_iters=2000 --lr_decay_iters=2000': 'run',
+    'python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --num_samples=3 '
+    '--max_new_tokens=200': 'run',
+    'python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt --temperature=0.7 --top_k=50 --seed=1': 'run',
+    'python sample.py --out_dir=out-quickstart --temperature=0': 'run',
+    'python sample.py --out_dir=out-quickstart --max_new_tokens=600 --extrapolate=True': 'run',
+    'python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md':
+        'run',
+    'python train.py config/synthetic_copy.py && python eval.py --out_dirs=out-synthetic-copy': 'run',
+    'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,selective '
+    '--sweep_config=config/quickstart.py "--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=150" '
+    '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 --report=report.md': 'run',
+    'python eval.py --pos_embs=none,learned,rope,carope,selective --sweep_config=config/synthetic_copy.py '
+    '--sweep_out=out-copy': 'run',
+    'python eval.py --pos_embs=none,learned,rope,carope,selective --sweep_config=config/synthetic_mqar.py '
+    '--sweep_out=out-mqar': 'run',
+    'python eval.py --pos_embs=none,rope,selective --sweep_config=config/synthetic_parity.py --sweep_out=out-parity':
+        'run',
+    'OMP_NUM_THREADS=1 python bench.py --rounds=7 --steps=5': 'run',
+    'python bench.py --preset=gpt2 --compile=True': ('error', '--preset=gpt2'),
+}
+
+
+def readme_commands():
+    """The commands of README.md's ```sh blocks, in order: continuation lines joined, ` # comments` dropped."""
+    text = open(os.path.join(REPO, 'README.md'), encoding='utf-8').read()
+    blocks = re.findall(r'^```sh\n(.*?)^```', text, flags=re.S | re.M)
+    lines = [re.sub(r'\s+# .*$', '', line) for block in blocks for line in block.replace('\\\n', ' ').splitlines()]
+    return [' '.join(line.split()) for line in lines if line.strip()]
+
+
+def test_every_readme_command_has_an_entry():
+    assert sorted(readme_commands()) == sorted(COMMANDS)
+
+
+def shortened(command):
+    """The command as bash runs it here: this interpreter for python/torchrun, SHORT's overrides appended to each
+    script's arguments, pip skipped (CI's .ci/run installs)."""
+    parts = []
+    for sub in command.split(' && '):
+        words = shlex.split(sub)
+        if words[0] == 'pip':
+            continue
+        env = []
+        while '=' in words[0]:
+            env.append(words.pop(0))
+        if words[0] == 'python':
+            words[0:1] = [sys.executable]
+        elif words[0] == 'torchrun':
+            words[0:1] = [sys.executable, '-m', 'torch.distributed.run']
+        script = next(w for w in words if w.endswith('.py') and not w.startswith('--'))
+        parts.append(shlex.join(env + words + SHORT[os.path.basename(script)]) if env else
+                     shlex.join(words + SHORT[os.path.basename(script)]))
+    return ' && '.join(parts)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A scratch copy of the repo's code and configs (runs, data and reports land there), with what the README's
+    commands assume a user has: a prompt file."""
+    d = tmp_path_factory.mktemp('repo')
+    for f in os.listdir(REPO):
+        if f.endswith('.py'):
+            shutil.copy(os.path.join(REPO, f), d)
+    shutil.copytree(os.path.join(REPO, 'config'), d / 'config')
+    (d / 'prompt.txt').write_text('def main():\n')
+    return d
+
+
+def env():
+    e = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+    e.setdefault('OMP_NUM_THREADS', '1')
+    return e
+
+
+@pytest.mark.parametrize('command', list(COMMANDS))
+def test_readme_command_runs(command, workdir):
+    action = COMMANDS[command]
+    if isinstance(action, tuple) and action[0] == 'skip':
+        pytest.skip(action[1])
+    if 'out-quickstart' in command and not (workdir / 'out-quickstart').exists():  # run alone (-k): train it first
+        subprocess.run(['bash', '-c', shortened('python train.py config/quickstart.py')], cwd=workdir, env=env(),
+                       check=True, capture_output=True)
+    if 'out-gpt2-' in command:  # sampling/eval commands of the GPT-2 runs: on the quick start's checkpoint
+        if not (workdir / 'out-quickstart').exists():
+            subprocess.run(['bash', '-c', shortened('python train.py config/quickstart.py')], cwd=workdir,
+                           env=env(), check=True, capture_output=True)
+        for name in ('out-gpt2-rope', 'out-gpt2-carope'):
+            if not (workdir / name).exists():
+                shutil.copytree(workdir / 'out-quickstart', workdir / name)
+    p = subprocess.run(['bash', '-c', shortened(command)], cwd=workdir, env=env(), capture_output=True, text=True,
+                       timeout=900)
+    if action == 'run':
+        assert p.returncode == 0, f"{command}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        assert 'Traceback' not in p.stderr, p.stderr[-3000:]
+    else:
+        errors = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith('Overriding')]
+        assert p.returncode != 0 and len(errors) == 1 and action[1] in errors[0], (command, p.stderr[-3000:])
