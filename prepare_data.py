@@ -329,9 +329,10 @@ def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=Fal
 class ShardLoader:
     """Random non-overlapping windows of T+1 tokens from all shards of a split, reshuffled every epoch.
 
-    All ranks share one stream of batches that does not depend on world_size: batch g is slot
-    g % per_epoch of epoch g // per_epoch, and rank r's call m reads batch m*world_size + r.
-    So DDP ranks and a single process with gradient accumulation see exactly the same data,
+    All ranks share one stream of batches that does not depend on world_size: from a start (epoch 0, window 0,
+    or wherever a resumed state says) batch g is the g-th run of B consecutive windows of the epochs'
+    permutations, a new epoch beginning where fewer than B are left, and rank r's call m reads batch
+    m*world_size + r. So DDP ranks and a single process with gradient accumulation see exactly the same data,
     across epoch boundaries too (which is why a step may straddle one: rank 0 ends epoch e
     while rank 1 starts e+1, instead of every rank jumping to index 0).
     """
@@ -349,16 +350,26 @@ class ShardLoader:
                             f"tokens, fewer than one batch ({world_size} x {batch_size}); "
                             f"lower batch_size/block_size or prepare more data")
         self.per_epoch = self.n_windows // batch_size  # whole batches; the ragged tail is dropped each epoch
-        self.batch = 0  # the global batch number this process's next step starts at
+        self.start = (0, 0)  # (epoch, index into its permutation) of the stream's first window
+        self.batch = 0  # the global batch number, counted from start, this process's next step starts at
         self._perm, self._perm_epoch = None, None
 
+    def _locate(self, g):
+        # (epoch, index) of batch g's first window
+        epoch, index = self.start
+        left = max(0, (self.n_windows - index) // self.B)  # whole batches left in the start's epoch
+        if g < left:
+            return epoch, index + g * self.B
+        e, slot = divmod(g - left, self.per_epoch)
+        return epoch + 1 + e, slot * self.B
+
     def next_batch(self):
-        epoch, slot = divmod(self.batch + self.rank, self.per_epoch)
+        epoch, index = self._locate(self.batch + self.rank)
         self.batch += self.world_size
         if self._perm_epoch != epoch:
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)
             self._perm_epoch = epoch
-        ids = self._perm[slot * self.B:(slot + 1) * self.B]
+        ids = self._perm[index:index + self.B]
         shard = np.searchsorted(self.first, ids, side='right') - 1
         buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
         for s in np.unique(shard):
@@ -371,12 +382,12 @@ class ShardLoader:
         return x, y
 
     def state_dict(self):
-        # index counts windows into the epoch's permutation, so it survives a change of batch_size
-        epoch, slot = divmod(self.batch, self.per_epoch)
-        return {'epoch': int(epoch), 'index': int(slot * self.B)}
+        # the next window, as an index into its epoch's permutation: exact for any new batch_size or world size
+        epoch, index = self._locate(self.batch)
+        return {'epoch': int(epoch), 'index': int(index)}
 
     def load_state_dict(self, state):
-        self.batch = int(state['epoch']) * self.per_epoch + int(state['index']) // self.B
+        self.start, self.batch = (int(state['epoch']), int(state['index'])), 0
 
 
 def eval_tokens(data_dir, split, n_tokens):

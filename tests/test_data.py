@@ -1,5 +1,7 @@
 import glob
+import hashlib
 import json
+import platform
 import math
 import multiprocessing
 import os
@@ -41,6 +43,36 @@ def make_docs(n=200, seed=0):
 
 def files_bytes(d):
     return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(os.path.join(d, '*')))}
+
+
+def files_stat(d):
+    # what a no-op must leave alone: every file's bytes and modification time
+    return {os.path.basename(p): (open(p, 'rb').read(), os.stat(p).st_mtime_ns)
+            for p in sorted(glob.glob(os.path.join(d, '*')))}
+
+
+def shards_sha256(d):
+    # the reference content_hash: the shard files, val then train, hashed as one byte string
+    paths = pd.shard_paths(d, 'val') + pd.shard_paths(d, 'train')
+    return 'sha256:' + hashlib.sha256(b''.join(open(p, 'rb').read() for p in paths)).hexdigest()
+
+
+# the command line with the tiny encoding standing in for gpt2 (whose files need a download)
+TINY_CLI = ("import runpy, sys, tiktoken; sys.path.insert(0, sys.argv[1]); import test_data; "
+            "tiktoken.get_encoding = lambda name: test_data.tiny_encoding(); sys.argv = sys.argv[2:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_cli(tmp_path, *args, tiny=False, env=None):
+    pre = ['-c', TINY_CLI, os.path.dirname(os.path.abspath(__file__))] if tiny else []
+    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf_home'), **(env or {})}  # an empty hub cache
+    return subprocess.run([sys.executable, *pre, os.path.join(ROOT, 'prepare_data.py'), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def own_lines(stderr):
+    # stderr without the configurator's echo of each override
+    return [l for l in stderr.strip().splitlines() if not l.startswith('Overriding: ')]
 
 
 @pytest.fixture(autouse=True)
@@ -250,6 +282,39 @@ def test_loader_resume(tmp_path):
         r.load_state_dict(state)
     got = [ranks[i % 2].next_batch() for i in range(6)]
     assert all((x == wx).all() for (x, _), (wx, _) in zip(got, want))
+
+
+def window_stream(seed, n, start, B, n_batches):
+    """Slow reference: batches of B consecutive windows of each epoch's seeded permutation from start=(epoch,
+    index), a new epoch where fewer than B are left. Returns the global window ids and the position after."""
+    (epoch, i), out = start, []
+    for _ in range(n_batches + 1):
+        if i + B > n:  # the ragged tail is dropped
+            epoch, i = epoch + 1, 0
+        if len(out) == n_batches * B:
+            return out, (epoch, i)
+        out += np.random.default_rng((seed, epoch)).permutation(n)[i:i + B].tolist()
+        i += B
+
+
+@pytest.mark.parametrize('b1,k,b2,world', [(4, 23, 3, 1), (4, 23, 5, 1), (3, 5, 4, 2), (4, 10, 1, 1),
+                                          (5, 20, 7, 2), (4, 30, 3, 1), (2, 1, 8, 3)])
+def test_loader_resume_with_another_batch_size_is_exact_in_windows(tmp_path, b1, k, b2, world):
+    d = make_loader_data(tmp_path)
+    first = pd.ShardLoader(d, 'train', 1, T).first
+    glob_ids = lambda x: [int(first[s - 1] + i) for s, i in window_ids(x)]  # (shard, index) -> global id
+    a = pd.ShardLoader(d, 'train', b1, T, seed=3)
+    got = [w for x, _ in batches(a, k) for w in glob_ids(x)]
+    want, pos = window_stream(3, a.n_windows, (0, 0), b1, k)
+    assert got == want and a.state_dict() == {'epoch': pos[0], 'index': pos[1]}
+    # resume with another batch size (and world size): the windows that follow, none repeated, none skipped
+    ranks = [pd.ShardLoader(d, 'train', b2, T, rank=r, world_size=world, seed=3) for r in range(world)]
+    for r in ranks:
+        r.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    steps = a.n_windows // (b2 * world) + 2  # into the next epoch
+    got = [w for _ in range(steps) for r in ranks for w in glob_ids(r.next_batch()[0])]
+    want, pos = window_stream(3, a.n_windows, pos, b2, steps * world)
+    assert got == want and ranks[0].state_dict() == {'epoch': pos[0], 'index': pos[1]}
 
 
 def test_loader_epochs_cover_every_window_once(tmp_path):
