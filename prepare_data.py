@@ -615,6 +615,8 @@ def main(argv):
         streaming=False,
     )
     config['_argv'] = argv  # the same strict --key=value parsing as train.py
+    # a shard's token count is an int32 in its header
+    config['_ranges'] = {'shard_size': '[1, 2147483647]', 'num_proc': '[1, inf)'}
     exec(open(os.path.join(HERE, 'configurator.py')).read(), config)
 
     out_dir = os.path.join(config['out_root'], config['dataset'])

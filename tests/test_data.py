@@ -663,7 +663,8 @@ def test_bad_data_files_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('arg,named', [('--bogus=1', 'bogus'), ('--shard_size=big', 'shard_size'),
                                        ('--streaming=maybe', 'streaming'), ('dataset=embedded', 'dataset=embedded'),
-                                       ('--dataset', '--dataset')])
+                                       ('--dataset', '--dataset'), ('--shard_size=0', 'shard_size'),
+                                       ('--num_proc=0', 'num_proc'), ('--shard_size=2147483648', 'shard_size')])
 def test_cli_rejects_bad_arguments(tmp_path, arg, named):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), arg, f'--out_root={tmp_path}'],
                        capture_output=True, text=True, timeout=60)
