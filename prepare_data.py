@@ -8,10 +8,14 @@ Shards are llm.c-compatible: a header of 256 little-endian int32 (magic, version
 number of tokens), then the tokens as uint16. Shard 0 of a dataset is val, the rest train.
 FineWeb-Edu puts <|endoftext|> *before* every document (as llm.c's fineweb.py does, so
 the gpt2 shards match llm.c's); the embedded dataset ends every file with EOT instead.
+meta.json, written last, says what a dataset is: tokenizer, vocab_size, eot, unigram_loss,
+source, content_hash (sha256 of the shard files), and for embedded python_version and n_files.
 """
 import glob
+import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -146,6 +150,28 @@ def unigram_loss(val_tokens, train_counts):
     return float(-(val_counts * np.log(p)).sum() / val_counts.sum())
 
 
+def write_meta(data_dir, meta):
+    """Write meta.json last: its presence tells everyone else the dataset is complete. Adds what
+    every dataset records: the unigram baseline, and content_hash, the sha256 of the shard files in
+    order (val, then train: `cat` them into `sha256sum` to check): the exact data a run saw."""
+    h = hashlib.sha256()
+    counts = np.zeros(meta['vocab_size'], dtype=np.int64)
+    for i, path in enumerate(shard_paths(data_dir, 'val') + shard_paths(data_dir, 'train')):
+        read_shard(path)  # checks the header against the size
+        with open(path, 'rb') as f:
+            raw = f.read()  # one shard in memory at a time
+        h.update(raw)  # headers too: their token counts pin where val ends and each shard splits
+        tokens = np.frombuffer(raw, dtype='<u2', offset=HEADER_BYTES)
+        if i == 0:
+            val = tokens
+        else:
+            counts += np.bincount(tokens, minlength=meta['vocab_size'])
+    meta = {**meta, 'unigram_loss': unigram_loss(val, counts),
+            'content_hash': f"sha256:{h.hexdigest()}"}
+    _write_json(os.path.join(data_dir, 'meta.json'), meta)
+    return meta
+
+
 def _check_dataset(data_dir):
     # meta.json is written last, so with it present the shards before it were finished
     load_meta(data_dir)
@@ -154,9 +180,10 @@ def _check_dataset(data_dir):
 
 
 def _is_complete(data_dir):
+    # and by code that records content_hash: an older embedded set is rebuilt (seconds) to get one
     try:
         _check_dataset(data_dir)
-        return True
+        return 'content_hash' in load_meta(data_dir)
     except DataError:
         return False
 
@@ -208,10 +235,13 @@ def prepare_embedded(data_dir):
     os.makedirs(data_dir, exist_ok=True)
     write_shard(os.path.join(data_dir, shard_name('embedded', 0)), val)
     write_shard(os.path.join(data_dir, shard_name('embedded', 1)), train)
-    loss = unigram_loss(val, np.bincount(train, minlength=eot + 1))
-    _write_json(os.path.join(data_dir, 'meta.json'),
-                {'tokenizer': 'bytes', 'vocab_size': eot + 1, 'eot': eot, 'unigram_loss': loss})
-    print(f"embedded: {len(files)} stdlib files -> {len(val):,} val + {len(train):,} train tokens")
+    # the files differ between Pythons (558 on 3.9, 580 on 3.11): meta.json says which were used
+    version = platform.python_version()
+    source = f"{platform.python_implementation()} {version} stdlib, {len(files)} files"
+    meta = write_meta(data_dir, {'tokenizer': 'bytes', 'vocab_size': eot + 1, 'eot': eot,
+                                 'source': source, 'python_version': version, 'n_files': len(files)})
+    print(f"embedded: {source} -> {len(val):,} val + {len(train):,} train tokens, "
+          f"{meta['content_hash']}")
 
 # -----------------------------------------------------------------------------
 # Hugging Face datasets (FineWeb-Edu): tokenize in a process pool into fixed-size shards, resumably
@@ -229,43 +259,86 @@ def _tokenize(text):
     return np.array(tokens, dtype=np.uint16)  # prepare_hf checked the vocab fits, so no wrap-around
 
 
-def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='text', settings=None):
+def _progress(out_dir, settings, shard_size):
+    """What an earlier run left: the starts of its finished shards, cut at the first one that is
+    missing or damaged; where the next shard starts; and whether the preparation is complete
+    (nothing cut, meta.json there with its content hash). A run with other settings is refused."""
+    path = os.path.join(out_dir, 'progress.json')
+    if not os.path.exists(path):
+        return [], [0, 0], False
+    with open(path) as f:
+        progress = json.load(f)
+    if progress['settings'] != settings:
+        raise DataError(f"{path}: an earlier run used {progress['settings']}, this one {settings}; "
+                        f"re-run with the same flags to resume, or delete {out_dir} to start over")
+    starts = progress['starts']
+    dataset = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
+    for k in range(len(starts)):
+        try:
+            n = len(read_shard(os.path.join(out_dir, shard_name(dataset, k))))
+            ok = n == shard_size or k == len(starts) - 1
+        except DataError:
+            ok = False
+        if not ok:  # redo from the first bad shard on; later ones are rewritten identically
+            return starts[:k], starts[k], False
+    return starts, progress['next'], _is_complete(out_dir)
+
+
+def _read(docs, source):
+    # the documents, with a failure to read them (a connection lost while streaming) as one line
+    it = iter(docs)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _source_error(e, f"reading {source} stopped (finished shards are kept; "
+                                   f"re-run to resume)")
+        yield row
+
+
+def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='text', settings=None,
+               source='documents'):
     """Tokenize docs (strings, or dict rows holding text_column) into shards of exactly shard_size tokens.
 
-    progress.json records where every finished shard started (doc index, tokens of that doc
-    already in the previous shard), so a rerun skips finished work and still writes
-    byte-identical shards; it also redoes any finished shard that went missing or corrupt.
+    docs may also be a function returning them, called only if work is left: a finished rerun
+    needs neither the network nor the download. progress.json records where every finished shard
+    started (doc index, tokens of that doc already in the previous shard), so a rerun skips finished
+    work and still writes byte-identical shards; it also redoes any finished shard that went missing
+    or corrupt.
     settings: whatever else decides the output (the data source); a resume with other settings is refused.
+    source: names the data in meta.json and in errors.
     """
     if encoding.n_vocab > 2**16:
         raise DataError(f"tokenizer {encoding.name}: vocab {encoding.n_vocab} does not fit uint16 shards")
     dataset = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
     settings = {**(settings or {}), 'tokenizer': encoding.name, 'shard_size': shard_size}
-    os.makedirs(out_dir, exist_ok=True)
     progress_path = os.path.join(out_dir, 'progress.json')
-    starts, next_start = [], [0, 0]
-    if os.path.exists(progress_path):
-        with open(progress_path) as f:
-            progress = json.load(f)
-        if progress['settings'] != settings:
-            raise DataError(f"{progress_path}: an earlier run used {progress['settings']}, this one {settings}; "
-                            f"re-run with the same flags to resume, or delete {out_dir} to start over")
-        starts, next_start = progress['starts'], progress['next']
-        for k in range(len(starts)):
-            path = os.path.join(out_dir, shard_name(dataset, k))
-            try:
-                ok = len(read_shard(path)) == shard_size or k == len(starts) - 1
-            except DataError:
-                ok = False
-            if not ok:  # redo from the first bad shard on; later ones are rewritten identically
-                starts, next_start = starts[:k], starts[k]
-                break
+    meta_path = os.path.join(out_dir, 'meta.json')
+    starts, next_start, complete = _progress(out_dir, settings, shard_size)
+    if complete:
+        print(f"{out_dir}: already complete ({len(starts)} shards, "
+              f"{load_meta(out_dir)['content_hash']}); delete it to prepare it again")
+        return
+    if callable(docs):
+        docs = docs()
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(meta_path):  # a repair, or an older meta.json: incomplete until rewritten
+        os.remove(meta_path)
+    if starts:
         print(f"{out_dir}: resuming after {len(starts)} finished shards, at document {next_start[0]:,}")
 
     doc_i, skip = next_start
-    if doc_i:  # HF datasets skip without reading the rows; anything else gets iterated past them
+    n_docs = len(docs) if hasattr(docs, '__len__') else None  # unknown while streaming
+    if n_docs is not None and doc_i > n_docs:
+        raise DataError(f"{progress_path}: resumes at document {doc_i:,} but {source} has only "
+                        f"{n_docs:,}: the data changed since; delete {out_dir} to start over")
+    if doc_i == n_docs:  # everything was read (HF's Dataset.skip(len) raises IndexError)
+        docs = []
+    elif doc_i:  # HF datasets skip without reading the rows; anything else gets iterated past them
         docs = docs.skip(doc_i) if hasattr(docs, 'skip') else islice(docs, doc_i, None)
-    texts = (row if isinstance(row, str) else row[text_column] for row in docs)
+    texts = (row if isinstance(row, str) else row[text_column] for row in _read(docs, source))
     buf = np.empty(shard_size, dtype=np.uint16)
     fill = 0
     bar = None
@@ -296,20 +369,47 @@ def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='tex
     if len(starts) < 2:
         raise DataError(f"{out_dir}: the data fills only {len(starts)} shard(s), but training needs a val shard "
                         f"and a train shard; delete {out_dir} and use a smaller --shard_size")
+    meta = write_meta(out_dir, {'tokenizer': encoding.name, 'vocab_size': encoding.n_vocab,
+                                'eot': encoding.eot_token, 'source': source})
+    print(f"{out_dir}: {len(starts)} shards ({len(starts) - 1} train), unigram baseline "
+          f"{meta['unigram_loss']:.3f} nats, {meta['content_hash']}")
 
-    # meta.json last: its presence tells everyone else the dataset is complete
-    counts = np.zeros(encoding.n_vocab, dtype=np.int64)
-    for path in shard_paths(out_dir, 'train'):
-        counts += np.bincount(read_shard(path), minlength=encoding.n_vocab)
-    loss = unigram_loss(read_shard(shard_paths(out_dir, 'val')[0]), counts)
-    _write_json(os.path.join(out_dir, 'meta.json'), {'tokenizer': encoding.name, 'vocab_size': encoding.n_vocab,
-                                                    'eot': encoding.eot_token, 'unigram_loss': loss})
-    print(f"{out_dir}: {len(starts)} shards ({len(starts) - 1} train), unigram baseline {loss:.3f} nats")
+
+NETWORK_MODULES = ('requests', 'urllib3', 'httpx', 'httpx2', 'aiohttp', 'huggingface_hub', 'socket')
+
+
+def _network_error(e):
+    # ConnectionError/TimeoutError or an HTTP library's error (httpx's are not even OSErrors);
+    # datasets often wraps the real cause, so look down the chain
+    while e is not None:
+        if isinstance(e, (ConnectionError, TimeoutError)) or \
+                type(e).__module__.split('.')[0] in NETWORK_MODULES:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _source_error(e, what):
+    # one line for what datasets reports as a 20-line traceback: the first line of the message,
+    # and of the root cause's when the outer one does not name it
+    first = lambda x: f"{type(x).__name__}: {(str(x).strip() or '-').splitlines()[0]}"
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    why = first(e) + (f", from {first(root)}" if type(root).__name__ not in first(e) else '')
+    if not _network_error(e):
+        return DataError(f"{what}: {why}")
+    return DataError(f"{what}: the dataset hub cannot be reached ({why}); check the connection "
+                     f"(HF_HUB_OFFLINE=1 uses only the local cache), or download the parquet files "
+                     f"and pass --data_files='path/*.parquet'")
 
 
 def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=False):
     import datasets  # slow to import; only preparation needs it
     if data_files:
+        if '://' not in data_files and not glob.glob(data_files, recursive=True):
+            raise DataError(f"--data_files={data_files} matches no file; give the path or glob of the "
+                            f"downloaded files, e.g. --data_files='sample/10BT/*.parquet'")
         # a local file or glob, e.g. an already downloaded parquet; the extension picks the builder
         ext = data_files
         for z in ('.gz', '.bz2', '.xz', '.zst'):
@@ -318,10 +418,15 @@ def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=Fal
         builder = builders.get(ext.rsplit('.', 1)[-1])
         if builder is None:
             raise DataError(f"{data_files}: unknown file type; use one of .{', .'.join(builders)}")
-        ds = datasets.load_dataset(builder, data_files=data_files, split='train', streaming=streaming)
+        args, what = (builder, None, data_files), f"--data_files={data_files}"
     else:
-        ds = datasets.load_dataset(hf_path, name=hf_name, split='train', streaming=streaming)
-    return ds.select_columns([text_column])  # don't decode the columns we never read
+        args, what = (hf_path, hf_name, None), f"{hf_path} ({hf_name})"
+    try:  # no network, a wrong --hf_name or --text_column, a corrupt file: one line each
+        ds = datasets.load_dataset(args[0], name=args[1], data_files=args[2], split='train',
+                                   streaming=streaming)
+        return ds.select_columns([text_column])  # don't decode the columns we never read
+    except Exception as e:
+        raise _source_error(e, f"could not load {what}") from e
 
 # -----------------------------------------------------------------------------
 # training loader
@@ -329,9 +434,10 @@ def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=Fal
 class ShardLoader:
     """Random non-overlapping windows of T+1 tokens from all shards of a split, reshuffled every epoch.
 
-    All ranks share one stream of batches that does not depend on world_size: batch g is slot
-    g % per_epoch of epoch g // per_epoch, and rank r's call m reads batch m*world_size + r.
-    So DDP ranks and a single process with gradient accumulation see exactly the same data,
+    All ranks share one stream of batches that does not depend on world_size: from a start (epoch 0, window 0,
+    or wherever a resumed state says) batch g is the g-th run of B consecutive windows of the epochs'
+    permutations, a new epoch beginning where fewer than B are left, and rank r's call m reads batch
+    m*world_size + r. So DDP ranks and a single process with gradient accumulation see exactly the same data,
     across epoch boundaries too (which is why a step may straddle one: rank 0 ends epoch e
     while rank 1 starts e+1, instead of every rank jumping to index 0).
     """
@@ -349,16 +455,26 @@ class ShardLoader:
                             f"tokens, fewer than one batch ({world_size} x {batch_size}); "
                             f"lower batch_size/block_size or prepare more data")
         self.per_epoch = self.n_windows // batch_size  # whole batches; the ragged tail is dropped each epoch
-        self.batch = 0  # the global batch number this process's next step starts at
+        self.start = (0, 0)  # (epoch, index into its permutation) of the stream's first window
+        self.batch = 0  # the global batch number, counted from start, this process's next step starts at
         self._perm, self._perm_epoch = None, None
 
+    def _locate(self, g):
+        # (epoch, index) of batch g's first window
+        epoch, index = self.start
+        left = max(0, (self.n_windows - index) // self.B)  # whole batches left in the start's epoch
+        if g < left:
+            return epoch, index + g * self.B
+        e, slot = divmod(g - left, self.per_epoch)
+        return epoch + 1 + e, slot * self.B
+
     def next_batch(self):
-        epoch, slot = divmod(self.batch + self.rank, self.per_epoch)
+        epoch, index = self._locate(self.batch + self.rank)
         self.batch += self.world_size
         if self._perm_epoch != epoch:
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)
             self._perm_epoch = epoch
-        ids = self._perm[slot * self.B:(slot + 1) * self.B]
+        ids = self._perm[index:index + self.B]
         shard = np.searchsorted(self.first, ids, side='right') - 1
         buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
         for s in np.unique(shard):
@@ -371,12 +487,12 @@ class ShardLoader:
         return x, y
 
     def state_dict(self):
-        # index counts windows into the epoch's permutation, so it survives a change of batch_size
-        epoch, slot = divmod(self.batch, self.per_epoch)
-        return {'epoch': int(epoch), 'index': int(slot * self.B)}
+        # the next window, as an index into its epoch's permutation: exact for any new batch_size or world size
+        epoch, index = self._locate(self.batch)
+        return {'epoch': int(epoch), 'index': int(index)}
 
     def load_state_dict(self, state):
-        self.batch = int(state['epoch']) * self.per_epoch + int(state['index']) // self.B
+        self.start, self.batch = (int(state['epoch']), int(state['index'])), 0
 
 
 def eval_tokens(data_dir, split, n_tokens):
@@ -499,6 +615,8 @@ def main(argv):
         streaming=False,
     )
     config['_argv'] = argv  # the same strict --key=value parsing as train.py
+    # a shard's token count is an int32 in its header
+    config['_ranges'] = {'shard_size': '[1, 2147483647]', 'num_proc': '[1, inf)'}
     exec(open(os.path.join(HERE, 'configurator.py')).read(), config)
 
     out_dir = os.path.join(config['out_root'], config['dataset'])
@@ -506,11 +624,13 @@ def main(argv):
         prepare_embedded(out_dir)
         return
     encoding = get_encoding(config['tokenizer'])
-    docs = load_docs(config['hf_path'], config['hf_name'], config['data_files'],
-                     config['text_column'], config['streaming'])
+    docs = lambda: load_docs(config['hf_path'], config['hf_name'], config['data_files'],
+                             config['text_column'], config['streaming'])
     # everything that changes the shards' bytes; num_proc and out_root do not
     settings = {k: config[k] for k in ('hf_path', 'hf_name', 'data_files', 'text_column', 'streaming')}
-    prepare_hf(out_dir, docs, encoding, config['shard_size'], config['num_proc'], config['text_column'], settings)
+    source = config['data_files'] or ' '.join(x for x in (config['hf_path'], config['hf_name']) if x)
+    prepare_hf(out_dir, docs, encoding, config['shard_size'], config['num_proc'],
+               config['text_column'], settings, source)
 
 
 if __name__ == '__main__':

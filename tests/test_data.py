@@ -1,5 +1,8 @@
 import glob
+import hashlib
 import json
+import platform
+import re
 import math
 import multiprocessing
 import os
@@ -41,6 +44,36 @@ def make_docs(n=200, seed=0):
 
 def files_bytes(d):
     return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(os.path.join(d, '*')))}
+
+
+def files_stat(d):
+    # what a no-op must leave alone: every file's bytes and modification time
+    return {os.path.basename(p): (open(p, 'rb').read(), os.stat(p).st_mtime_ns)
+            for p in sorted(glob.glob(os.path.join(d, '*')))}
+
+
+def shards_sha256(d):
+    # the reference content_hash: the shard files, val then train, hashed as one byte string
+    paths = pd.shard_paths(d, 'val') + pd.shard_paths(d, 'train')
+    return 'sha256:' + hashlib.sha256(b''.join(open(p, 'rb').read() for p in paths)).hexdigest()
+
+
+# the command line with the tiny encoding standing in for gpt2 (whose files need a download)
+TINY_CLI = ("import runpy, sys, tiktoken; sys.path.insert(0, sys.argv[1]); import test_data; "
+            "tiktoken.get_encoding = lambda name: test_data.tiny_encoding(); sys.argv = sys.argv[2:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_cli(tmp_path, *args, tiny=False, env=None):
+    pre = ['-c', TINY_CLI, os.path.dirname(os.path.abspath(__file__))] if tiny else []
+    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf_home'), **(env or {})}  # an empty hub cache
+    return subprocess.run([sys.executable, *pre, os.path.join(ROOT, 'prepare_data.py'), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def own_lines(stderr):
+    # stderr without the configurator's echo of each override
+    return [l for l in stderr.strip().splitlines() if not l.startswith('Overriding: ')]
 
 
 @pytest.fixture(autouse=True)
@@ -252,6 +285,39 @@ def test_loader_resume(tmp_path):
     assert all((x == wx).all() for (x, _), (wx, _) in zip(got, want))
 
 
+def window_stream(seed, n, start, B, n_batches):
+    """Slow reference: batches of B consecutive windows of each epoch's seeded permutation from start=(epoch,
+    index), a new epoch where fewer than B are left. Returns the global window ids and the position after."""
+    (epoch, i), out = start, []
+    for _ in range(n_batches + 1):
+        if i + B > n:  # the ragged tail is dropped
+            epoch, i = epoch + 1, 0
+        if len(out) == n_batches * B:
+            return out, (epoch, i)
+        out += np.random.default_rng((seed, epoch)).permutation(n)[i:i + B].tolist()
+        i += B
+
+
+@pytest.mark.parametrize('b1,k,b2,world', [(4, 23, 3, 1), (4, 23, 5, 1), (3, 5, 4, 2), (4, 10, 1, 1),
+                                          (5, 20, 7, 2), (4, 30, 3, 1), (2, 1, 8, 3)])
+def test_loader_resume_with_another_batch_size_is_exact_in_windows(tmp_path, b1, k, b2, world):
+    d = make_loader_data(tmp_path)
+    first = pd.ShardLoader(d, 'train', 1, T).first
+    glob_ids = lambda x: [int(first[s - 1] + i) for s, i in window_ids(x)]  # (shard, index) -> global id
+    a = pd.ShardLoader(d, 'train', b1, T, seed=3)
+    got = [w for x, _ in batches(a, k) for w in glob_ids(x)]
+    want, pos = window_stream(3, a.n_windows, (0, 0), b1, k)
+    assert got == want and a.state_dict() == {'epoch': pos[0], 'index': pos[1]}
+    # resume with another batch size (and world size): the windows that follow, none repeated, none skipped
+    ranks = [pd.ShardLoader(d, 'train', b2, T, rank=r, world_size=world, seed=3) for r in range(world)]
+    for r in ranks:
+        r.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    steps = a.n_windows // (b2 * world) + 2  # into the next epoch
+    got = [w for _ in range(steps) for r in ranks for w in glob_ids(r.next_batch()[0])]
+    want, pos = window_stream(3, a.n_windows, pos, b2, steps * world)
+    assert got == want and ranks[0].state_dict() == {'epoch': pos[0], 'index': pos[1]}
+
+
 def test_loader_epochs_cover_every_window_once(tmp_path):
     d = make_loader_data(tmp_path, sizes=(16 * 8 + 1, 16 * 4 + 5))  # 8 + 4 = 12 windows
     loader = pd.ShardLoader(d, 'train', 4, T)
@@ -299,6 +365,11 @@ def test_embedded(tmp_path):
     val, train = pd.read_shard(pd.shard_paths(a, 'val')[0]), pd.read_shard(pd.shard_paths(a, 'train')[0])
     assert len(pd.shard_paths(a, 'train')) == 1 and len(val) > 0
     stdlib, files = pd.embedded_files()
+    # the data depends on the interpreter's stdlib, so meta.json names it and hashes the shards
+    assert meta['content_hash'] == shards_sha256(a) and len(meta['content_hash']) == len('sha256:') + 64
+    assert meta['python_version'] == platform.python_version() and meta['n_files'] == len(files)
+    assert meta['source'] == f"{platform.python_implementation()} {platform.python_version()} stdlib, " \
+                             f"{len(files)} files"
     assert not any(set(f.split('/')) & set(pd.EMBEDDED_SKIP) for f in files) and files == sorted(files)
     assert (val == 256).sum() == len(files[::20]) and (train == 256).sum() == len(files) - len(files[::20])
     first = open(os.path.join(stdlib, files[0]), 'rb').read()
@@ -326,6 +397,23 @@ def test_ensure_embedded_builds_once_and_survives_races(tmp_path):
     assert _ensure(root) == d and os.path.getmtime(os.path.join(d, 'meta.json')) == mtime  # no rebuild
     os.remove(os.path.join(d, 'embedded_train_000001.bin'))  # incomplete: rebuilt in place
     assert _ensure(root) == d and files_bytes(d) == ref and os.listdir(root) == ['embedded']
+
+
+def test_embedded_from_older_code_is_rebuilt_with_its_hash(tmp_path):
+    root = str(tmp_path / 'data')
+    d = _ensure(root)
+    ref = files_bytes(d)
+    old_keys = ('tokenizer', 'vocab_size', 'eot', 'unigram_loss')  # what the older code wrote
+    old = {k: v for k, v in pd.load_meta(d).items() if k in old_keys}
+    (tmp_path / 'data' / 'embedded' / 'meta.json').write_text(json.dumps(old))
+    assert _ensure(root) == d and files_bytes(d) == ref and os.listdir(root) == ['embedded']
+    # a dataset that is not rebuilt on the fly keeps loading with an unknown hash
+    f = tmp_path / 'data' / 'fw'
+    f.mkdir()
+    (f / 'meta.json').write_text(json.dumps(old))
+    for i in range(2):
+        pd.write_shard(str(f / pd.shard_name('fw', i)), [1, 2, 3])
+    assert pd.ensure_dataset(root, 'fw') == str(f) and 'content_hash' not in pd.load_meta(str(f))
 
 # -----------------------------------------------------------------------------
 # Hugging Face preparation
@@ -358,6 +446,12 @@ def test_prepare_hf_from_local_jsonl(tmp_path):
     assert (meta['tokenizer'], meta['vocab_size'], meta['eot']) == ('tiny', 257, 256)
     assert 0 < meta['unigram_loss'] < math.log(257)
     assert pd.ensure_dataset(str(tmp_path / 'data'), 'fw') == out
+    assert meta['content_hash'] == shards_sha256(out) and meta['source'] == 'documents'
+    # the same tokens cut at another shard size are another val/train split: another hash
+    other = str(tmp_path / 'other' / 'fw')
+    pd.prepare_hf(other, ds, tiny_encoding(), shard_size=2001, num_proc=2, source='the same docs')
+    assert pd.load_meta(other)['content_hash'] == shards_sha256(other) != meta['content_hash']
+    assert pd.load_meta(other)['source'] == 'the same docs'
 
 
 class Crash(Exception):
@@ -429,25 +523,148 @@ def test_prepare_hf_needs_a_train_shard(tmp_path):
         pd.prepare_hf(str(tmp_path / 'fw'), ['tiny doc'], tiny_encoding(), 2000, num_proc=1)
 
 
-def test_cli_prepares_parquet_and_embedded(tmp_path, monkeypatch):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    docs = make_docs(120, seed=1)
-    pq.write_table(pa.table({'body': docs, 'n': list(range(120))}), str(tmp_path / 'docs.parquet'))
-    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())  # stands in for gpt2
-    out_root = str(tmp_path / 'data')
-    for streaming in (False, True):
-        name = f'local_{streaming}'
-        pd.main([f'--dataset={name}', f'--out_root={out_root}', f'--data_files={tmp_path / "docs.parquet"}',
-                 '--text_column=body', '--shard_size=1500', '--num_proc=2', f'--streaming={streaming}'])
-        check_shards(os.path.join(out_root, name), docs, 1500)
-    pd.main(['--dataset=embedded', f'--out_root={out_root}'])
-    assert pd.load_meta(os.path.join(out_root, 'embedded'))['vocab_size'] == 257
+def hf_dataset(docs):
+    import datasets
+    return datasets.Dataset.from_dict({'text': docs})
+
+
+def test_prepare_hf_rerun_of_a_finished_dataset_is_a_no_op(tmp_path, capsys):
+    out = str(tmp_path / 'fw')
+    ds = hf_dataset(make_docs())
+    pd.prepare_hf(out, ds, tiny_encoding(), 2000, num_proc=2)
+    before = files_stat(out)
+    capsys.readouterr()
+    pd.prepare_hf(out, ds, tiny_encoding(), 2000, num_proc=2)  # Dataset.skip(len(ds)) raised IndexError
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and 'already complete' in lines[0] and out in lines[0]
+    assert files_stat(out) == before  # nothing rewritten
+    # given a loader instead of the documents, a finished rerun never loads them (no network needed)
+    never = lambda: pytest.fail('loaded the documents')
+    pd.prepare_hf(out, never, tiny_encoding(), 2000, num_proc=2)
+    assert files_stat(out) == before
+
+
+@pytest.mark.parametrize('damage', ['meta_lost', 'meta_without_hash', 'last_shard_truncated',
+                                    'last_shard_lost', 'exact_fit_meta_lost'])
+def test_prepare_hf_rerun_at_the_end_of_the_data(tmp_path, damage):
+    # the rerun resumes at (or just before) the end of a real Dataset and finishes the same files
+    docs, size = (['abcd'] * 12, 10) if damage.startswith('exact_fit') else (make_docs(), 2000)
+    ref, out = str(tmp_path / 'ref' / 'fw'), str(tmp_path / 'run' / 'fw')
+    for d in (ref, out):
+        pd.prepare_hf(d, hf_dataset(docs), tiny_encoding(), size, num_proc=2)
+    last = pd.shard_paths(out, 'train')[-1]
+    if damage.endswith('meta_lost'):  # a crash between the last progress.json and meta.json
+        os.remove(os.path.join(out, 'meta.json'))
+        assert json.load(open(os.path.join(out, 'progress.json')))['next'] == [len(docs), 0]
+    elif damage == 'meta_without_hash':
+        meta = pd.load_meta(out)
+        del meta['content_hash']
+        pd._write_json(os.path.join(out, 'meta.json'), meta)
+    elif damage == 'last_shard_truncated':
+        _corrupt(last, 'truncated')
+    else:
+        os.remove(last)
+    pd.prepare_hf(out, hf_dataset(docs), tiny_encoding(), size, num_proc=2)
+    assert files_bytes(out) == files_bytes(ref)
+    check_shards(out, docs, size)
+
+
+def test_prepare_hf_refuses_a_source_shorter_than_its_progress(tmp_path):
+    out = str(tmp_path / 'fw')
+    docs = make_docs()
+    pd.prepare_hf(out, hf_dataset(docs), tiny_encoding(), 2000, num_proc=2)
+    os.remove(os.path.join(out, 'meta.json'))
+    for fewer in (hf_dataset(docs[:150]), CountingDocs(docs[:150])):
+        with pytest.raises(DataError, match=f'resumes at document 200 but .* has only 150.*delete {out}'):
+            pd.prepare_hf(out, fewer, tiny_encoding(), 2000, num_proc=2)
+
+
+class FlakyDocs:
+    """A streamed dataset whose connection drops after n documents."""
+    def __init__(self, docs, n, error):
+        self.docs, self.n, self.error = docs, n, error
+
+    def __iter__(self):
+        yield from self.docs[:self.n]
+        raise self.error
+
+
+@pytest.mark.parametrize('error', [ConnectionError('Connection reset by peer'),
+                                   TimeoutError('read timed out')])
+def test_prepare_hf_network_failure_while_reading_is_one_line_and_resumes(tmp_path, error):
+    docs = make_docs()
+    ref, out = str(tmp_path / 'ref' / 'fw'), str(tmp_path / 'run' / 'fw')
+    pd.prepare_hf(ref, docs, tiny_encoding(), 2000, num_proc=2)
+    with pytest.raises(DataError) as e:
+        pd.prepare_hf(out, FlakyDocs(docs, 120, error), tiny_encoding(), 2000, num_proc=2,
+                      source='fineweb')
+    msg = str(e.value)
+    assert '\n' not in msg and 'fineweb' in msg and type(error).__name__ in msg and 're-run' in msg
+    assert 'HF_HUB_OFFLINE' in msg and '--data_files=' in msg
+    done = json.load(open(os.path.join(out, 'progress.json')))['starts']
+    assert len(done) >= 5 and not os.path.exists(os.path.join(out, 'meta.json'))  # finished shards kept
+    pd.prepare_hf(out, docs, tiny_encoding(), 2000, num_proc=2)
+    assert files_bytes(out) == files_bytes(ref)
+
+
+class ConnectError(Exception):  # an httpx-style error: not an OSError
+    __module__ = 'httpx'
+
+
+def _generation_error():
+    import datasets
+    try:
+        raise ConnectError('[Errno -3] Temporary failure in name resolution')
+    except ConnectError as e:
+        try:
+            raise datasets.exceptions.DatasetGenerationError('An error occurred while generating '
+                                                             'the dataset') from e
+        except Exception as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize('error', [
+    ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)"),
+    TimeoutError('The read operation timed out'),
+    _generation_error(),  # a network error wrapped by datasets
+])
+@pytest.mark.parametrize('streaming', [False, True])
+def test_unreachable_hub_is_one_line(tmp_path, monkeypatch, error, streaming):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(datasets, 'load_dataset', offline)
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())
+    out_root = tmp_path / 'data'
+    with pytest.raises(DataError) as e:
+        pd.main(['--dataset=fineweb_edu', f'--out_root={out_root}', f'--streaming={streaming}'])
+    msg = str(e.value)
+    assert '\n' not in msg and 'HuggingFaceFW/fineweb-edu' in msg and type(error).__name__ in msg
+    assert 'HF_HUB_OFFLINE=1' in msg and "--data_files='" in msg and 'connection' in msg
+    root = error.__cause__ or error
+    assert str(root) in msg  # the message of the cause datasets wrapped, too
+    assert not out_root.exists()
+
+
+def test_bad_data_files_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())
+    out_root = tmp_path / 'data'
+    for pattern in ('missing/*.parquet', 'missing.jsonl'):
+        msg = re.escape(f'--data_files={tmp_path / pattern} matches no file')
+        with pytest.raises(DataError, match=msg):
+            pd.main([f'--out_root={out_root}', f'--data_files={tmp_path / pattern}'])
+    path = write_jsonl(tmp_path / 'docs.jsonl', ['a doc'])  # a file without the column asked for
+    with pytest.raises(DataError) as e:
+        pd.main([f'--out_root={out_root}', f'--data_files={path}', '--text_column=body'])
+    assert '\n' not in str(e.value) and f'could not load --data_files={path}: ValueError' in str(e.value)
+    assert 'body' in str(e.value) and not out_root.exists()
 
 
 @pytest.mark.parametrize('arg,named', [('--bogus=1', 'bogus'), ('--shard_size=big', 'shard_size'),
                                        ('--streaming=maybe', 'streaming'), ('dataset=embedded', 'dataset=embedded'),
-                                       ('--dataset', '--dataset')])
+                                       ('--dataset', '--dataset'), ('--shard_size=0', 'shard_size'),
+                                       ('--num_proc=0', 'num_proc'), ('--shard_size=2147483648', 'shard_size')])
 def test_cli_rejects_bad_arguments(tmp_path, arg, named):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), arg, f'--out_root={tmp_path}'],
                        capture_output=True, text=True, timeout=60)
@@ -455,3 +672,30 @@ def test_cli_rejects_bad_arguments(tmp_path, arg, named):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0]  # one line naming the bad key or argument
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_rerun_of_a_finished_preparation_is_a_no_op(tmp_path):
+    docs = make_docs()
+    args = ['--dataset=fw', f'--out_root={tmp_path / "data"}', '--shard_size=2000', '--num_proc=2',
+            f'--data_files={write_jsonl(tmp_path / "docs.jsonl", docs)}']
+    r = run_cli(tmp_path, *args, tiny=True)
+    assert r.returncode == 0, r.stderr
+    out = str(tmp_path / 'data' / 'fw')
+    check_shards(out, docs, 2000)
+    before = files_stat(out)
+    r = run_cli(tmp_path, *args, tiny=True)  # crashed with IndexError: Index 200 out of range
+    assert r.returncode == 0 and own_lines(r.stderr) == [], r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and 'already complete' in lines[0]
+    assert files_stat(out) == before
+
+
+def test_cli_offline_hub_is_one_line(tmp_path):
+    # HF_HUB_OFFLINE with an empty cache fails at once, as a machine without network does after retries
+    out_root = tmp_path / 'data'
+    r = run_cli(tmp_path, '--dataset=fineweb_edu', f'--out_root={out_root}',
+                '--hf_path=nanorope-test/uncached', tiny=True, env={'HF_HUB_OFFLINE': '1'})
+    lines = own_lines(r.stderr)
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert all(s in lines[0] for s in ('nanorope-test/uncached', 'HF_HUB_OFFLINE', '--data_files='))
+    assert not out_root.exists()
