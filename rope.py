@@ -5,8 +5,10 @@ The GPT calls three hooks of its encoding (see PositionEncoding); a variant over
     embed(x, pos)                         once per forward, on the token embeddings  (learned, sinusoidal)
     prepare(x, pos)                       once per forward, tables shared by layers  (rope's cos/sin)
     rotate(layer, q, k, x, shared, cache) in every attention layer, on q and k        (every rotary variant)
-Conventions (papers.md section 0): adjacent pairs (2p, 2p+1) inside each head; angles and phases in fp32
-from int64 positions; fixed tables are non-persistent buffers; V is never rotated.
+Conventions: adjacent pairs (2p, 2p+1) inside each head (RoFormer arXiv:2104.09864 eq. 34; CRoPE's
+complex structure and ComRoPE's blocks are defined on them); angles and phases in fp32 from int64
+positions; fixed tables are non-persistent buffers that stay fp32 under any module cast
+(PositionEncoding._apply); V is never rotated.
 """
 import math
 
@@ -94,6 +96,27 @@ class PositionEncoding(nn.Module):
 
     def qkv_projection(self, config):  # the attention's input projection d -> 3d (CRoPE replaces it)
         return nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+
+    def _apply(self, fn, recurse=True):
+        """Every module cast or move (.to, .half, .bfloat16, .double, .cuda, ...) passes through here.
+        The tensors that set angles follow the device but never drop below fp32: the fixed tables
+        (buffers) and every parameter of an encoding that rotates q and k (ComRoPE's generators, CARoPE's
+        and Selective RoPE's projections). In bf16, theta_1 = 0.7498942 (hd = 64) is 0.75 and the angles
+        at m = 4095 are off by up to 1.8 rad; their math runs in fp32 anyway, so a bf16 copy saves
+        nothing. .double() takes them to fp64 with the rest (a float64 model computes angles in fp64).
+        Learned's table is added to the embeddings: it keeps the model's dtype."""
+        params = list(self.parameters()) if type(self).rotate is not PositionEncoding.rotate else []
+        grads = [p.grad for p in params if p.grad is not None]
+        keep = {id(t) for t in [*self.buffers(), *params, *grads]}
+
+        def cast(t):
+            out = fn(t)
+            dtype = torch.promote_types(out.dtype, torch.float32)
+            if id(t) in keep and out.is_floating_point() and out.dtype != dtype:
+                out = t.detach().to(out.device, dtype)  # from t: out has lost the low bits already
+            return out
+
+        return super()._apply(cast, recurse)
 
 
 class Learned(PositionEncoding):
