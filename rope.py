@@ -274,13 +274,13 @@ class ComplexLinear(nn.Module):
 
 
 class CRoPE(RoPE):
-    """`crope`: CRoPE (arXiv:2601.02728, papers.md section 2). The Q, K and V projections are complex-linear
+    """`crope`: CRoPE (arXiv:2601.02728). The Q, K and V projections are complex-linear
     (ComplexLinear, eq. 30), so q, k, v are genuinely complex vectors on RoPE's adjacent pairs and RoPE's rotation
     (multiplication by exp(i m theta_p)) acts on them unchanged. Output pair j of the d -> 3d map is pair
     j mod (hd/2) of head (j mod d/2) // (hd/2) of q, k or v: d and hd are even, so no pair straddles q/k/v or two
     heads, and the pairs inside each head are exactly the (2p, 2p+1) that apply_rotary rotates.
     The output projection c_proj stays a full real d x d: the paper's savings (37.5% of attention weights, 12.5%
-    of a block with a 4x MLP; papers.md section 2) count Q/K/V only. GPT-2 small: 1.5 d^2 L = 10,616,832 fewer."""
+    of a block with a 4x MLP) count Q/K/V only. GPT-2 small: 1.5 d^2 L = 10,616,832 fewer."""
 
     def qkv_projection(self, config):
         return ComplexLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -292,7 +292,7 @@ class CARoPE(PositionEncoding):
     theta_1 = rope_base^(-2/hd) replaced by a learned, bounded base per token and head:
         f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H, one pair per layer
         phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,          p = 0..hd/2-1
-    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (papers.md section 4).
+    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (RoFormer eq. 34).
     The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it initialises
     from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and phi_p(m) = (m+1) theta_p, i.e.
     RoPE with every position shifted by one, so the attention scores are RoPE's.
@@ -352,7 +352,7 @@ class CARoPE(PositionEncoding):
 
 
 class SelectiveRoPE(PositionEncoding):
-    """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026; papers.md section 5). Linear
+    """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026). Linear
     attention whose state transition is an input-dependent rotation equals RoPE on q and k with cumulative,
     input-dependent angles Phi_t = tau * sum_{s<=t} u_s. Transcribed from the released code, authoritative where
     it differs from the paper's figure (github.com/timurcarstensen/selective-rope, src/selective_rope/modules/

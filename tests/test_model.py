@@ -1,7 +1,8 @@
 """Tests of model.py and rope.py against slow, obviously-correct references written from the papers'
-equations (papers.md sections 0, 1, 6, 7): explicit 2x2 rotation matrices, complex multiplication, the
-Vaswani sinusoid per element, hand-counted parameters and FLOPs. Tiny models on CPU, float64 where it
-makes a tolerance tight. Every test that runs over `rope.ENCODINGS` picks up new encodings by itself."""
+equations (RoFormer arXiv:2104.09864 eq. 34, Vaswani et al. 2017 section 3.5): explicit 2x2 rotation
+matrices, complex multiplication, the Vaswani sinusoid per element, hand-counted parameters and FLOPs.
+Tiny models on CPU, float64 where it makes a tolerance tight. Every test that runs over
+`rope.ENCODINGS` picks up new encodings by itself."""
 import math
 import os
 import re
