@@ -369,11 +369,14 @@ class SelectiveRoPE(PositionEncoding):
     decoding carries the conv's last width-1 inputs and the running phase in the layer's cache dict.
     Parameters are stacked over layers (leading dim n_layer), indexed by `layer`. Init follows the released
     model's: Linear and Conv1d weights N(0, 0.02^2), biases 0, gains 1; so the angles start near zero (NoPE-like).
-    Where this departs from the release, and why: adjacent pairs instead of its half-split pairs (papers.md section 0;
-    a fixed permutation of q/k dims that the learned projections absorb); tau from the shared rope_base instead of
-    its temp_theta=500000 (which its RoPE baseline also uses); all of steps 1-6 in fp32, not the model dtype;
-    selective_conv=False is the identity (papers.md "no conv"), whereas the release's skip_conv takes a first
-    difference u_t - u_{t-1}, so that its Phi_t = tau u_t is not a running sum at all."""
+    Where this departs from the release, and why: adjacent pairs instead of its half-split pairs
+    (the one pairing every encoding here uses; a fixed permutation of q/k dims that the learned
+    projections absorb); tau from the shared rope_base instead of its temp_theta=500000 (which its
+    RoPE baseline also uses); all of steps 1-6 in fp32, not the model dtype; selective_conv=False is
+    the identity (no conv), whereas the release's skip_conv puts a first difference u_t - u_{t-1} in
+    the conv's place, ahead of steps 4-6. Only with bias and gate off does the cumsum undo it, giving
+    Phi_t = tau u_t (not a running sum at all); otherwise Phi_t = tau sum_{s<=t} g_s (u_s - u_{s-1} + b)
+    with g the gate (1 when off) and b = exp(beta) (0 when off)."""
 
     def __init__(self, config):
         super().__init__(config)
