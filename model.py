@@ -76,19 +76,29 @@ _flex_attention = torch.compile(flex_attention)
 
 
 def forget_gate_attention(q, k, v, cq, ck, dropout_p):
-    """Forgetting Attention (FoX arXiv:2503.02130; papers.md 5.3): softmax_j(q_i.k_j / sqrt(hs) + c_i - c_j), j <= i,
-    c = cumsum(log f), so the bias is sum_{j<l<=i} log f_l. q: (B, nh, T, hs) are the last T of the Tk positions of
-    k, v: (B, nh, Tk, hs); cq: (B, nh, T), ck: (B, nh, Tk) fp32. Training and evaluation (T == Tk) on a FLEX_DEVICES
-    device run FlexAttention with the bias as a score_mod, never materialising it; elsewhere (CPU, MPS, dropout,
-    KV-cached decoding, where the bias is only T x Tk for the few new queries) SDPA takes it as a float mask."""
+    """Forgetting Attention (FoX, Lin et al., arXiv:2503.02130): softmax_j(q_i.k_j / sqrt(hs) + c_i - c_j),
+    j <= i, c = cumsum(log f), so the bias is sum_{j<l<=i} log f_l. q: (B, nh, T, hs) are the last T of the
+    Tk positions of k, v: (B, nh, Tk, hs); cq: (B, nh, T), ck: (B, nh, Tk) fp32. Training and evaluation
+    (T == Tk) on a FLEX_DEVICES device run FlexAttention with the bias as a score_mod, never materialising
+    it; elsewhere (CPU, MPS, dropout, KV-cached decoding, where the bias is only T x Tk for the few new
+    queries) SDPA takes it as a float mask. Both add the bias in fp32: rounded to bf16 (ulp 0.125 at 20),
+    a bias of -20.3 against a score of 20 weights that key 0.4375 instead of 0.4256."""
     T, Tk = q.size(2), k.size(2)
     if q.device.type in FLEX_DEVICES and T == Tk and dropout_p == 0.0:
         block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=q.device)
+        # flex traces score_mod with a score of q's dtype (its kernels hold scores in fp32):
+        # s + the fp32 bias stays fp32, where a cast of the bias to s.dtype rounded it to bf16
         return _flex_attention(q, k, v, block_mask=block_mask,
-                               score_mod=lambda s, b, h, i, j: s + (cq[b, h, i] - ck[b, h, j]).to(s.dtype))
+                               score_mod=lambda s, b, h, i, j: s + (cq[b, h, i] - ck[b, h, j]))
     causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)  # query i is key Tk - T + i
     bias = (cq[..., :, None] - ck[..., None, :]).masked_fill(~causal, float('-inf'))  # (B, nh, T, Tk) fp32
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+    # SDPA takes a float mask only in q's dtype, and autocast casts q, k, v and the mask to bf16: so this
+    # path runs in fp32 (fp64 in a float64 model) outside autocast, and casts the output back
+    dtype = torch.promote_types(q.dtype, bias.dtype)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+        y = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=bias.to(dtype), dropout_p=dropout_p)
+    return y.to(q.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -139,8 +149,10 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def log_forget_cumsum(self, x):
-        """c_t = sum_{l<=t} log f_l (so c_i - c_j = sum_{j<l<=i} log f_l), x: (B, T, C) -> (B, nh, T). In fp32 and
-        outside autocast: c is a long running sum whose differences are the attention bias."""
+        """c_t = sum_{l<=t} log f_l (so c_i - c_j = sum_{j<l<=i} log f_l), x: (B, T, C) -> (B, nh, T).
+        log sigmoid and the cumsum run in fp32, outside autocast: c is a long running sum whose differences
+        are the attention bias. The logits z come out of fgate in its dtype: fp32 under autocast, bf16 in
+        a model cast to bf16."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = self.fgate(x)  # (B, T, nh); x, a LayerNorm output, is fp32 under autocast
             return F.logsigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).transpose(1, 2).cumsum(dim=-1)

@@ -5,8 +5,10 @@ The GPT calls three hooks of its encoding (see PositionEncoding); a variant over
     embed(x, pos)                         once per forward, on the token embeddings  (learned, sinusoidal)
     prepare(x, pos)                       once per forward, tables shared by layers  (rope's cos/sin)
     rotate(layer, q, k, x, shared, cache) in every attention layer, on q and k        (every rotary variant)
-Conventions (papers.md section 0): adjacent pairs (2p, 2p+1) inside each head; angles and phases in fp32
-from int64 positions; fixed tables are non-persistent buffers; V is never rotated.
+Conventions: adjacent pairs (2p, 2p+1) inside each head (RoFormer arXiv:2104.09864 eq. 34; CRoPE's
+complex structure and ComRoPE's blocks are defined on them); angles and phases in fp32 from int64
+positions; fixed tables are non-persistent buffers that stay fp32 under any module cast
+(PositionEncoding._apply); V is never rotated.
 """
 import math
 
@@ -94,6 +96,27 @@ class PositionEncoding(nn.Module):
 
     def qkv_projection(self, config):  # the attention's input projection d -> 3d (CRoPE replaces it)
         return nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+
+    def _apply(self, fn, recurse=True):
+        """Every module cast or move (.to, .half, .bfloat16, .double, .cuda, ...) passes through here.
+        The tensors that set angles follow the device but never drop below fp32: the fixed tables
+        (buffers) and every parameter of an encoding that rotates q and k (ComRoPE's generators, CARoPE's
+        and Selective RoPE's projections). In bf16, theta_1 = 0.7498942 (hd = 64) is 0.75 and the angles
+        at m = 4095 are off by up to 1.8 rad; their math runs in fp32 anyway, so a bf16 copy saves
+        nothing. .double() takes them to fp64 with the rest (a float64 model computes angles in fp64).
+        Learned's table is added to the embeddings: it keeps the model's dtype."""
+        params = list(self.parameters()) if type(self).rotate is not PositionEncoding.rotate else []
+        grads = [p.grad for p in params if p.grad is not None]
+        keep = {id(t) for t in [*self.buffers(), *params, *grads]}
+
+        def cast(t):
+            out = fn(t)
+            dtype = torch.promote_types(out.dtype, torch.float32)
+            if id(t) in keep and out.is_floating_point() and out.dtype != dtype:
+                out = t.detach().to(out.device, dtype)  # from t: out has lost the low bits already
+            return out
+
+        return super()._apply(cast, recurse)
 
 
 class Learned(PositionEncoding):
@@ -251,13 +274,13 @@ class ComplexLinear(nn.Module):
 
 
 class CRoPE(RoPE):
-    """`crope`: CRoPE (arXiv:2601.02728, papers.md section 2). The Q, K and V projections are complex-linear
+    """`crope`: CRoPE (arXiv:2601.02728). The Q, K and V projections are complex-linear
     (ComplexLinear, eq. 30), so q, k, v are genuinely complex vectors on RoPE's adjacent pairs and RoPE's rotation
     (multiplication by exp(i m theta_p)) acts on them unchanged. Output pair j of the d -> 3d map is pair
     j mod (hd/2) of head (j mod d/2) // (hd/2) of q, k or v: d and hd are even, so no pair straddles q/k/v or two
     heads, and the pairs inside each head are exactly the (2p, 2p+1) that apply_rotary rotates.
     The output projection c_proj stays a full real d x d: the paper's savings (37.5% of attention weights, 12.5%
-    of a block with a 4x MLP; papers.md section 2) count Q/K/V only. GPT-2 small: 1.5 d^2 L = 10,616,832 fewer."""
+    of a block with a 4x MLP) count Q/K/V only. GPT-2 small: 1.5 d^2 L = 10,616,832 fewer."""
 
     def qkv_projection(self, config):
         return ComplexLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -269,7 +292,7 @@ class CARoPE(PositionEncoding):
     theta_1 = rope_base^(-2/hd) replaced by a learned, bounded base per token and head:
         f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H, one pair per layer
         phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,          p = 0..hd/2-1
-    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (papers.md section 4).
+    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (RoFormer eq. 34).
     The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it initialises
     from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and phi_p(m) = (m+1) theta_p, i.e.
     RoPE with every position shifted by one, so the attention scores are RoPE's.
@@ -329,7 +352,7 @@ class CARoPE(PositionEncoding):
 
 
 class SelectiveRoPE(PositionEncoding):
-    """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026; papers.md section 5). Linear
+    """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026). Linear
     attention whose state transition is an input-dependent rotation equals RoPE on q and k with cumulative,
     input-dependent angles Phi_t = tau * sum_{s<=t} u_s. Transcribed from the released code, authoritative where
     it differs from the paper's figure (github.com/timurcarstensen/selective-rope, src/selective_rope/modules/
@@ -346,11 +369,14 @@ class SelectiveRoPE(PositionEncoding):
     decoding carries the conv's last width-1 inputs and the running phase in the layer's cache dict.
     Parameters are stacked over layers (leading dim n_layer), indexed by `layer`. Init follows the released
     model's: Linear and Conv1d weights N(0, 0.02^2), biases 0, gains 1; so the angles start near zero (NoPE-like).
-    Where this departs from the release, and why: adjacent pairs instead of its half-split pairs (papers.md section 0;
-    a fixed permutation of q/k dims that the learned projections absorb); tau from the shared rope_base instead of
-    its temp_theta=500000 (which its RoPE baseline also uses); all of steps 1-6 in fp32, not the model dtype;
-    selective_conv=False is the identity (papers.md "no conv"), whereas the release's skip_conv takes a first
-    difference u_t - u_{t-1}, so that its Phi_t = tau u_t is not a running sum at all."""
+    Where this departs from the release, and why: adjacent pairs instead of its half-split pairs
+    (the one pairing every encoding here uses; a fixed permutation of q/k dims that the learned
+    projections absorb); tau from the shared rope_base instead of its temp_theta=500000 (which its
+    RoPE baseline also uses); all of steps 1-6 in fp32, not the model dtype; selective_conv=False is
+    the identity (no conv), whereas the release's skip_conv puts a first difference u_t - u_{t-1} in
+    the conv's place, ahead of steps 4-6. Only with bias and gate off does the cumsum undo it, giving
+    Phi_t = tau u_t (not a running sum at all); otherwise Phi_t = tau sum_{s<=t} g_s (u_s - u_{s-1} + b)
+    with g the gate (1 when off) and b = exp(beta) (0 when off)."""
 
     def __init__(self, config):
         super().__init__(config)

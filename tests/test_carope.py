@@ -1,4 +1,4 @@
-"""CARoPE (arXiv:2507.23083, papers.md section 4) against slow references written from its equations:
+"""CARoPE (arXiv:2507.23083, section 2) against slow references written from its equations:
 f(x_t) = 1 / (softplus(x_t W + beta) + 1), phi_p^h(m) = sum_{t<=m} f(x_t)_h^p, RoPE rotation by phi."""
 import math
 import os

@@ -242,7 +242,7 @@ def test_bad_config_is_a_clear_error(name):
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_parameters_init_and_no_weight_decay(name):
-    pe = build_position_encoding(GPTConfig(pos_emb=name))  # GPT-2 small: L*d*b = 73,728 for AP (papers.md)
+    pe = build_position_encoding(GPTConfig(pos_emb=name))  # GPT-2 small, AP: L*d*b = 73,728 (eq. 8)
     assert pe.P.numel() == 73_728 and sum(p.numel() for p in pe.parameters()) == 73_728 + 96 * (name == 'comrope_ld')
     G = pe.generator(torch.float64)[3, 5]  # rope init: theta_p [[0, -1], [1, 0]] on pair p, global pair index
     theta = 10000.0 ** (-torch.arange(32, dtype=torch.float64) * 2 / 64)

@@ -1,4 +1,4 @@
-"""CRoPE (arXiv:2601.02728, papers.md section 2): ComplexLinear against explicit references of eq. 30, parameter
+"""CRoPE (arXiv:2601.02728): ComplexLinear against explicit references of eq. 30, parameter
 counts, CRoPE as a `rope` model with structured weights, and the properties every encoding must have."""
 import os
 import sys

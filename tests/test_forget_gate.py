@@ -1,6 +1,6 @@
-"""FoX forget gate (arXiv:2503.02130, papers.md 5.3) with every pos_emb: the attention bias against an explicit
+"""FoX forget gate (Lin et al., arXiv:2503.02130) with every pos_emb: the attention bias against an explicit
 sum_{j<l<=i} log f_l, reduction to the gateless model, causality, cached decoding, the FlexAttention path against the
-masked one, compile, training."""
+masked one, the bias in fp32 under bf16, compile, training."""
 import math
 import os
 import sys
@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as model_py  # noqa: E402
 from model import GPT, GPTConfig, forget_gate_attention  # noqa: E402
+from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 from rope import ENCODINGS  # noqa: E402
 
 
@@ -157,3 +158,35 @@ def test_flex_path_equals_masked_path_on_cpu(monkeypatch):
         torch.testing.assert_close(m(idx, idx)[0], masked, rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.compile(m, fullgraph=True, backend='aot_eager')(idx, idx)[0], masked,
                                    rtol=0, atol=1e-5)
+
+
+WEIGHT = math.exp(-0.3) / (1 + math.exp(-0.3))  # 0.42556: softmax of (20 - 20.3, 0)
+
+
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
+@pytest.mark.parametrize('mode', ['bf16', 'autocast'])
+@pytest.mark.parametrize('path', ['masked', 'masked, decoding', 'flex', 'flex, aot_eager'])
+def test_bias_stays_fp32_in_bf16(path, mode, monkeypatch):
+    """One query over two keys: score 20 on the distant key and a decay bias of -20.3 on it, 0 and 0 on
+    its own key, so the distant key weighs e^-0.3 / (1 + e^-0.3) = 0.4256 (v reads the weight out). A
+    bias rounded to bf16 is -20.25 (ulp 0.125 at 20) and the weight 0.4375. Tolerance: the bf16
+    rounding of the output, 2^-10 near 0.43. mode: bf16 q, k, v (a bf16 model), or fp32 ones under
+    CPU bf16 autocast (which casts SDPA's inputs and mask). flex: the score_mod traced by dynamo as on
+    CUDA (eager flex_attention on CPU, alone and inside a compiled graph)."""
+    dtype = torch.bfloat16 if mode == 'bf16' else torch.float32
+    q = torch.full((1, 1, 2, 4), 10.0, dtype=dtype)  # q.k_0 / sqrt(4) = 20, q.k_1 = 0; query 1 is tested
+    k, v = torch.zeros(2, 1, 1, 2, 4, dtype=dtype)
+    k[..., 0, :], v[..., 0, 0] = 1.0, 1.0
+    c = torch.tensor([[[0.0, -20.3]]])  # c = cumsum(log f), log f_1 = -20.3: bias c_1 - c_0 on key 0
+    fn, args = forget_gate_attention, (q, k, v, c, c)
+    if path == 'masked, decoding':  # the query alone after one cached key (T = 1 < Tk = 2)
+        args = (q[:, :, 1:], k, v, c[..., 1:], c)
+    if path.startswith('flex'):
+        monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
+        monkeypatch.setattr(model_py, '_flex_attention', flex_attention)  # no inductor compile on CPU
+        if path == 'flex, aot_eager':
+            fn = torch.compile(forget_gate_attention, fullgraph=True, backend='aot_eager')
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):
+        y = fn(*args, 0.0)
+    assert y.dtype == torch.bfloat16 or (mode == 'autocast' and path.startswith('masked'))
+    assert abs(y[0, 0, -1, 0].item() - WEIGHT) <= 2 ** -10, y[0, 0, -1, 0].item()

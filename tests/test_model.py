@@ -1,7 +1,8 @@
 """Tests of model.py and rope.py against slow, obviously-correct references written from the papers'
-equations (papers.md sections 0, 1, 6, 7): explicit 2x2 rotation matrices, complex multiplication, the
-Vaswani sinusoid per element, hand-counted parameters and FLOPs. Tiny models on CPU, float64 where it
-makes a tolerance tight. Every test that runs over `rope.ENCODINGS` picks up new encodings by itself."""
+equations (RoFormer arXiv:2104.09864 eq. 34, Vaswani et al. 2017 section 3.5): explicit 2x2 rotation
+matrices, complex multiplication, the Vaswani sinusoid per element, hand-counted parameters and FLOPs.
+Tiny models on CPU, float64 where it makes a tolerance tight. Every test that runs over
+`rope.ENCODINGS` picks up new encodings by itself."""
 import math
 import os
 import re
@@ -293,6 +294,129 @@ def test_model_under_bf16_autocast_keeps_rope_tables_fp32():
         assert dtypes == (torch.bfloat16,) * 4
 
 
+# ------------------------------------------------------------------- module casts (.to(bf16), .half())
+
+HALF = [torch.bfloat16, torch.float16]
+LONG = dict(n_layer=1, n_head=2, n_embd=128)  # hd = 64: theta_1 = 0.7498942, 0.75 in bf16
+SELECTIVE_REDUCE = dict(selective_reduce=True, selective_conv=False, selective_gate=False,
+                        selective_bias=False)
+# the rotary encodings that equal RoPE at init, at positions m + shift
+SHIFT = {'rope': 0, 'crope': 0, 'comrope_ap': 0, 'comrope_ld': 0, 'carope': 1, 'selective': 1}
+
+
+def angle_tensors(model):
+    """The encoding's floating tensors that set angles: its fixed tables and, in every encoding but
+    learned (whose table is added to the embeddings), its parameters. {name: tensor}."""
+    pe = model.pe
+    params = list(pe.named_parameters()) if model.config.pos_emb != 'learned' else []
+    return {n: t for n, t in [*pe.named_buffers(), *params] if t.is_floating_point()}
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_module_casts_keep_angle_tensors_fp32(name):
+    """.to(bf16), .half(): the angle tensors keep their fp32 values while the rest of the model goes
+    down; .double() takes them to fp64, and back down they come to the same fp32 values; a device move
+    moves them."""
+    model = make_model(name)
+    ref = {n: t.clone() for n, t in angle_tensors(model).items()}
+    assert name in ('none', 'learned') or ref
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double().bfloat16()):
+        cast(model)
+        assert model.lm_head.weight.dtype in HALF  # the model did go down
+        if name == 'learned':
+            assert model.pe.wpe.weight.dtype in HALF  # an embedding table: the model's dtype
+        for n, t in angle_tensors(model).items():
+            assert t.dtype == torch.float32 and torch.equal(t, ref[n]), n
+    model.double()
+    for n, t in angle_tensors(model).items():
+        assert t.dtype == F64 and torch.equal(t, ref[n].double()), n
+    model.to(device='meta', dtype=torch.bfloat16)  # a device move: the meta device stands in for a GPU
+    assert model.lm_head.weight.device.type == 'meta'
+    for n, t in angle_tensors(model).items():
+        assert t.device.type == 'meta' and t.dtype == torch.float32, n
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_fixed_tables_are_non_persistent_buffers(name):
+    for model in (make_model(name), make_model(name).to(torch.bfloat16)):
+        assert not {f'pe.{n}' for n, _ in model.pe.named_buffers()} & set(model.state_dict()), name
+        if name in ('rope', 'sinusoidal', 'crope'):
+            assert sum(p.numel() for p in model.pe.parameters()) == 0
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_bf16_cast_model_trains_and_decodes(name):
+    """A model cast to bf16 mixes bf16 weights with fp32 angle tensors: forward, backward (gradients in
+    each parameter's dtype) and cached decoding run, and the logits stay near the fp32 model's."""
+    model = make_model(name, sharpen=1.0)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        ref = all_logits(model, idx)
+    model.to(torch.bfloat16)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    assert all(p.grad.dtype == p.dtype for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(logits.float(), ref, rtol=0, atol=5e-2)
+    assert model.generate(idx[:, :4], 6, top_k=1, use_cache=True).shape == (2, 10)
+
+
+def long_model(name, dtype=torch.bfloat16):
+    """A model of `name` with head dim 64, cast to dtype; the rotary ones at their RoPE-exact init."""
+    torch.manual_seed(0)
+    kw = SELECTIVE_REDUCE if name == 'selective' else {}
+    return GPT(tiny_config(name, **LONG, **kw)).to(dtype)
+
+
+def long_angles(name, T=4096):
+    """(the angles (nh, T, P) by which a bf16-cast model of `name` turns pair p at positions 0..T-1,
+    the exact fp64 angles (m + shift) theta_p)."""
+    model, bf16 = long_model(name), torch.bfloat16
+    x, pos = torch.zeros(1, T, LONG['n_embd'], dtype=bf16), torch.arange(T)
+    if name == 'sinusoidal':  # PE(m, 2i) = sin(m theta_i), PE(m, 2i+1) = cos(m theta_i)
+        pe = model.pe.embed(x, pos).double()  # x = 0: the table alone, in the model's dtype
+        angle, d, shift = torch.atan2(pe[..., 0::2], pe[..., 1::2]), LONG['n_embd'], 0
+    else:  # rotate the unit vector (1, 0) on every pair: it comes back as (cos a, sin a)
+        d, shift = LONG['n_embd'] // LONG['n_head'], SHIFT[name]
+        q = torch.zeros(1, LONG['n_head'], T, d, dtype=bf16)
+        q[..., 0::2] = 1.0
+        out = model.pe.rotate(0, q, q.clone(), x, model.pe.prepare(x, pos), None)[0].double()
+        angle = torch.atan2(out[..., 1::2], out[..., 0::2])
+    exact = (pos.double() + shift)[:, None] * torch.tensor(ref_theta(d, 10000.0), dtype=F64)
+    return angle[0], exact
+
+
+@pytest.mark.parametrize('name', ['sinusoidal'] + list(SHIFT))
+def test_bf16_cast_angles_match_fp64_to_position_4095(name):
+    """Rounded to bf16, theta_1 = 0.7498942 is 0.75: 0.43 rad off at m = 4095, and up to 1.8 rad over
+    all pairs (5 rad for sinusoidal's d = 128 table). With fp32 tables and angle parameters the error
+    is the bf16 rounding of (cos a, sin a), about 2^-8 rad (0.0028 here), plus fp32 angles' 2.4e-4."""
+    angle, exact = long_angles(name)
+    err = torch.remainder(angle - exact + math.pi, 2 * math.pi) - math.pi  # wrapped to [-pi, pi)
+    assert err.abs().max().item() < 1e-2, err.abs().max().item()
+
+
+@pytest.mark.parametrize('name', list(SHIFT))
+def test_bf16_cast_scores_match_fp64_at_distance_4000(name):
+    """q.k of q at position 4095 and k at 95, rotated by a model cast to bf16, against an fp64 rotation
+    of the same (bf16) q and k by the exact angles. Bound: the bf16 rounding of the rotated q and k
+    (2^-9 each, relative) over sum |q_i k_i|. With bf16 tables, rope's score of head 1 was 6.17, not
+    7.50."""
+    torch.manual_seed(7)
+    T, hd, s = 4096, LONG['n_embd'] // LONG['n_head'], SHIFT[name]
+    q, k = (torch.randn(1, LONG['n_head'], T, hd).to(torch.bfloat16) for _ in range(2))
+    model = long_model(name)
+    x, pos = torch.zeros(1, T, LONG['n_embd'], dtype=torch.bfloat16), torch.arange(T)
+    qr, kr = model.pe.rotate(0, q, k, x, model.pe.prepare(x, pos), None)
+    score = (qr[0, :, 4095].double() * kr[0, :, 95].double()).sum(-1)  # (nh,)
+    theta = ref_theta(hd, 10000.0)
+    ref_q = ref_rotate_complex(q[0, :, [4095]].double(), [4095 + s], theta)[:, 0]  # (nh, hd)
+    ref_k = ref_rotate_complex(k[0, :, [95]].double(), [95 + s], theta)[:, 0]
+    ref = (ref_q * ref_k).sum(-1)
+    bound = 2 ** -8 * (q[0, :, 4095].double() * k[0, :, 95].double()).abs().sum(-1) + 1e-3
+    assert ((score - ref).abs() <= bound).all(), (score.tolist(), ref.tolist(), bound.tolist())
+
+
 # ----------------------------------------------------------------------------- sinusoidal
 
 @pytest.mark.parametrize('n_embd,base', [(32, 10000.0), (16, 100.0)])
@@ -312,13 +436,6 @@ def test_sinusoidal_equals_vaswani_formula(n_embd, base):
     assert out.dtype == torch.float32
     # fp32 angles at m <= 128: error <= 128 * 2^-23 ~ 1.5e-5
     torch.testing.assert_close((out - x * math.sqrt(n_embd)).double(), ref.expand(2, -1, -1), rtol=0, atol=3e-5)
-
-
-def test_fixed_tables_are_non_persistent_buffers():
-    for name in ('rope', 'sinusoidal'):
-        model = make_model(name)
-        assert sum(p.numel() for p in model.pe.parameters()) == 0
-        assert not any('inv_freq' in k for k in model.state_dict()), name
 
 
 # ----------------------------------------------------------------------------- shift invariance (model level)

@@ -1,4 +1,4 @@
-"""Selective RoPE (rope.SelectiveRoPE, papers.md section 5): each property against a slow reference written from the
+"""Selective RoPE (arXiv:2511.17388, rope.SelectiveRoPE): each property against a slow reference written from the
 released code's 7 steps with plain Python loops, never against the fast path itself. Tiny models, CPU, fixed seeds."""
 import math
 import os
@@ -37,8 +37,9 @@ def make(seed=0, dtype=torch.float32, strong=True, **kw):
 
 
 def reference_phase(pe, layer, x):
-    """Steps 1-6 (papers.md section 5 / the release's SelectiveRoPE.forward) with plain loops in float64, from the
-    encoding's own parameters. Returns Phi (B, H, T, P) = tau_p * sum_{s<=t} u_s."""
+    """Steps 1-6 (the release's SelectiveRoPE.forward, as rope.SelectiveRoPE lists them) with plain
+    loops in float64, from the encoding's own parameters. Returns Phi (B, H, T, P) = tau_p *
+    sum_{s<=t} u_s."""
     x = x.double()
     B, T, d = x.shape
     H, P, W = pe.H, pe.P, pe.W
