@@ -312,5 +312,5 @@ def test_train_config_building_on_another_is_accepted(train):
     only error is the bad key after it."""
     line, stderr = train('chain_gpt2_learned')
     assert 'Overriding config with config/gpt2_learned.py' in stderr, stderr
-    assert "pos_emb = 'learned'" in stderr, stderr  # the file's text is echoed
+    assert "pos_emb='learned'" in stderr, stderr  # what the file set is echoed
     assert "unknown key 'zzz'" in line, line
