@@ -277,7 +277,7 @@ def test_sample_py_rejects_out_of_range_values(learned_ckpt, arg, key, valid):
     p = run('sample.py', f'--out_dir={learned_ckpt}', arg)
     assert p.returncode == 2 and p.stdout == '', p.stderr
     line, = error_lines(p)
-    assert line.startswith(f"config error: '{key}' in --{key} is -") and line.endswith(f"; valid: {valid}")
+    assert line.startswith(f"config error: '{key}' in --{key} is ") and line.endswith(f"; valid: {valid}")
 
 
 def test_sample_py_declares_a_range_for_every_numeric_key():
