@@ -1,7 +1,7 @@
-"""Tests of GPT.generate and sample.py: greedy decoding, the range of every sampling argument, no padded
-vocabulary id ever sampled, and the sliding block_size window, cross-checked against slow references
-written out here (a banded-mask attention; nanoGPT's crop-and-recompute loop). sample.py runs end to end
-as a subprocess on a tiny checkpoint that train.py writes, as in test_train.py."""
+"""Tests of GPT.generate and sample.py: greedy decoding, the range of every sampling argument, no
+padded vocabulary id ever sampled, and the sliding block_size window, cross-checked against slow
+references written out here (a banded-mask attention; nanoGPT's crop-and-recompute loop). sample.py
+runs end to end as a subprocess on a tiny checkpoint that train.py writes, as in test_train.py."""
 import ast
 import contextlib
 import math
@@ -24,7 +24,7 @@ F64 = torch.float64
 
 
 def make_model(pos_emb, dtype=F64, sharpen=15.0, **kw):
-    """A tiny GPT in eval mode, q/k/v scaled up (as in test_model.py) so attention is far from uniform."""
+    """A tiny GPT in eval mode, q/k/v scaled up (as in test_model.py), far from uniform."""
     torch.manual_seed(0)
     cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb=pos_emb)
     model = GPT(GPTConfig(**{**cfg, **kw})).eval()
@@ -46,9 +46,10 @@ def all_logits(model, idx, pos_offset=0):
 
 
 def step_logits(model, *args, **kwargs):
-    """(generate's output, the logits (B, steps, V) each of its forwards produced for the next token)."""
+    """(generate's output, the logits (B, steps, V) its forwards produced for each next token)."""
     steps = []
-    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: steps.append(out[:, -1].clone()))
+    record = lambda mod, inp, out: steps.append(out[:, -1].clone())
+    hook = model.lm_head.register_forward_hook(record)
     try:
         out = model.generate(*args, **kwargs)
     finally:
@@ -58,8 +59,8 @@ def step_logits(model, *args, **kwargs):
 
 @contextlib.contextmanager
 def banded_attention(width):
-    """Every attention, written out slowly, sees only the last `width` keys (its own included): a full
-    forward under this is what decoding with a KV cache that drops its oldest keys computes."""
+    """Every attention, written out slowly, sees only the last `width` keys (its own included): a
+    full forward under this is what decoding with a KV cache that drops its oldest keys computes."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
@@ -68,8 +69,10 @@ def banded_attention(width):
         j = torch.arange(Tk)[None, :]
         band = (j <= i) & (j > i - width)
         s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, T, Tk)
-        if attn_mask is not None:  # the forget gate's float bias (or a bool mask)
-            s = s + attn_mask if attn_mask.dtype != torch.bool else s.masked_fill(~attn_mask, -math.inf)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, -math.inf)
+        elif attn_mask is not None:  # the forget gate's float bias
+            s = s + attn_mask
         return torch.softmax(s.masked_fill(~band, -math.inf), dim=-1) @ v
 
     torch.nn.functional.scaled_dot_product_attention = attend
@@ -88,7 +91,7 @@ def crop_and_recompute(model, idx, steps, pos_offset=0):
     return idx, torch.stack(logits, 1)
 
 
-# ----------------------------------------------------------------------------- temperature, top_k, vocab_limit
+# ------------------------------------------------------------------ temperature, top_k, vocab_limit
 
 @pytest.mark.parametrize('name', ALL)
 def test_temperature_zero_is_greedy(name):
@@ -102,7 +105,8 @@ def test_temperature_zero_is_greedy(name):
         greedy = model.generate(prompt, 12, temperature=0.0, use_cache=use_cache)
         top1 = model.generate(prompt, 12, top_k=1, use_cache=use_cache)
         assert torch.equal(greedy, ref) and torch.equal(top1, ref)
-        assert torch.equal(model.generate(prompt, 12, temperature=0, top_k=5, use_cache=use_cache), ref)
+        top5 = model.generate(prompt, 12, temperature=0, top_k=5, use_cache=use_cache)
+        assert torch.equal(top5, ref)
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -126,8 +130,8 @@ def test_bad_sampling_arguments_raise_one_readable_line(kwargs, match):
 
 @pytest.mark.parametrize('name', ['rope', 'learned'])
 def test_padded_ids_are_never_sampled(name):
-    """The padded ids get the largest logits (+20, a bias on lm_head): without vocab_limit they are what
-    comes out; with it, never, at any temperature or top_k."""
+    """The padded ids get the largest logits (+20, a bias on lm_head): without vocab_limit they are
+    what comes out; with it, never, at any temperature or top_k."""
     model, limit = make_model(name, dtype=torch.float32), 50
     bias = torch.zeros(64)
     bias[limit:] = 20.0
@@ -146,18 +150,18 @@ def test_padded_ids_are_never_sampled(name):
     assert torch.equal(model.generate(prompt, 10, top_k=1, vocab_limit=limit), greedy)
 
 
-# ----------------------------------------------------------------------------- the block_size window
+# ------------------------------------------------------------------ the block_size window
 
 @pytest.mark.parametrize('prompt_len', [5, 12])
 @pytest.mark.parametrize('name,kw', [(n, {}) for n in ALL] + [('rope', dict(forget_gate=True)),
                                                              ('carope', dict(forget_gate=True))])
 def test_sliding_window_equals_reference(name, kw, prompt_len):
     """Greedy decoding 20 tokens past block_size=8 (prompt 5, or 12 = cropped to its last 8):
-    - use_cache=False, and use_cache=True for an absolute encoding: exactly nanoGPT's crop-and-recompute.
-    - use_cache=True, a relative encoding: the KV window drops its oldest keys, which is a full forward
-      where every layer's attention sees only the last 8 keys (a banded causal mask), not the recompute
-      (a cached key of layer 2 keeps the older context it was computed with): both are checked, at the
-      logits of every step, and that the band is not a no-op."""
+    - use_cache=False, and use_cache=True for an absolute encoding: nanoGPT's crop-and-recompute.
+    - use_cache=True, a relative encoding: the KV window drops its oldest keys, which is a full
+      forward where every layer's attention sees only the last 8 keys (a banded causal mask), not
+      the recompute (a cached key of layer 2 keeps the older context it was computed with): both are
+      checked, at the logits of every step, and that the band is not a no-op."""
     W, steps = 8, 20
     model = make_model(name, block_size=W, **kw)
     prompt = tokens(2, prompt_len)
@@ -186,8 +190,8 @@ def test_sliding_window_equals_reference(name, kw, prompt_len):
 
 
 def test_sliding_window_keeps_true_positions():
-    """rope with pos_offset: the cache's keys keep their angles, so the new tokens must go on at their
-    true positions (pos_offset + their index), not at the cache's length after cropping."""
+    """rope with pos_offset: the cache's keys keep their angles, so the new tokens must go on at
+    their true positions (pos_offset + their index), not at the cache's length after cropping."""
     W, steps = 8, 16
     model = make_model('rope', block_size=W)
     prompt = tokens(2, 6)
@@ -218,7 +222,8 @@ def test_learned_generates_past_block_size_unless_extrapolating():
 def test_extrapolate_never_crops(use_cache):
     model = make_model('rope', block_size=8)
     prompt = tokens(2, 12)
-    out, logits = step_logits(model, prompt, 10, temperature=0, use_cache=use_cache, extrapolate=True)
+    out, logits = step_logits(model, prompt, 10, temperature=0, use_cache=use_cache,
+                              extrapolate=True)
     full = all_logits(model, out[:, :-1])[:, 11:]  # every token seen, positions 0..20
     torch.testing.assert_close(logits, full, rtol=0, atol=1e-9)
     assert torch.equal(out[:, 12:], full.argmax(-1))
@@ -226,27 +231,28 @@ def test_extrapolate_never_crops(use_cache):
 
 # ----------------------------------------------------------------------------- sample.py end to end
 
-TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2', '--n_embd=32',
-        '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
-        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4', '--max_iters=2', '--lr_decay_iters=2',
-        '--eval_interval=2']
+TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
+        '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1',
+        '--eval_iters=2', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4',
+        '--max_iters=2', '--lr_decay_iters=2', '--eval_interval=2']
 
 
 def run(script, *args):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
     env.setdefault('OMP_NUM_THREADS', '1')
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.fixture(scope='module')
 def learned_ckpt(tmp_path_factory):
-    """A `learned` checkpoint (block_size 32) on the embedded byte dataset (vocab 257 padded to 320)."""
+    """A `learned` checkpoint (block_size 32) on the embedded bytes (vocab 257 padded to 320)."""
     root = tmp_path_factory.mktemp('sample')
     from prepare_data import ensure_dataset
     ensure_dataset(str(root / 'data'), 'embedded')
     out = root / 'out'
-    p = run('train.py', *TINY, '--pos_emb=learned', f'--out_dir={out}', f'--data_root={root / "data"}')
+    p = run('train.py', *TINY, '--pos_emb=learned', f'--out_dir={out}',
+            f'--data_root={root / "data"}')
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -267,7 +273,8 @@ def test_sample_py_defaults_and_greedy(learned_ckpt):
     assert first == second and first.startswith('def ') and rest == ''  # greedy: the same twice
     p = run('sample.py', f'--out_dir={learned_ckpt}', '--max_new_tokens=50', '--extrapolate=True')
     line, = error_lines(p)
-    assert p.returncode == 1 and line.startswith('sample.py: ') and 'block_size' in line and p.stdout == ''
+    assert p.returncode == 1 and line.startswith('sample.py: ') and 'block_size' in line
+    assert p.stdout == ''
 
 
 @pytest.mark.parametrize('arg,key,valid', [('--top_k=-5', 'top_k', '[0, inf)'),
@@ -277,7 +284,8 @@ def test_sample_py_rejects_out_of_range_values(learned_ckpt, arg, key, valid):
     p = run('sample.py', f'--out_dir={learned_ckpt}', arg)
     assert p.returncode == 2 and p.stdout == '', p.stderr
     line, = error_lines(p)
-    assert line.startswith(f"config error: '{key}' in --{key} is ") and line.endswith(f"; valid: {valid}")
+    assert line.startswith(f"config error: '{key}' in --{key} is ")
+    assert line.endswith(f"; valid: {valid}")
 
 
 def test_sample_py_declares_a_range_for_every_numeric_key():
@@ -297,4 +305,5 @@ def test_sample_py_unreadable_start_file_is_one_line(learned_ckpt, tmp_path):
         p = run('sample.py', f'--out_dir={learned_ckpt}', f'--start=FILE:{path}')
         assert p.returncode == 1 and p.stdout == '', p.stderr
         line, = error_lines(p)
-        assert line.startswith('sample.py: --start=FILE:') and str(path) in line and why in line, line
+        assert line.startswith('sample.py: --start=FILE:') and str(path) in line, line
+        assert why in line, line
