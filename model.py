@@ -297,22 +297,59 @@ class GPT(nn.Module):
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, pos_offset=0):
-        """Continue idx (B, T) by max_new_tokens tokens. use_cache keeps each layer's keys/values (and any
-        state the encoding carries) so each step feeds one token; use_cache=False recomputes the whole
-        prefix. The context is never cropped: past block_size this is length extrapolation."""
-        self.check_length(pos_offset + idx.size(1) + max_new_tokens - 1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
+                 pos_offset=0, vocab_limit=None, extrapolate=False):
+        """Continue idx (B, T) by max_new_tokens tokens sampled from softmax(logits / temperature),
+        kept to the top_k most likely (None = all); temperature=0 is greedy (the argmax, as top_k=1).
+        vocab_limit: the tokenizer's vocabulary size; ids >= it (vocab_size's padding) never appear.
+        The model never sees more than the block_size tokens it was trained on: as in nanoGPT, the
+        prompt is cropped to its last block_size tokens, and then
+        - use_cache=False recomputes the last block_size tokens (at positions 0..) every step;
+        - use_cache=True keeps each layer's keys/values (and the encoding's state) and feeds one
+          token a step. Once block_size keys are cached, a pe.relative encoding drops every layer's
+          oldest key, value and forget-gate sum, and goes on at the true positions: each query sees
+          the last block_size keys, which equals a forward with a banded causal mask of width
+          block_size (a cached key keeps the older context it was computed with, so past block_size
+          this is not use_cache=False). An absolute encoding (learned, sinusoidal) recomputes the
+          window as use_cache=False does once it is full.
+        extrapolate=True never crops: past block_size that is length extrapolation, which `learned`
+        refuses with an error before generating. pos_offset shifts every position."""
+        V, W = self.config.vocab_size, self.config.block_size
+        vocab_limit = V if vocab_limit is None else vocab_limit
+        if not 1 <= vocab_limit <= V:
+            raise ValueError(f"vocab_limit={vocab_limit} is not valid; valid: [1, {V}] (vocab_size)")
+        if not 0 <= temperature < math.inf:  # also rejects nan
+            raise ValueError(f"temperature={temperature} is not valid; valid: [0, inf), 0 = greedy")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} is not valid; valid: [1, inf), or None for all tokens")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is not valid; valid: [0, inf)")
+        fed = idx.size(1) + max_new_tokens - 1  # longest context: the last new token is not fed
+        self.check_length(pos_offset + (fed if extrapolate else min(fed, W)))
         cache = [{} for _ in self.transformer.h] if use_cache else None
-        feed = idx
+        feed = idx if extrapolate else idx[:, -W:]
+        dropped = 0  # keys dropped from the front of a sliding cache: positions go on after them
         for _ in range(max_new_tokens):
-            logits, _ = self(feed, pos_offset=pos_offset, cache=cache)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            logits, _ = self(feed, pos_offset=pos_offset + dropped, cache=cache)
+            logits = logits[:, -1, :]
+            logits[:, vocab_limit:] = -float('Inf')  # padding ids: no token to decode
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, vocab_limit))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
-            feed = idx_next if use_cache else idx
+            if cache is not None and not extrapolate and cache[0]['k'].size(2) == W:  # full window
+                if self.pe.relative:  # drop the oldest key of every layer (time is dim 2)
+                    for c in cache:
+                        c.update({n: c[n][:, :, 1:] for n in ('k', 'v', 'fgate_c') if n in c})
+                    dropped += 1
+                else:  # absolute positions: recompute the window at 0..block_size-1 from now on
+                    cache = None
+            feed = idx_next if cache is not None else idx if extrapolate else idx[:, -W:]
         return idx
 
 

@@ -77,9 +77,13 @@ def conv_time(x, weight, groups):
 
 
 class PositionEncoding(nn.Module):
-    """`none` (NoPE): causal attention alone. Also the base class: every hook is the identity."""
+    """`none` (NoPE): causal attention alone. Also the base class: every hook is the identity.
+    relative: True where attention scores depend only on relative positions and the tokens in
+    between, so KV-cached generation (GPT.generate) may slide its window by dropping the oldest
+    keys; False for the absolute encodings, whose window is recomputed at 0..block_size-1."""
 
     max_len = None  # number of positions the encoding can represent; None = any (it extrapolates)
+    relative = True  # see the docstring; learned and sinusoidal set False
 
     def __init__(self, config):
         super().__init__()
@@ -123,6 +127,8 @@ class Learned(PositionEncoding):
     """`learned`: GPT-2's trained absolute table wpe (Radford et al. 2019), added to the token embeddings.
     It has exactly block_size positions: asking for more is an error, never a silent crop."""
 
+    relative = False  # absolute positions: generate recomputes a full window
+
     def __init__(self, config):
         super().__init__(config)
         self.max_len = config.block_size
@@ -138,6 +144,8 @@ class Sinusoidal(PositionEncoding):
     PE(m, 2i) = sin(m * base^(-2i/d)), PE(m, 2i+1) = cos(m * base^(-2i/d)). Computed from the positions,
     so any length works. As in the paper (section 3.4) the token embeddings are first multiplied by sqrt(d): with
     GPT-2's 0.02 init the unit-amplitude table would otherwise drown them (rms 0.71 against 0.02)."""
+
+    relative = False  # absolute positions: generate recomputes a full window
 
     def __init__(self, config):
         super().__init__(config)

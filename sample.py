@@ -2,7 +2,9 @@
 Sample from a trained model, with the tokenizer it was trained with.
 $ python sample.py --out_dir=out-quickstart
 $ python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --num_samples=3 --max_new_tokens=200
-$ python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt
+$ python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt --temperature=0
+The model sees at most its block_size last tokens, the context it was trained on (see GPT.generate);
+--extrapolate=True never crops it: past block_size that is length extrapolation (`learned` cannot).
 """
 import os
 import sys
@@ -17,13 +19,16 @@ out_dir = 'out'  # directory holding ckpt.pt
 start = "\n"  # prompt, or "FILE:path" to read it from a file; an empty prompt starts from <|endoftext|>
 num_samples = 3
 max_new_tokens = 500
-temperature = 0.8  # 1.0 = the model's distribution; lower is more conservative
+temperature = 0.8  # 1.0 = the model's distribution; lower is more conservative; 0 = greedy
 top_k = 200  # keep only the top_k most likely tokens; 0 = all
 seed = 1337
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
-use_cache = True  # KV-cached decoding; False recomputes the whole prefix every token
+use_cache = True  # KV-cached decoding; False recomputes the last block_size tokens every token
+extrapolate = False  # True: never crop the context to block_size (length extrapolation)
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
+_ranges = {'num_samples': '[1, inf)', 'max_new_tokens': '[0, inf)', 'temperature': '[0, inf)',
+           'top_k': '[0, inf)', 'seed': '[0, 18446744073709551616)'}  # seed: torch takes a uint64
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -32,6 +37,14 @@ def fail(message):
     print(f"sample.py: {message}", file=sys.stderr)
     sys.exit(1)
 
+
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:  # missing, a directory, unreadable, not UTF-8
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else f"not UTF-8 text: {e.reason}"
+        fail(f"--start={start}: cannot read {start[5:]!r} ({why}); give a readable UTF-8 text file")
 
 device, device_type, dtype, ctx = setup_device(device, dtype)
 torch.manual_seed(seed)
@@ -50,17 +63,16 @@ try:
 except DataError as e:  # e.g. a synthetic-task checkpoint: no text to sample
     fail(str(e))
 
-if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
 start_ids = encode(start) or [meta['eot']]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
-        try:
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
-        except ValueError as e:  # e.g. `learned` asked to go past block_size
+        try:  # vocab_limit: the tokenizer's ids only, never vocab_size's padding
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                               use_cache=use_cache, vocab_limit=meta['vocab_size'],
+                               extrapolate=extrapolate)
+        except ValueError as e:  # e.g. a bad temperature, or `learned` asked to extrapolate
             fail(str(e))
         print(decode(y[0].tolist()))
         print('---------------')
