@@ -44,7 +44,7 @@ globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.
 _choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
             'baseline': list(ENCODINGS)}
 _ranges = {**CONFIG_RANGES, 'batch_size': '[1, inf)', 'warmup': '[0, inf)', 'steps': '[1, inf)', 'rounds': '[1, inf)',
-           'seed': '[0, inf)'}
+           'seed': '[0, 4294967295]'}
 _defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------

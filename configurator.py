@@ -55,8 +55,11 @@ def _config_set(key, value, source):
     globals()[key] = value
 
 
-for _key, _interval in globals().get('_ranges', {}).items():  # a script's own defaults must be in range
-    assert _key in _config_defaults and _in_range(_config_defaults[_key], _interval), (_key, _interval)
+if '_ranges' in globals():  # a script that declares ranges declares one for every numeric key, holding its default
+    for _key, _default in _config_defaults.items():
+        if type(_default) in (int, float):
+            assert _key in _ranges, f"{_key} has no declared range in _ranges"
+            assert _in_range(_default, _ranges[_key]), f"{_key}'s default {_default!r} is outside {_ranges[_key]}"
 for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own list
     if not _arg.startswith('--'):  # a config file
         if not _os.path.isfile(_arg):

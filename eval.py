@@ -237,7 +237,7 @@ footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions 
 sections = []
 if runs:
     train_set = {r['train_eval_tokens'] for r in runs}
-    same = f" = train.py's eval set" if train_set == {n_tokens} else \
+    same = " = train.py's eval set" if train_set == {n_tokens} else \
         f" (train.py's val loss used {', '.join(map(str, sorted(train_set)))}: the numbers differ)"
     sections.append(f"Fixed val tokens: the first {n_tokens:,} of "
                     + ', '.join(sorted({f"'{r['dataset']}'" for r in runs}))

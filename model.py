@@ -150,12 +150,12 @@ class CausalSelfAttention(nn.Module):
 
     def log_forget_cumsum(self, x):
         """c_t = sum_{l<=t} log f_l (so c_i - c_j = sum_{j<l<=i} log f_l), x: (B, T, C) -> (B, nh, T).
-        log sigmoid and the cumsum run in fp32, outside autocast: c is a long running sum whose differences
-        are the attention bias. The logits z come out of fgate in its dtype: fp32 under autocast, bf16 in
-        a model cast to bf16."""
+        The gate's logits, log sigmoid and the cumsum run in fp32 (fp64 in a float64 model), outside
+        autocast: c is a long running sum whose differences are the attention bias."""
+        dt = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = self.fgate(x)  # (B, T, nh); x, a LayerNorm output, is fp32 under autocast
-            return F.logsigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).transpose(1, 2).cumsum(dim=-1)
+            z = F.linear(x.to(dt), self.fgate.weight.to(dt), self.fgate.bias.to(dt))  # (B, T, nh)
+            return F.logsigmoid(z).transpose(1, 2).cumsum(dim=-1)
 
 
 class MLP(nn.Module):

@@ -139,7 +139,8 @@ def get_encoding(name):
         return tiktoken.get_encoding(name)
     except Exception as e:  # an unknown name, or no network for tiktoken's one-time download
         why = str(e).splitlines()[0] if isinstance(e, ValueError) else \
-            f"{type(e).__name__}; tiktoken downloads its files on first use"
+            f"{type(e).__name__}; tiktoken downloads its files on first use: connect once, or point " \
+            f"TIKTOKEN_CACHE_DIR at a directory that holds them"
         raise DataError(f"tokenizer {name!r} could not be loaded ({why})")
 
 

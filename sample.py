@@ -11,11 +11,12 @@ import sys
 
 import torch
 
-from model import load_checkpoint, setup_device
+from model import find_checkpoint, load_checkpoint, setup_device
 from prepare_data import DataError, get_tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'  # directory holding ckpt.pt
+out_dir = 'out'  # the training run's directory
+checkpoint = 'best'  # 'best' = best.pt (the weights of the best val loss), 'latest' = ckpt.pt (the last state)
 start = "\n"  # prompt, or "FILE:path" to read it from a file; an empty prompt starts from <|endoftext|>
 num_samples = 3
 max_new_tokens = 500
@@ -26,7 +27,7 @@ device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 use_cache = True  # KV-cached decoding; False recomputes the last block_size tokens every token
 extrapolate = False  # True: never crop the context to block_size (length extrapolation)
-_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
+_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
 _ranges = {'num_samples': '[1, inf)', 'max_new_tokens': '[0, inf)', 'temperature': '[0, inf)',
            'top_k': '[0, inf)', 'seed': '[0, 18446744073709551616)'}  # seed: torch takes a uint64
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -46,17 +47,15 @@ if start.startswith('FILE:'):
         why = (e.strerror or str(e)) if isinstance(e, OSError) else f"not UTF-8 text: {e.reason}"
         fail(f"--start={start}: cannot read {start[5:]!r} ({why}); give a readable UTF-8 text file")
 
-device, device_type, dtype, ctx = setup_device(device, dtype)
-torch.manual_seed(seed)
-
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if not os.path.isfile(ckpt_path):
-    fail(f"no checkpoint at {ckpt_path}; train one first (python train.py config/quickstart.py) or fix --out_dir")
 try:
-    checkpoint, model = load_checkpoint(ckpt_path)
-    meta = checkpoint['meta']
+    device, device_type, dtype, ctx = setup_device(device, dtype)
+    ckpt_path, what = find_checkpoint(out_dir, checkpoint)
+    ckpt, model = load_checkpoint(ckpt_path)
+    meta = ckpt['meta']
 except (ValueError, KeyError) as e:
     fail(str(e))
+print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}", file=sys.stderr)
+torch.manual_seed(seed)
 model.eval().to(device)
 try:
     encode, decode = get_tokenizer(meta['tokenizer'])

@@ -85,7 +85,7 @@ _choices = {**CONFIG_CHOICES, 'init_from': ['scratch', 'resume'], 'backend': ['a
             'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
 _ranges = {**CONFIG_RANGES, 'eval_interval': '[1, inf)', 'log_interval': '[1, inf)', 'eval_iters': '[1, inf)',
            'eval_block_size': '[0, inf)', 'gradient_accumulation_steps': '[1, inf)', 'batch_size': '[1, inf)',
-           'seed': '[0, inf)', 'vocab_size': '[0, inf)', 'learning_rate': '(0, inf)', 'max_iters': '[0, inf)',
+           'seed': '[0, 4294967295]', 'vocab_size': '[0, inf)', 'learning_rate': '(0, inf)', 'max_iters': '[0, inf)',
            'weight_decay': '[0, inf)', 'beta1': '[0, 1)', 'beta2': '[0, 1)', 'grad_clip': '[0, inf)',
            'warmup_iters': '[0, inf)', 'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)'}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]

@@ -9,6 +9,7 @@ import concurrent.futures
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -314,3 +315,85 @@ def test_train_config_building_on_another_is_accepted(train):
     assert 'Overriding config with config/gpt2_learned.py' in stderr, stderr
     assert "pos_emb='learned'" in stderr, stderr  # what the file set is echoed
     assert "unknown key 'zzz'" in line, line
+
+
+# ----------------------------------------------------------------------------- value ranges
+
+RANGED = """
+import json
+n = 1
+x = 0.5
+s = 'a'
+_ranges = {{'n': {n!r}, 'x': {x!r}}}
+exec(open({cfg!r}).read())
+print(json.dumps({{'n': n, 'x': x}}))
+"""
+
+
+@pytest.mark.parametrize('n_range, x_range, args, ok', [
+    ('[1, inf)', '[0, 1)', ['--n=1', '--x=0'], True),  # closed ends include the bound
+    ('[1, inf)', '[0, 1)', ['--n=0'], False),
+    ('[1, inf)', '[0, 1)', ['--x=1'], False),  # an open end excludes it
+    ('[1, inf)', '[0, 1)', ['--x=-0.0001'], False),
+    ('(0, 5]', '[0, 1]', ['--n=5', '--x=1'], True),
+    ('(0, 5]', '[0, 1]', ['--n=6'], False),
+])
+def test_values_outside_a_declared_range_are_rejected(tmp_path, n_range, x_range, args, ok):
+    path = tmp_path / 'ranged.py'
+    path.write_text(RANGED.format(n=n_range, x=x_range, cfg=CONFIGURATOR))
+    p = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                       timeout=60)
+    if ok:
+        parsed(p)
+    else:
+        key, value = args[0][2:].split('=')
+        line = config_error(p)
+        assert f"'{key}'" in line and f"valid: {n_range if key == 'n' else x_range}" in line, line
+
+
+def test_a_numeric_key_without_a_range_is_a_programming_error(tmp_path):
+    path = tmp_path / 'ranged.py'
+    path.write_text(RANGED.format(n='[1, inf)', x='[0, 1)', cfg=CONFIGURATOR).replace("'x': '[0, 1)'", ''))
+    p = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and 'x has no declared range' in p.stderr
+
+
+# every script declares a range for each numeric key (the configurator asserts it: an unknown key stops there
+# with status 2 only after that check passed), and the values the issue tracker saw crash are one-line errors
+SCRIPT_CASES = [
+    ('train.py', '--zzz=1'), ('sample.py', '--zzz=1'), ('eval.py', '--zzz=1'), ('bench.py', '--zzz=1'),
+    ('prepare_data.py', '--zzz=1'),
+    ('train.py', '--eval_interval=0'), ('train.py', '--log_interval=0'), ('train.py', '--batch_size=0'),
+    ('train.py', '--dropout=1.0'), ('train.py', '--learning_rate=0'), ('train.py', '--beta2=1.0'),
+    ('train.py', '--n_layer=0'), ('train.py', '--eval_iters=0'), ('train.py', '--min_lr=1.0'),
+    ('train.py', '--gradient_accumulation_steps=0'),
+    ('sample.py', '--top_k=-5'), ('sample.py', '--temperature=-1'), ('sample.py', '--num_samples=0'),
+    ('eval.py', '--batch_size=0'), ('eval.py', '--eval_tokens=-1'), ('bench.py', '--steps=0'),
+    ('bench.py', '--rounds=0'), ('bench.py', '--n_embd=0'), ('prepare_data.py', '--shard_size=0'),
+]
+
+
+@pytest.fixture(scope='module')
+def script_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('scripts')
+
+    def run(case):
+        script, arg = case
+        return subprocess.run([sys.executable, script, arg], cwd=tmp, env=env(), capture_output=True, text=True,
+                              timeout=300)
+    for f in os.listdir(REPO):  # a scratch copy: nothing these runs might write can land in the repo
+        if f.endswith('.py'):
+            shutil.copy(os.path.join(REPO, f), tmp)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(SCRIPT_CASES, pool.map(run, SCRIPT_CASES))), tmp
+
+
+@pytest.mark.parametrize('case', SCRIPT_CASES, ids=[f"{s}{a}" for s, a in SCRIPT_CASES])
+def test_every_script_checks_its_ranges(script_runs, case):
+    results, tmp = script_runs
+    line = config_error(results[case])
+    key = case[1][2:].split('=')[0]
+    assert key in line and ('valid:' in line or 'unknown key' in line or 'above' in line), line
+    written = set(os.listdir(tmp)) - {f for f in os.listdir(REPO) if f.endswith('.py')} - {'__pycache__'}
+    assert not written, written

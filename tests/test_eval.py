@@ -2,6 +2,7 @@
 embedded dataset, then eval.py as a subprocess on CPU. Numbers are checked against the model called directly."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -174,3 +175,25 @@ def test_sweep_trains_each_encoding_then_compares(tmp_path, data_root):
     assert all(DASH not in cell for r in rows.values() for cell in r.values())  # both extrapolate to 64
     p = run('eval.py', '--pos_embs=bogus', f'--sweep_out={tmp_path / "bad"}', '--device=cpu')
     assert p.returncode == 1 and 'pos_emb=bogus' in errors(p)[-1]
+    # the same sweep again would train into the runs it just made: refused before training anything
+    before = sorted(os.listdir(tmp_path / 'sw-rope'))
+    p = run('eval.py', '--pos_embs=none,rope', '--sweep_config=config/quickstart.py', f'--sweep_args={sweep_args}',
+            f'--sweep_out={tmp_path / "sw"}', '--device=cpu')
+    assert p.returncode == 1 and len(errors(p)) == 1 and 'already holds a run' in errors(p)[0], p.stderr
+    assert 'training:' not in p.stderr and sorted(os.listdir(tmp_path / 'sw-rope')) == before
+
+
+def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):
+    """Two checkpoints whose recorded content hashes differ (embedded sets of two Pythons) get a warning."""
+    other = tmp_path / 'other'
+    shutil.copytree(evaluated['dirs']['rope'], other)
+    for name in ('best.pt', 'ckpt.pt'):
+        ckpt = torch.load(other / name, weights_only=True)
+        ckpt['meta']['content_hash'] = 'sha256:' + '0' * 64
+        torch.save(ckpt, other / name)
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']},{other}", '--eval_block_sizes=32',
+            '--pos_offsets=0', f"--data_root={evaluated['data_root']}")
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if 'warning' in line]
+    assert any('different data' in w for w in warnings) and any(str(other) in w and 'not comparable' in w
+                                                               for w in warnings), p.stderr

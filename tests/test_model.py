@@ -497,7 +497,7 @@ def test_learned_generate_past_block_size_raises_before_generating():
     calls.clear()
     for kwargs in (dict(max_new_tokens=26), dict(max_new_tokens=20, pos_offset=6)):
         with pytest.raises(ValueError, match='block_size'):
-            model.generate(prompt, top_k=1, **kwargs)
+            model.generate(prompt, top_k=1, extrapolate=True, **kwargs)
         assert calls == [], f"{kwargs}: the model ran before the length check"
 
 
@@ -505,8 +505,8 @@ def test_learned_generate_past_block_size_raises_before_generating():
 def test_extrapolating_encodings_generate_past_block_size(name):
     model = make_model(name, dtype=F64)  # block_size 32
     prompt = tokens(2, 32)
-    cached = model.generate(prompt, 12, top_k=1)
-    uncached = model.generate(prompt, 12, top_k=1, use_cache=False)
+    cached = model.generate(prompt, 12, top_k=1, extrapolate=True)
+    uncached = model.generate(prompt, 12, top_k=1, use_cache=False, extrapolate=True)
     assert cached.shape == (2, 44)
     assert torch.equal(cached[:, :32], prompt)
     assert ((cached >= 0) & (cached < model.config.vocab_size)).all()

@@ -24,16 +24,18 @@ SHORT = {
     'prepare_data.py': [],
 }
 GPU = "needs CUDA GPUs and FineWeb-Edu (network)"
-# command (as in the README, continuation lines joined, comment dropped) -> 'run' | ('error', text) | ('skip', why)
+QUICKSTART = 'pip install -r requirements.txt && python train.py config/quickstart.py && python sample.py ' \
+    '--out_dir=out-quickstart'
+# command (as in the README, continuation lines joined, comment dropped) -> 'run' | ('error', regex) | ('skip', why)
 COMMANDS = {
     'python train.py config/gpt2_rope.py --pos_emb=carope': ('error', 'prepare_data.py --dataset=fineweb_edu'),
-    'pip install -r requirements.txt && python train.py config/quickstart.py && python sample.py '
-    '--out_dir=out-quickstart': 'run',
+    QUICKSTART: 'run',
     'pip install -r requirements.txt pytest && python -m pytest -q tests': ('skip', "the test suite itself: "
                                                                             ".ci/run runs this exact line"),
     'python sample.py --out_dir=out-quickstart --start="def "': 'run',
     'python train.py config/quickstart.py --pos_emb=learned --n_layer=6 --out_dir=out-learned': 'run',
-    'python prepare_data.py --dataset=fineweb_edu': ('error', 'HF_HUB_OFFLINE'),
+    # no network: tiktoken's gpt2 files (unless cached) or else the hub, each a one-line error with its fix
+    'python prepare_data.py --dataset=fineweb_edu': ('error', 'downloads its files on first use|HF_HUB_OFFLINE'),
     'torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py': ('skip', GPU),
     'torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py '
     'config/gpt2_rope.py': ('skip', "needs 2 nodes of 8 GPUs"),
@@ -43,6 +45,7 @@ COMMANDS = {
     '--gradient_accumulation_steps=2 --out_dir=out-ddp': 'run',
     'python train.py config/quickstart.py --init_from=resume': 'run',
     'python train.py config/quickstart.py --init_from=resume --max_iters=2000 --lr_decay_iters=2000': 'run',
+    'python sample.py --out_dir=out-quickstart': 'run',
     'python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --num_samples=3 '
     '--max_new_tokens=200': 'run',
     'python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt --temperature=0.7 --top_k=50 --seed=1': 'run',
@@ -61,7 +64,7 @@ COMMANDS = {
     'python eval.py --pos_embs=none,rope,selective --sweep_config=config/synthetic_parity.py --sweep_out=out-parity':
         'run',
     'OMP_NUM_THREADS=1 python bench.py --rounds=7 --steps=5': 'run',
-    'python bench.py --preset=gpt2 --compile=True': ('error', '--preset=gpt2'),
+    'python bench.py --preset=gpt2 --compile=True': ('error', 'sized for a GPU'),
 }
 
 
@@ -74,7 +77,7 @@ def readme_commands():
 
 
 def test_every_readme_command_has_an_entry():
-    assert sorted(readme_commands()) == sorted(COMMANDS)
+    assert set(readme_commands()) == set(COMMANDS)
 
 
 def shortened(command):
@@ -122,13 +125,11 @@ def test_readme_command_runs(command, workdir):
     action = COMMANDS[command]
     if isinstance(action, tuple) and action[0] == 'skip':
         pytest.skip(action[1])
-    if 'out-quickstart' in command and not (workdir / 'out-quickstart').exists():  # run alone (-k): train it first
+    uses_quickstart = any(w in command for w in ('out-quickstart', 'out-gpt2-', '--init_from=resume'))
+    if uses_quickstart and command != QUICKSTART and not (workdir / 'out-quickstart').exists():  # run alone (-k)
         subprocess.run(['bash', '-c', shortened('python train.py config/quickstart.py')], cwd=workdir, env=env(),
                        check=True, capture_output=True)
     if 'out-gpt2-' in command:  # sampling/eval commands of the GPT-2 runs: on the quick start's checkpoint
-        if not (workdir / 'out-quickstart').exists():
-            subprocess.run(['bash', '-c', shortened('python train.py config/quickstart.py')], cwd=workdir,
-                           env=env(), check=True, capture_output=True)
         for name in ('out-gpt2-rope', 'out-gpt2-carope'):
             if not (workdir / name).exists():
                 shutil.copytree(workdir / 'out-quickstart', workdir / name)
@@ -139,4 +140,4 @@ def test_readme_command_runs(command, workdir):
         assert 'Traceback' not in p.stderr, p.stderr[-3000:]
     else:
         errors = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith('Overriding')]
-        assert p.returncode != 0 and len(errors) == 1 and action[1] in errors[0], (command, p.stderr[-3000:])
+        assert p.returncode != 0 and len(errors) == 1 and re.search(action[1], errors[0]), (command, p.stderr[-3000:])

@@ -15,29 +15,18 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from model import GPT, GPTConfig  # noqa: E402
 from rope import ENCODINGS  # noqa: E402
+import test_model  # noqa: E402
+from test_model import tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 ALL = list(ENCODINGS)
 F64 = torch.float64
 
 
-def make_model(pos_emb, dtype=F64, sharpen=15.0, **kw):
-    """A tiny GPT in eval mode, q/k/v scaled up (as in test_model.py), far from uniform."""
-    torch.manual_seed(0)
-    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb=pos_emb)
-    model = GPT(GPTConfig(**{**cfg, **kw})).eval()
-    with torch.no_grad():
-        for block in model.transformer.h:
-            for p in block.attn.c_attn.parameters():
-                if p.dim() >= 2:
-                    p.mul_(sharpen)
-    return model.to(dtype)
-
-
-def tokens(B, T, vocab=64, seed=1):
-    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+def make_model(pos_emb, dtype=F64, **kw):
+    """test_model.py's tiny GPT in eval mode (q/k/v scaled up, far from uniform), in float64 by default."""
+    return test_model.make_model(pos_emb, dtype=dtype, **kw)
 
 
 def all_logits(model, idx, pos_offset=0):
@@ -258,8 +247,8 @@ def learned_ckpt(tmp_path_factory):
 
 
 def error_lines(p):
-    """stderr without the configurator's 'Overriding: ...' echo of the arguments it accepted."""
-    return [line for line in p.stderr.splitlines() if not line.startswith('Overriding')]
+    """stderr without the configurator's 'Overriding: ...' echo and the 'loaded <checkpoint>' note."""
+    return [line for line in p.stderr.splitlines() if not line.startswith(('Overriding', 'loaded '))]
 
 
 def test_sample_py_defaults_and_greedy(learned_ckpt):
