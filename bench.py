@@ -45,14 +45,14 @@ _choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32
             'baseline': list(ENCODINGS)}
 _ranges = {**CONFIG_RANGES, 'batch_size': '[1, inf)', 'warmup': '[0, inf)', 'steps': '[1, inf)', 'rounds': '[1, inf)',
            'seed': '[0, 4294967295]'}
-_defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-if preset == 'gpt2':  # a preset fills the keys still at their default: explicit overrides win
+if preset == 'gpt2':  # a preset fills the keys not given: explicit overrides win, even ones equal to a default
     for k, v in dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=16).items():
-        if globals()[k] == _defaults[k]:
+        if k not in _config_given:
             globals()[k] = v
 names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.split(',') if n.strip()]
+names = list(dict.fromkeys(names))  # once each
 if unknown := [n for n in names if n not in ENCODINGS]:
     sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} or 'all'")
 names = [baseline] * (baseline not in names) + names
@@ -185,3 +185,5 @@ print('\n'.join(lines))
 if report:
     with open(report, 'w') as f:
         f.write('\n'.join(lines) + '\n')
+if not runs:
+    sys.exit("bench.py: every encoding failed (errors above)")

@@ -25,6 +25,7 @@ def _config_fail(message):
 _config_defaults = {k: v for k, v in globals().items()
                     if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 _config_verbose = _os.environ.get('RANK', '0') == '0'  # one torchrun process speaks, not eight
+_config_given = set()  # the keys a config file or flag set, even to their default value
 
 
 def _in_range(value, interval):
@@ -53,6 +54,7 @@ def _config_set(key, value, source):
     if interval is not None and not _in_range(value, interval):
         _config_fail(f"'{key}' in {source} is {value!r}; valid: {interval}")
     globals()[key] = value
+    _config_given.add(key)
 
 
 if '_ranges' in globals():  # a script that declares ranges declares one for every numeric key, holding its default
@@ -66,7 +68,12 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
             _available = sorted(_glob.glob(_os.path.join('config', '*.py')))
             _config_fail(f"config file '{_arg}' not found; available: {', '.join(_available) or 'none'}")
         _namespace = {"__file__": _os.path.abspath(_arg)}  # so a config can build on another
-        exec(open(_arg).read(), _namespace)
+        try:
+            exec(__import__('builtins').compile(open(_arg).read(), _arg, 'exec'), _namespace)  # train.py has its own compile
+        except Exception as _e:  # a syntax error, a NameError, ...: where, and what
+            _tb = __import__('traceback').extract_tb(_e.__traceback__)
+            _line = getattr(_e, 'lineno', None) or next((f.lineno for f in _tb[::-1] if f.filename == _arg), '?')
+            _config_fail(f"config file '{_arg}' line {_line}: {type(_e).__name__}: {getattr(_e, 'msg', _e)}")
         _set = []
         for _key, _value in _namespace.items():
             if not _key.startswith('_') and not callable(_value) and not hasattr(_value, '__spec__'):

@@ -19,7 +19,8 @@ import torch
 from torch.nn import functional as F
 
 import prepare_data
-from model import find_checkpoint, load_checkpoint, setup_device
+from model import find_checkpoint, load_checkpoint, setup_device, unwritable
+from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
@@ -77,7 +78,13 @@ except ValueError as e:
 
 # checkpoints: every one is loaded (and every request checked) before any evaluation runs
 dirs = [d.strip() for d in out_dirs.split(',') if d.strip()]
-sweep = [p.strip() for p in pos_embs.split(',') if p.strip()]
+sweep = list(dict.fromkeys(p.strip() for p in pos_embs.split(',') if p.strip()))  # once each
+if unknown := [p for p in sweep if p not in ENCODINGS]:  # before training any
+    fail(f"--pos_embs: unknown pos_emb {', '.join(unknown)}; valid: {', '.join(ENCODINGS)}")
+for key, path, is_dir in [('--report', report, False), ('--plots', plots, True),
+                          ('--sweep_out', f"{sweep_out}-{sweep[0]}" if sweep else '', True)]:
+    if path and (why := unwritable(path, is_dir)):  # before any work, not after it
+        fail(f"{key}={path}: cannot be written: {why}")
 for pe in sweep:  # before training any: a sweep never trains into, or mixes with, an earlier run
     if any(os.path.exists(os.path.join(f"{sweep_out}-{pe}", f)) for f in ('ckpt.pt', 'best.pt', 'log.jsonl')):
         fail(f"{sweep_out}-{pe} already holds a run; compare it with --out_dirs={sweep_out}-{pe}, or use another "
@@ -88,7 +95,7 @@ for pe in sweep:  # the sweep: same config, one run per encoding
            f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
     print(f"training: {' '.join(cmd[1:])}", file=sys.stderr)
     t0 = time.time()
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:  # training logs to stderr: stdout is the tables
         fail(f"training pos_emb={pe} failed (command above); fix it or leave it out of --pos_embs")
     print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
     dirs.append(out)

@@ -6,6 +6,7 @@ The encodings live in rope.py; this file only calls their hooks. References:
 """
 import math
 import os
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -335,8 +336,8 @@ class GPT(nn.Module):
             logits[:, vocab_limit:] = -float('Inf')  # padding ids: no token to decode
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
+            else:  # from the max down, in fp64: no temperature (1e-300, 1e300) overflows or makes 0/0 or -inf/inf
+                logits = (logits - logits.max(dim=-1, keepdim=True).values).double() / temperature
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, vocab_limit))
                     logits[logits < v[:, [-1]]] = -float('Inf')
@@ -385,19 +386,46 @@ def find_checkpoint(out_dir, which='best'):
         why = "the last state; no best.pt in this run" if which == 'best' else "the last state"
         return latest, f"{latest} ({why})"
     raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt); train one first "
-                     f"(python train.py config/quickstart.py) or fix --out_dir")
+                     f"(python train.py config/quickstart.py) or fix the directory given")
 
 
-def load_checkpoint(path):
-    """(checkpoint dict, its uncompiled GPT with the weights loaded) from a ckpt.pt train.py wrote (a plain dict,
-    read with weights_only=True). A corrupt or foreign file raises ValueError naming it."""
+def unwritable(path, is_dir):
+    """None if the file or directory `path` can be written, else why not, in words: checked before any work, so a
+    bad --out_dir or --report fails at once and not after training. Probes the nearest existing folder with a
+    temporary file (os.access says yes to root even on read-only file systems); nothing is left behind."""
+    if not path:
+        return "it is empty"
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        return f"it is {'a file' if is_dir else 'a directory'}"
+    folder = path if is_dir else os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"{folder} cannot be written ({e.strerror})"
+    return None
+
+
+def load_checkpoint(path, build=True):
+    """(checkpoint dict, its uncompiled GPT with the weights loaded, or None unless build) from a ckpt.pt or
+    best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or foreign file raises
+    ValueError naming it."""
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        model = GPT(GPTConfig(**checkpoint['model_args']))
-        model.load_state_dict(checkpoint['model'])
+        model = GPT(GPTConfig(**checkpoint['model_args'])) if build else None
+        if build:
+            model.load_state_dict(checkpoint['model'])
+        checkpoint['config']['dataset'], checkpoint['meta']  # every train.py checkpoint has them
     except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                         f"it is corrupt or not a nanoRoPE checkpoint") from e
+        why = 'not a torch checkpoint' if 'eights only load failed' in str(e) else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"  # not torch's advice to unpickle anything
+        other = ' (--checkpoint=latest reads ckpt.pt)' if os.path.basename(path) == 'best.pt' else ''
+        raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
+                         f"checkpoint{other}") from e
     return checkpoint, model
 
 

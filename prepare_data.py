@@ -11,6 +11,7 @@ the gpt2 shards match llm.c's); the embedded dataset ends every file with EOT in
 meta.json, written last, says what a dataset is: tokenizer, vocab_size, eot, unigram_loss,
 source, content_hash (sha256 of the shard files), and for embedded python_version and n_files.
 """
+import difflib
 import glob
 import hashlib
 import json
@@ -40,8 +41,9 @@ class DataError(Exception):
 
 
 def _prepare_cmd(data_dir):
-    name = os.path.basename(os.path.normpath(os.path.abspath(data_dir)))
-    return f"`python prepare_data.py --dataset={name}`"
+    root, name = os.path.split(os.path.normpath(os.path.abspath(data_dir)))
+    where = '' if root == os.path.join(HERE, 'data') else f" --out_root={root}"  # the data_root that was used
+    return f"`python prepare_data.py --dataset={name}{where}`"
 
 
 def _write_json(path, obj):
@@ -113,7 +115,11 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         what = 'no meta.json (preparation never finished)' if os.path.isdir(data_dir) else 'no such dataset dir'
-        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}")
+        root, name = os.path.split(os.path.normpath(data_dir))
+        known = ['embedded', 'fineweb_edu', *SYNTHETIC_TASKS] + (os.listdir(root) if os.path.isdir(root) else [])
+        close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.8)
+        hint = f" (or did you mean --dataset={close[0]}?)" if close else ''
+        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}{hint}")
     try:
         with open(path) as f:
             return json.load(f)
@@ -621,6 +627,13 @@ def main(argv):
     exec(open(os.path.join(HERE, 'configurator.py')).read(), config)
 
     out_dir = os.path.join(config['out_root'], config['dataset'])
+    typo = difflib.get_close_matches(config['dataset'], ['embedded', *SYNTHETIC_TASKS], n=1, cutoff=0.8)
+    if config['dataset'] in SYNTHETIC_TASKS:
+        raise DataError(f"--dataset={config['dataset']} is a synthetic task, generated while training: nothing to "
+                        f"prepare (python train.py --dataset={config['dataset']} ...)")
+    if typo and typo[0] != config['dataset']:  # any other name downloads FineWeb-Edu (or --hf_path) into it
+        raise DataError(f"--dataset={config['dataset']}: did you mean --dataset={typo[0]}? (any other name "
+                        f"prepares --hf_path={config['hf_path']} into {out_dir})")
     if config['dataset'] == 'embedded':
         prepare_embedded(out_dir)
         return

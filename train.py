@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, device_peak_flops, setup_device
+from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, device_peak_flops, load_checkpoint, setup_device,
+                   unwritable)
 from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
                           load_meta, synthetic_eval_set)
 
@@ -98,6 +99,7 @@ for _bad, _message in [  # conditions between keys, checked like each key's rang
     (gradient_accumulation_steps % _world, f"gradient_accumulation_steps={gradient_accumulation_steps} (global) "
      f"must be a multiple of the {_world} processes: e.g. --gradient_accumulation_steps={_n}{_keep}"),
     (min_lr > learning_rate, f"min_lr={min_lr} is above learning_rate={learning_rate}"),
+    (n_embd % n_head, f"n_embd={n_embd} must be a multiple of n_head={n_head} (the head dim is n_embd / n_head)"),
     ((eval_block_size or block_size) > eval_iters * batch_size * block_size,
      f"the eval set (eval_iters x batch_size x block_size = {eval_iters * batch_size * block_size} tokens) holds "
      f"no window of eval_block_size={eval_block_size}; raise eval_iters"),
@@ -116,10 +118,21 @@ def fail(message):
     sys.exit(1)
 
 
+def get_lr(it):
+    if it < warmup_iters:  # linear warmup
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:  # (the cosine reaches min_lr there anyway)
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
     fail(str(e))
+if dtype == 'float16' and device_type == 'cpu' and int(os.environ.get('RANK', 0)) == 0:
+    print("note: dtype='float16' on a CPU runs fp16 autocast, many times slower than float32 there", file=sys.stderr)
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
 if ddp:
     dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
@@ -135,7 +148,10 @@ master_process = ddp_rank == 0  # does the logging and checkpointing
 # a run's files: ckpt.pt (the latest state, to resume from), best.pt (the weights of the best val loss), log.jsonl.
 # A fresh run never writes into another run's out_dir: it would overwrite its checkpoints and mix the logs.
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'best.pt', 'log.jsonl'))
-if init_from == 'scratch' and (held := [f for f in (ckpt_path, best_path, log_path) if os.path.exists(f)]):
+if not eval_only and (why := unwritable(out_dir, is_dir=True)):  # eval_only writes nothing
+    fail(f"out_dir={out_dir!r} cannot be used: {why}; give a directory this user can write")
+if init_from == 'scratch' and not eval_only and \
+        (held := [f for f in (ckpt_path, best_path, log_path) if os.path.exists(f)]):
     fail(f"out_dir={out_dir!r} already holds a run ({', '.join(map(os.path.basename, held))}); continue it with "
          f"--init_from=resume, or use another --out_dir (or delete that one)")
 
@@ -145,12 +161,11 @@ if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist; check out_dir or use init_from='scratch'")
     try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        model_args = checkpoint['model_args']
-        trained_on = checkpoint['config']['dataset'], checkpoint['meta'].get('content_hash')
-    except Exception as e:
-        fail(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-             f"it is corrupt or not a nanoRoPE checkpoint: restore it or use init_from='scratch'")
+        checkpoint, _ = load_checkpoint(ckpt_path, build=False)  # the model is built below, on this device
+    except ValueError as e:
+        fail(f"{e}: restore it or use init_from='scratch'")
+    model_args = checkpoint['model_args']
+    trained_on = checkpoint['config']['dataset'], checkpoint['meta'].get('content_hash')
     if trained_on[0] != dataset:
         fail(f"{ckpt_path} was trained on dataset={trained_on[0]!r}; resume it with --dataset={trained_on[0]}")
     # the architecture is the checkpoint's: say which keys of this command it overrides, and record what runs
@@ -161,6 +176,14 @@ if init_from == 'resume':
     if master_process:
         print(f"resuming from {ckpt_path} at iter {checkpoint['iter_num']}"
               + (f"; from the checkpoint: {', '.join(taken)}" if taken else ''))
+    # the eval set stays the checkpoint's, so that val losses (and best.pt's choice) stay comparable
+    was = checkpoint['config']
+    if (was['eval_iters'], was['batch_size']) != (eval_iters, batch_size) and master_process:
+        print(f"note: the eval set stays the checkpoint's (eval_iters={was['eval_iters']} x batch_size="
+              f"{was['batch_size']}), so that val losses before and after the resume compare")
+    eval_iters, eval_batch = was['eval_iters'], was['batch_size']
+else:
+    eval_batch = batch_size  # the eval set is eval_iters x eval_batch sequences of each split
 
 eval_block_size = eval_block_size or block_size
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
@@ -180,14 +203,14 @@ try:
     if dataset in SYNTHETIC_TASKS:
         meta = SYNTHETIC_TASKS[dataset]
         train_loader = SyntheticLoader(dataset, batch_size, block_size, ddp_rank, ddp_world_size, seed)
-        first = SyntheticLoader(dataset, batch_size, eval_block_size, 0, 1, seed)  # 'train': the first batches
+        first = SyntheticLoader(dataset, eval_batch, eval_block_size, 0, 1, seed)  # 'train': the first batches
         eval_data = {'train': [torch.cat(t) for t in zip(*[first.next_batch() for _ in range(eval_iters)])],
-                     'val': synthetic_eval_set(dataset, eval_iters * batch_size, eval_block_size, seed)}
+                     'val': synthetic_eval_set(dataset, eval_iters * eval_batch, eval_block_size, seed)}
     else:
         data_dir = ensure_dataset(data_root, dataset)
         meta = load_meta(data_dir)
         train_loader = ShardLoader(data_dir, 'train', batch_size, block_size, ddp_rank, ddp_world_size, seed)
-        eval_data = {split: windows(eval_tokens(data_dir, split, eval_iters * batch_size * block_size), eval_block_size)
+        eval_data = {split: windows(eval_tokens(data_dir, split, eval_iters * eval_batch * block_size), eval_block_size)
                      for split in ('train', 'val')}
         for split, (X, _) in eval_data.items():
             if len(X) == 0:  # a loss over no tokens would be nan
@@ -241,10 +264,22 @@ if checkpoint is not None:
         torch.set_rng_state(rng[ddp_rank]['cpu'])
         if device_type == 'cuda' and rng[ddp_rank]['cuda'] is not None:
             torch.cuda.set_rng_state(rng[ddp_rank]['cuda'], device)
+    last_lr = checkpoint.get('lr')
     checkpoint = None  # free memory
+    if iter_num >= max_iters and not eval_only:  # nothing to train: say so, write nothing
+        if master_process:
+            print(f"the checkpoint is at iter {iter_num}, max_iters={max_iters}: nothing to train; raise --max_iters "
+                  f"(and --lr_decay_iters) to train longer")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(0)
+    lr_now = get_lr(iter_num - 1) if decay_lr else learning_rate
     if master_process and decay_lr and lr_decay_iters <= iter_num < max_iters:
         print(f"note: iter {iter_num} is past lr_decay_iters={lr_decay_iters}, so the LR stays at min_lr={min_lr}; "
               f"to extend the schedule pass --lr_decay_iters={max_iters} too")
+    elif master_process and last_lr is not None and not math.isclose(lr_now, last_lr, rel_tol=1e-6):
+        print(f"note: the LR schedule changed: iter {iter_num - 1} ran at lr {last_lr:.2e}, which this schedule "
+              f"puts at {lr_now:.2e}; training continues from there")
 
 if compile:
     if master_process:
@@ -280,15 +315,6 @@ def estimate_loss():
     return out
 
 
-def get_lr(it):
-    if it < warmup_iters:  # linear warmup
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:  # (the cosine reaches min_lr there anyway)
-        return min_lr
-    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
 def save_checkpoint(path, resumable):
     """Write a checkpoint atomically (temp file, then rename): a crash never leaves a half-written file. A plain
     dict; resumable adds the optimizer, grad scaler, loader position and every process's RNG state (gathered: every
@@ -302,7 +328,7 @@ def save_checkpoint(path, resumable):
     if not master_process:
         return
     checkpoint = {'model': raw_model.state_dict(), 'model_args': asdict(gptconf), 'config': config, 'meta': meta,
-                  'iter_num': iter_num, 'best_val_loss': best_val_loss}
+                  'iter_num': iter_num, 'best_val_loss': best_val_loss, 'lr': lr}
     if resumable:
         checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                           loader=train_loader.state_dict(), rng=rngs)
@@ -342,7 +368,7 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
-if master_process:
+if master_process and not eval_only:
     os.makedirs(out_dir, exist_ok=True)
     if 'unigram_loss' in meta:
         print(f"unigram baseline val loss: {meta['unigram_loss']:.4f}")
@@ -361,8 +387,9 @@ while True:
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   f" (eval_block_size {eval_block_size})")
-            log_record({'iter': iter_num, 'val_loss': losses['val'], 'train_eval_loss': losses['train'],
-                        'eval_block_size': eval_block_size})
+            if not eval_only:  # eval_only writes nothing
+                log_record({'iter': iter_num, 'val_loss': losses['val'], 'train_eval_loss': losses['train'],
+                            'eval_block_size': eval_block_size})
         if losses['val'] < best_val_loss and iter_num > 0 and not eval_only:
             best_val_loss = losses['val']
             save_checkpoint(best_path, resumable=False)

@@ -360,17 +360,14 @@ def test_a_numeric_key_without_a_range_is_a_programming_error(tmp_path):
 
 
 # every script declares a range for each numeric key (the configurator asserts it: an unknown key stops there
-# with status 2 only after that check passed), and the values the issue tracker saw crash are one-line errors
+# with status 2 only after that check passed), and the values seen to crash are one-line errors. More cases:
+# test_sample.py (top_k, temperature, num_samples), test_data.py (shard_size, num_proc)
 SCRIPT_CASES = [
     ('train.py', '--zzz=1'), ('sample.py', '--zzz=1'), ('eval.py', '--zzz=1'), ('bench.py', '--zzz=1'),
     ('prepare_data.py', '--zzz=1'),
     ('train.py', '--eval_interval=0'), ('train.py', '--log_interval=0'), ('train.py', '--batch_size=0'),
-    ('train.py', '--dropout=1.0'), ('train.py', '--learning_rate=0'), ('train.py', '--beta2=1.0'),
-    ('train.py', '--n_layer=0'), ('train.py', '--eval_iters=0'), ('train.py', '--min_lr=1.0'),
-    ('train.py', '--gradient_accumulation_steps=0'),
-    ('sample.py', '--top_k=-5'), ('sample.py', '--temperature=-1'), ('sample.py', '--num_samples=0'),
-    ('eval.py', '--batch_size=0'), ('eval.py', '--eval_tokens=-1'), ('bench.py', '--steps=0'),
-    ('bench.py', '--rounds=0'), ('bench.py', '--n_embd=0'), ('prepare_data.py', '--shard_size=0'),
+    ('train.py', '--dropout=1.0'), ('train.py', '--min_lr=1.0'), ('eval.py', '--batch_size=0'),
+    ('bench.py', '--steps=0'),
 ]
 
 

@@ -174,7 +174,9 @@ def test_sweep_trains_each_encoding_then_compares(tmp_path, data_root):
     assert list(rows) == ['sw-rope (rope)', 'sw-none (none)']
     assert all(DASH not in cell for r in rows.values() for cell in r.values())  # both extrapolate to 64
     p = run('eval.py', '--pos_embs=bogus', f'--sweep_out={tmp_path / "bad"}', '--device=cpu')
-    assert p.returncode == 1 and 'pos_emb=bogus' in errors(p)[-1]
+    assert p.returncode == 1 and 'bogus' in errors(p)[-1] and 'training:' not in p.stderr  # checked first
+    p = run('eval.py', f"--out_dirs={tmp_path / 'sw-rope'}", '--report=/proc/nope/report.md', '--device=cpu')
+    assert p.returncode == 1 and len(errors(p)) == 1 and '--report' in errors(p)[0], p.stderr
     # the same sweep again would train into the runs it just made: refused before training anything
     before = sorted(os.listdir(tmp_path / 'sw-rope'))
     p = run('eval.py', '--pos_embs=none,rope', '--sweep_config=config/quickstart.py', f'--sweep_args={sweep_args}',

@@ -296,3 +296,16 @@ def test_sample_py_unreadable_start_file_is_one_line(learned_ckpt, tmp_path):
         line, = error_lines(p)
         assert line.startswith('sample.py: --start=FILE:') and str(path) in line, line
         assert why in line, line
+
+
+@pytest.mark.parametrize('temperature', [1e-40, 1e-300, 5e-324, 1e300])
+def test_extreme_temperatures_sample_valid_ids(temperature):
+    """Tiny or huge (in range) temperatures neither overflow nor divide 0 by 0: near-greedy or near-uniform."""
+    model = make_model('rope', dtype=torch.float32)
+    prompt = tokens(2, 5)
+    for top_k in (None, 3):
+        out = model.generate(prompt, 6, temperature=temperature, top_k=top_k, vocab_limit=50)
+        assert ((out[:, 5:] >= 0) & (out[:, 5:] < 50)).all()
+    if temperature < 1e-30:  # as good as greedy
+        greedy = model.generate(prompt, 6, temperature=0, vocab_limit=50)
+        assert torch.equal(model.generate(prompt, 6, temperature=temperature, vocab_limit=50), greedy)

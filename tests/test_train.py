@@ -141,9 +141,12 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root):
 def test_length_extrapolation_eval_and_sampling_errors(tmp_path, data_root):
     out = tmp_path / 'rope'
     train(out, data_root, '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=4')
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     p = train(out, data_root, '--init_from=resume', '--eval_only=True', '--eval_block_size=128')
-    assert 'eval_block_size 128' in p.stdout
-    assert records(out, 'val_loss')[4] > 0
+    assert 'eval_block_size 128' in p.stdout and float(p.stdout.split('val loss ')[1].split()[0]) > 0
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # eval_only writes nothing
+    p = train(out, data_root, '--init_from=resume', '--max_iters=4')  # at max_iters: nothing to train or write
+    assert 'nothing to train' in p.stdout and {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
     learned = tmp_path / 'learned'
     train(learned, data_root, '--pos_emb=learned', '--max_iters=2', '--lr_decay_iters=2', '--eval_interval=2')
@@ -197,6 +200,10 @@ def test_resume_takes_the_architecture_from_the_checkpoint_and_says_so(tmp_path,
     assert "pos_emb='learned' (not 'carope')" in p.stdout, p.stdout
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['config']['pos_emb'] == ckpt['model_args']['pos_emb'] == 'learned'  # what ran is recorded
+    # another batch_size keeps the checkpoint's eval set: the same weights give the same val loss
+    p = train(out, data_root, '--init_from=resume', '--eval_only=True', '--batch_size=2', '--max_iters=4')
+    assert 'the eval set stays the checkpoint' in p.stdout
+    assert float(p.stdout.split('val loss ')[1].split()[0]) == pytest.approx(records(out, 'val_loss')[4], abs=1e-4)
 
     p = train(out, data_root, '--dataset=copy', '--init_from=resume', '--max_iters=6', check=False)
     assert p.returncode == 1 and "--dataset=embedded" in p.stderr and 'Traceback' not in p.stderr
@@ -211,8 +218,9 @@ def test_train_longer_extends_the_schedule_as_the_readme_shows(tmp_path, data_ro
     assert set(records(out, 'lr')[it] for it in range(4, 8)) == {3e-4}
     out2 = tmp_path / 'out2'
     train(out2, data_root, '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=4', '--warmup_iters=1')
-    train(out2, data_root, '--init_from=resume', '--max_iters=8', '--lr_decay_iters=8', '--eval_interval=4',
-          '--warmup_iters=1')
+    p = train(out2, data_root, '--init_from=resume', '--max_iters=8', '--lr_decay_iters=8', '--eval_interval=4',
+              '--warmup_iters=1')
+    assert 'the LR schedule changed' in p.stdout  # min_lr at iter 3 before, higher up the longer cosine now
     lr = records(out2, 'lr')
     assert all(lr[it] > 3e-4 for it in range(4, 8)) and lr[4] > lr[5] > lr[6] > lr[7]  # the cosine goes on
 
