@@ -9,10 +9,12 @@ An unknown key, a value of the wrong type (an int where a float is expected is f
 choices or range, or a missing config file ends the run with a one-line message and exit status 2, before
 anything is written. Only the first process of a torchrun job (RANK 0) prints what was overridden.
 """
+import builtins as _builtins
 import difflib as _difflib
 import glob as _glob
 import os as _os
 import sys as _sys
+import traceback as _traceback
 from ast import literal_eval as _literal_eval
 
 
@@ -57,11 +59,12 @@ def _config_set(key, value, source):
     _config_given.add(key)
 
 
-if '_ranges' in globals():  # a script that declares ranges declares one for every numeric key, holding its default
+if '_ranges' in globals():  # a script that declares ranges declares one, holding its default, per numeric key
     for _key, _default in _config_defaults.items():
         if type(_default) in (int, float):
             assert _key in _ranges, f"{_key} has no declared range in _ranges"
-            assert _in_range(_default, _ranges[_key]), f"{_key}'s default {_default!r} is outside {_ranges[_key]}"
+            assert _in_range(_default, _ranges[_key]), \
+                f"{_key}'s default {_default!r} is outside {_ranges[_key]}"
 for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own list
     if not _arg.startswith('--'):  # a config file
         if not _os.path.isfile(_arg):
@@ -69,10 +72,12 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
             _config_fail(f"config file '{_arg}' not found; available: {', '.join(_available) or 'none'}")
         _namespace = {"__file__": _os.path.abspath(_arg)}  # so a config can build on another
         try:
-            exec(__import__('builtins').compile(open(_arg).read(), _arg, 'exec'), _namespace)  # train.py has its own compile
+            # _builtins.compile: train.py's `compile` key shadows the builtin in this namespace
+            exec(_builtins.compile(open(_arg).read(), _arg, 'exec'), _namespace)
         except Exception as _e:  # a syntax error, a NameError, ...: where, and what
-            _tb = __import__('traceback').extract_tb(_e.__traceback__)
-            _line = getattr(_e, 'lineno', None) or next((f.lineno for f in _tb[::-1] if f.filename == _arg), '?')
+            _tb = _traceback.extract_tb(_e.__traceback__)
+            _line = getattr(_e, 'lineno', None) or \
+                next((f.lineno for f in _tb[::-1] if f.filename == _arg), '?')
             _config_fail(f"config file '{_arg}' line {_line}: {type(_e).__name__}: {getattr(_e, 'msg', _e)}")
         _set = []
         for _key, _value in _namespace.items():

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import prepare_data
-from model import find_checkpoint, load_checkpoint, setup_device, unwritable
+from model import find_checkpoint, held_run, load_checkpoint, setup_device, unwritable
 from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
@@ -86,7 +86,7 @@ for key, path, is_dir in [('--report', report, False), ('--plots', plots, True),
     if path and (why := unwritable(path, is_dir)):  # before any work, not after it
         fail(f"{key}={path}: cannot be written: {why}")
 for pe in sweep:  # before training any: a sweep never trains into, or mixes with, an earlier run
-    if any(os.path.exists(os.path.join(f"{sweep_out}-{pe}", f)) for f in ('ckpt.pt', 'best.pt', 'log.jsonl')):
+    if held_run(f"{sweep_out}-{pe}"):
         fail(f"{sweep_out}-{pe} already holds a run; compare it with --out_dirs={sweep_out}-{pe}, or use another "
              f"--sweep_out (or delete it)")
 for pe in sweep:  # the sweep: same config, one run per encoding
@@ -121,7 +121,8 @@ for d in dirs:
                      pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
                      dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed'],
                      content_hash=ckpt['meta'].get('content_hash'),
-                     train_eval_tokens=config['eval_iters'] * config['batch_size'] * config['block_size']))
+                     train_eval_tokens=config['eval_iters'] * config.get('eval_batch_size', config['batch_size'])
+                     * config['block_size']))
 if len({r['label'] for r in runs}) < len(runs):  # e.g. runs/a/out and runs/b/out: name rows by the whole path
     for r in runs:
         r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']})"
@@ -131,10 +132,11 @@ if not lengths or min(lengths) < 1:
     fail(f"--eval_block_sizes={eval_block_sizes!r}: lengths must be >= 1")
 # every length must cut the same tokens into whole windows: a multiple of all the lengths
 step = math.lcm(*lengths)
-n_tokens = (eval_tokens or max(r['train_eval_tokens'] for r in runs)) // step * step
+asked = eval_tokens or max(r['train_eval_tokens'] for r in runs)
+n_tokens = asked // step * step
 if n_tokens <= 0:
-    fail(f"--eval_tokens={eval_tokens or max(r['train_eval_tokens'] for r in runs)} is fewer than {step}, the least "
-         f"multiple of every eval block size; raise --eval_tokens")
+    fail(f"--eval_tokens={asked} is fewer than {step}, the least multiple of every eval block size; "
+         f"raise --eval_tokens")
 
 
 def fits(run, end):
@@ -161,19 +163,19 @@ synthetic = [r for r in runs if r['dataset'] in prepare_data.SYNTHETIC_TASKS]
 runs = [r for r in runs if r['dataset'] not in prepare_data.SYNTHETIC_TASKS]
 
 # the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of the val split
-data = {}
+data = {}  # (data_root, dataset) -> (tokens, meta)
 for r in runs:
     key = (r['data_root'], r['dataset'])
     if key not in data:
         try:
-            data[key] = prepare_data.eval_tokens(prepare_data.ensure_dataset(*key), 'val', n_tokens)
+            data_dir = prepare_data.ensure_dataset(*key)
+            data[key] = prepare_data.eval_tokens(data_dir, 'val', n_tokens), prepare_data.load_meta(data_dir)
         except prepare_data.DataError as e:
             fail(str(e))
-        if len(data[key]) - 1 < n_tokens:  # never a silent crop: the header says how many tokens were used
-            fail(f"dataset {key[1]!r} has only {len(data[key]) - 1} val tokens to predict, fewer than the "
+        if len(data[key][0]) - 1 < n_tokens:  # never a silent crop: the header says how many tokens were used
+            fail(f"dataset {key[1]!r} has only {len(data[key][0]) - 1} val tokens to predict, fewer than the "
                  f"{n_tokens} asked for; use a smaller --eval_tokens (a multiple of {step})")
-    r['tokens'] = data[key]
-    meta = prepare_data.load_meta(prepare_data.ensure_dataset(*key))
+    r['tokens'], meta = data[key]
     if r['content_hash'] and meta.get('content_hash') != r['content_hash']:
         print(f"eval.py: warning: {r['out_dir']} was trained on other {r['dataset']!r} data than {key[0]} holds "
               f"(content hash {r['content_hash']} vs {meta.get('content_hash')}); its numbers are not comparable",

@@ -375,6 +375,14 @@ def device_peak_flops(device, dtype):
     return None
 
 
+RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')  # what train.py writes into its out_dir
+
+
+def held_run(out_dir):
+    """The names of a training run's files that out_dir holds (empty: no run there)."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
 def find_checkpoint(out_dir, which='best'):
     """(path, description) of a run's checkpoint: which='best' is best.pt, the weights of the best val loss
     (ckpt.pt where the run never wrote one), 'latest' is ckpt.pt, the state training stopped at. The description

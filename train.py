@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, device_peak_flops, load_checkpoint, setup_device,
-                   unwritable)
+from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, RUN_FILES, GPTConfig, device_peak_flops, held_run,
+                   load_checkpoint, setup_device, unwritable)
 from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
                           load_meta, synthetic_eval_set)
 
@@ -147,12 +147,11 @@ master_process = ddp_rank == 0  # does the logging and checkpointing
 
 # a run's files: ckpt.pt (the latest state, to resume from), best.pt (the weights of the best val loss), log.jsonl.
 # A fresh run never writes into another run's out_dir: it would overwrite its checkpoints and mix the logs.
-ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'best.pt', 'log.jsonl'))
+ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in RUN_FILES)
 if not eval_only and (why := unwritable(out_dir, is_dir=True)):  # eval_only writes nothing
     fail(f"out_dir={out_dir!r} cannot be used: {why}; give a directory this user can write")
-if init_from == 'scratch' and not eval_only and \
-        (held := [f for f in (ckpt_path, best_path, log_path) if os.path.exists(f)]):
-    fail(f"out_dir={out_dir!r} already holds a run ({', '.join(map(os.path.basename, held))}); continue it with "
+if init_from == 'scratch' and not eval_only and (held := held_run(out_dir)):
+    fail(f"out_dir={out_dir!r} already holds a run ({', '.join(held)}); continue it with "
          f"--init_from=resume, or use another --out_dir (or delete that one)")
 
 # resume: the checkpoint's architecture (and block_size) replaces this command's
@@ -178,12 +177,14 @@ if init_from == 'resume':
               + (f"; from the checkpoint: {', '.join(taken)}" if taken else ''))
     # the eval set stays the checkpoint's, so that val losses (and best.pt's choice) stay comparable
     was = checkpoint['config']
-    if (was['eval_iters'], was['batch_size']) != (eval_iters, batch_size) and master_process:
-        print(f"note: the eval set stays the checkpoint's (eval_iters={was['eval_iters']} x batch_size="
-              f"{was['batch_size']}), so that val losses before and after the resume compare")
-    eval_iters, eval_batch = was['eval_iters'], was['batch_size']
+    kept = was['eval_iters'], was.get('eval_batch_size', was['batch_size'])
+    if kept != (eval_iters, batch_size) and master_process:
+        print(f"note: the eval set stays the checkpoint's (eval_iters={kept[0]} x batch_size={kept[1]}), "
+              f"so that val losses before and after the resume compare")
+    eval_iters, eval_batch = kept
 else:
     eval_batch = batch_size  # the eval set is eval_iters x eval_batch sequences of each split
+config.update(eval_iters=eval_iters, eval_batch_size=eval_batch)  # recorded: a resume and eval.py use the same set
 
 eval_block_size = eval_block_size or block_size
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
@@ -334,12 +335,14 @@ def save_checkpoint(path, resumable):
                           loader=train_loader.state_dict(), rng=rngs)
     global writing
     writing, tmp_path = True, path + '.tmp'
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-    writing = False
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        writing = False
     print(f"saved {path} (iter {iter_num})")
 
 
