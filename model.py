@@ -47,6 +47,7 @@ class GPTConfig:
     selective_bias: bool = False  # u += exp(beta), beta init 0 (LM sweep use_bias: false)
     selective_gate: bool = True  # phase gate u *= sigmoid(Linear_{d->H}(h)) (LM sweep use_gate: true, standard)
     selective_reduce: bool = False  # test hook: u_t = 1, no projection (conv/gate/bias off too: RoPE at 1..T)
+    cope_npos_max: int = 64  # cope: the number of learned position embeddings e[0..npos_max-1] (positions clamp)
 
 
 # the valid values of GPTConfig's fields, as every script's config keys check them (configurator.py's _choices and
@@ -55,7 +56,8 @@ CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch']
                   'carope_source': ['block', 'embedding']}
 CONFIG_RANGES = {'block_size': '[1, inf)', 'vocab_size': '[1, inf)', 'n_layer': '[1, inf)', 'n_head': '[1, inf)',
                  'n_embd': '[1, inf)', 'dropout': '[0, 1)', 'rope_base': '(1, inf)', 'comrope_block': '[2, inf)',
-                 'comrope_init_std': '(0, inf)', 'selective_rank': '[0, inf)', 'selective_conv_width': '[1, inf)'}
+                 'comrope_init_std': '(0, inf)', 'selective_rank': '[0, inf)', 'selective_conv_width': '[1, inf)',
+                 'cope_npos_max': '[1, inf)'}
 
 
 class LayerNorm(nn.Module):
@@ -70,35 +72,40 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-FLEX_DEVICES = ('cuda',)  # device types whose forget-gate attention runs fused in FlexAttention (tests add 'cpu')
+FLEX_DEVICES = ('cuda',)  # device types whose biased attention runs fused in FlexAttention (tests add 'cpu')
 # eager flex_attention is an unfused reference that materialises the scores: compiled, it is the fused kernel
 # (a compiled model inlines it); compilation is lazy, so CPU-only runs never pay for it
 _flex_attention = torch.compile(flex_attention)
 
 
-def forget_gate_attention(q, k, v, cq, ck, dropout_p):
-    """Forgetting Attention (FoX, Lin et al., arXiv:2503.02130): softmax_j(q_i.k_j / sqrt(hs) + c_i - c_j),
-    j <= i, c = cumsum(log f), so the bias is sum_{j<l<=i} log f_l. q: (B, nh, T, hs) are the last T of the
-    Tk positions of k, v: (B, nh, Tk, hs); cq: (B, nh, T), ck: (B, nh, Tk) fp32. Training and evaluation
-    (T == Tk) on a FLEX_DEVICES device run FlexAttention with the bias as a score_mod, never materialising
-    it; elsewhere (CPU, MPS, dropout, KV-cached decoding, where the bias is only T x Tk for the few new
-    queries) SDPA takes it as a float mask. Both add the bias in fp32: rounded to bf16 (ulp 0.125 at 20),
-    a bias of -20.3 against a score of 20 weights that key 0.4375 instead of 0.4256."""
-    T, Tk = q.size(2), k.size(2)
+def biased_attention(q, k, v, bias, dropout_p):
+    """Causal attention with an additive score term, the one path of every attention bias (rope.py's
+    score_bias hook and the FoX forget gate): softmax_j(q_i.k_j / sqrt(hs) + bias(b, h, i, j)) v_j over
+    keys j <= Tk - T + i. q: (B, nh, T, hs), the last T of the Tk positions of k, v: (B, nh, Tk, hs).
+    bias(b, h, i, j): batch, head, query index (0..T-1) and key index (0..Tk-1), int64 tensors, -> the
+    fp32 score term; written once, it serves both paths. Training and evaluation (T == Tk, no dropout)
+    on a FLEX_DEVICES device run FlexAttention with it as a score_mod, called per score and never
+    materialised; elsewhere (CPU, MPS, dropout, KV-cached decoding, where only the few new queries
+    are scored) it is evaluated on broadcast index grids into a float mask for SDPA. Both add it in
+    fp32: rounded to bf16 (ulp 0.125 at 20), a bias of -20.3 against a score of 20 weights that key
+    0.4375 instead of 0.4256."""
+    B, nh, T, Tk = q.size(0), q.size(1), q.size(2), k.size(2)
     if q.device.type in FLEX_DEVICES and T == Tk and dropout_p == 0.0:
         block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=q.device)
         # flex traces score_mod with a score of q's dtype (its kernels hold scores in fp32):
         # s + the fp32 bias stays fp32, where a cast of the bias to s.dtype rounded it to bf16
         return _flex_attention(q, k, v, block_mask=block_mask,
-                               score_mod=lambda s, b, h, i, j: s + (cq[b, h, i] - ck[b, h, j]))
+                               score_mod=lambda s, b, h, i, j: s + bias(b, h, i, j))
+    grid = [torch.arange(n, device=q.device).view([-1 if d == a else 1 for d in range(4)])
+            for a, n in enumerate((B, nh, T, Tk))]  # b (B,1,1,1), h (1,nh,1,1), i (1,1,T,1), j (1,1,1,Tk)
     causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)  # query i is key Tk - T + i
-    bias = (cq[..., :, None] - ck[..., None, :]).masked_fill(~causal, float('-inf'))  # (B, nh, T, Tk) fp32
+    mask = bias(*grid).masked_fill(~causal, float('-inf'))  # (B|1, nh|1, T, Tk) fp32
     # SDPA takes a float mask only in q's dtype, and autocast casts q, k, v and the mask to bf16: so this
     # path runs in fp32 (fp64 in a float64 model) outside autocast, and casts the output back
-    dtype = torch.promote_types(q.dtype, bias.dtype)
+    dtype = torch.promote_types(q.dtype, mask.dtype)
     with torch.autocast(device_type=q.device.type, enabled=False):
         qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
-        y = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=bias.to(dtype), dropout_p=dropout_p)
+        y = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask.to(dtype), dropout_p=dropout_p)
     return y.to(q.dtype)
 
 
@@ -118,7 +125,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, layer, pe, shared, cache):
+    def forward(self, x, layer, pe, pos, shared, cache):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -142,8 +149,13 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
         dropout_p = self.dropout if self.training else 0.0
+        # score terms (rope.py's score_bias; FoX: sum_{j<l<=i} log f_l = c_i - c_j), fp32, composed by addition
+        biases = [pe.score_bias(layer, q, k, x, pos, cache)]
         if cq is not None:
-            y = forget_gate_attention(q, k, v, cq, ck, dropout_p)
+            biases.append(lambda b, h, i, j: cq[b, h, i] - ck[b, h, j])
+        biases = [f for f in biases if f is not None]
+        if biases:
+            y = biased_attention(q, k, v, lambda b, h, i, j: sum(f(b, h, i, j) for f in biases), dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
@@ -181,8 +193,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer, pe, shared, cache):
-        x = x + self.attn(self.ln_1(x), layer, pe, shared, cache)
+    def forward(self, x, layer, pe, pos, shared, cache):
+        x = x + self.attn(self.ln_1(x), layer, pe, pos, shared, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -250,7 +262,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.pe.embed(self.transformer.wte(idx), pos))  # (B, T, C)
         shared = self.pe.prepare(x, pos)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, self.pe, shared, cache[layer] if cache is not None else None)
+            x = block(x, layer, self.pe, pos, shared, cache[layer] if cache is not None else None)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -282,13 +294,16 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len):
         """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12*L*H*Q*T for attention.
-        N counts the matmuls actually run: CRoPE's q/k/v weights are half the parameters but a full matmul."""
+        N counts the matmuls actually run: CRoPE's q/k/v weights are half the parameters but a full matmul, and
+        CoPE's gates (q.k again) and q.e[n] add 6*L*H*Q*(T + cope_npos_max)."""
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         qkv_params = sum(p.numel() for b in self.transformer.h for p in b.attn.c_attn.parameters())
         qkv_matmul = L * (3 * cfg.n_embd * cfg.n_embd + (3 * cfg.n_embd if cfg.bias else 0))
         lookup = 0 if self.transformer.wte.weight is self.lm_head.weight else self.transformer.wte.weight.numel()
-        return 6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len
+        # CoPE: N holds each layer's e once, which q.e[n] runs once per head
+        cope = 6 * L * Q * (H * seq_len + (H - 1) * cfg.cope_npos_max) if cfg.pos_emb == 'cope' else 0
+        return 6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len + cope
 
     def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
         """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at sequence length

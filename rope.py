@@ -1,12 +1,14 @@
 """
 Every position encoding of nanoRoPE, one class each, selected by GPTConfig.pos_emb.
 
-The GPT calls three hooks of its encoding (see PositionEncoding); a variant overrides only what it needs:
+The GPT calls four hooks of its encoding (see PositionEncoding); a variant overrides only what it needs:
     embed(x, pos)                         once per forward, on the token embeddings  (learned, sinusoidal)
     prepare(x, pos)                       once per forward, tables shared by layers  (rope's cos/sin)
     rotate(layer, q, k, x, shared, cache) in every attention layer, on q and k        (every rotary variant)
+    score_bias(layer, q, k, x, pos, cache) in every attention layer, an additive score term
+                                          bias(b, h, i, j), run by model.biased_attention  (alibi, t5, fire, cope)
 Conventions: adjacent pairs (2p, 2p+1) inside each head (RoFormer arXiv:2104.09864 eq. 34; CRoPE's
-complex structure and ComRoPE's blocks are defined on them); angles and phases in fp32 from int64
+complex structure and ComRoPE's blocks are defined on them); angles, phases and biases in fp32 from int64
 positions; fixed tables are non-persistent buffers that stay fp32 under any module cast
 (PositionEncoding._apply); V is never rotated.
 """
@@ -98,18 +100,24 @@ class PositionEncoding(nn.Module):
         # q, k: (B, nh, T, hs); x: (B, T, C) the attention's (normalised) input; cache: this layer's dict or None
         return q, k
 
+    def score_bias(self, layer, q, k, x, pos, cache):
+        # None, or bias(b, h, i, j) -> the fp32 term added to the score of query i (of q's T) on key j (of k's Tk,
+        # cached ones included; query i is key Tk - T + i); pos: (T,) int64, the queries' positions
+        return None
+
     def qkv_projection(self, config):  # the attention's input projection d -> 3d (CRoPE replaces it)
         return nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
 
     def _apply(self, fn, recurse=True):
         """Every module cast or move (.to, .half, .bfloat16, .double, .cuda, ...) passes through here.
-        The tensors that set angles follow the device but never drop below fp32: the fixed tables
-        (buffers) and every parameter of an encoding that rotates q and k (ComRoPE's generators, CARoPE's
-        and Selective RoPE's projections). In bf16, theta_1 = 0.7498942 (hd = 64) is 0.75 and the angles
-        at m = 4095 are off by up to 1.8 rad; their math runs in fp32 anyway, so a bf16 copy saves
-        nothing. .double() takes them to fp64 with the rest (a float64 model computes angles in fp64).
+        The tensors that set angles or biases follow the device but never drop below fp32: the fixed
+        tables (buffers) and every parameter of an encoding that rotates q and k or biases the scores
+        (ComRoPE's generators, CARoPE's and Selective RoPE's projections, T5's table, FIRE's MLP). In
+        bf16, theta_1 = 0.7498942 (hd = 64) is 0.75 and the angles at m = 4095 are off by up to 1.8 rad;
+        their math runs in fp32 anyway, so a bf16 copy saves nothing. .double() takes them to fp64 with the rest (a float64 model computes angles in fp64).
         Learned's table is added to the embeddings: it keeps the model's dtype."""
-        params = list(self.parameters()) if type(self).rotate is not PositionEncoding.rotate else []
+        hooks = PositionEncoding.rotate, PositionEncoding.score_bias
+        params = list(self.parameters()) if (type(self).rotate, type(self).score_bias) != hooks else []
         grads = [p.grad for p in params if p.grad is not None]
         keep = {id(t) for t in [*self.buffers(), *params, *grads]}
 
@@ -477,6 +485,117 @@ class SelectiveRoPE(PositionEncoding):
             return RotateByAngle.apply(q, k, self.phase(layer, x, cache))  # step 7
 
 
+def alibi_slopes(n_head):
+    """ALiBi's head slopes m_h (arXiv:2108.12409 section 3), fp32 (n_head,): for H a power of two the geometric
+    sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8); otherwise the H' = 2^floor(log2 H) slopes of H', then every other
+    slope of 2H' (its first, third, ...) until there are H, as the paper's code does."""
+    def geometric(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    p = 2 ** int(math.log2(n_head))
+    return torch.tensor(geometric(p) + geometric(2 * p)[0::2][:n_head - p], dtype=torch.float32)
+
+
+class ALiBi(PositionEncoding):
+    """`alibi`: Attention with Linear Biases (Press et al., ICLR 2022, arXiv:2108.12409 section 3). No
+    position embedding; head h adds -m_h (i - j) to the score of query i on key j (m: alibi_slopes). No
+    parameters. The bias is added to the scaled score q.k/sqrt(hs), as in the paper's code."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
+
+    def score_bias(self, layer, q, k, x, pos, cache):
+        slopes, off = self.slopes, k.size(2) - q.size(2)  # query i is key off + i
+        return lambda b, h, i, j: -slopes[h] * (off + i - j)
+
+
+class T5Bias(PositionEncoding):
+    """`t5`: T5's relative attention bias (Raffel et al., JMLR 2020, arXiv:1910.10683 section 2.1): one learned
+    scalar per (bucket, head), shared by all layers, added to the score of query i on key j. Causal buckets of
+    n = i - j (the released code's _relative_position_bucket, bidirectional=False): n for n < 16, else
+    16 + floor(16 ln(n/16) / ln(128/16)), at most 31; i.e. 32 buckets, 16 exact, the rest log-spaced up to
+    distance 128 and the last for everything beyond. Table init N(0, 1/n_embd) as HF transformers' T5.
+    Departure: T5 leaves q.k unscaled (its init absorbs 1/sqrt(hs)); here the bias meets the scaled score."""
+
+    BUCKETS, EXACT, MAX_DISTANCE = 32, 16, 128
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.relative_attention_bias = nn.Parameter(torch.randn(self.BUCKETS, config.n_head) * config.n_embd ** -0.5)
+
+    @classmethod
+    def bucket(cls, n):
+        """Bucket (int64) of each distance n = i - j (int64; negative ones, masked anyway, go to bucket 0)."""
+        n = n.clamp_min(0)
+        far = torch.log(n.clamp_min(cls.EXACT).float() / cls.EXACT) / math.log(cls.MAX_DISTANCE / cls.EXACT)
+        far = (cls.EXACT + (far * (cls.BUCKETS - cls.EXACT)).long()).clamp_max(cls.BUCKETS - 1)
+        return torch.where(n < cls.EXACT, n, far)
+
+    def score_bias(self, layer, q, k, x, pos, cache):
+        table, off = self.relative_attention_bias, k.size(2) - q.size(2)
+        dt = torch.promote_types(table.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
+        return lambda b, h, i, j: table[self.bucket(off + i - j), h].to(dt)
+
+
+class FIRE(PositionEncoding):
+    """`fire`: Functional Interpolation for Relative Positions (Li et al., ICLR 2024, arXiv:2310.04418 section 3):
+        b(i, j) = f_theta(psi(i - j) / psi(max(L, i))),   psi(x) = log(|c| x + 1)
+    for query position i and key position j, f_theta an MLP 1 -> 32 -> H (ReLU), c (init 0.1) and the threshold
+    L = |l| * 512 (l init 1) learned: progressive interpolation normalises positions below L as if at L. One
+    module shared by all layers, PyTorch's default Linear init, as the paper's listing. Not shift invariant: i is
+    the query's absolute position. The MLP is written as a sum over its hidden units so that it stays pointwise
+    (a FlexAttention score_mod); the paper adds eps = 1e-6 to the normaliser, as here."""
+
+    WIDTH, C_INIT, L_INIT, EPS = 32, 0.1, 512.0, 1e-6
+    relative = False  # the normaliser reads the query's absolute position: generate recomputes a full window
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.mlp = nn.Sequential(nn.Linear(1, self.WIDTH), nn.ReLU(), nn.Linear(self.WIDTH, config.n_head))
+        self.c = nn.Parameter(torch.tensor(self.C_INIT))
+        self.L_multiplier = nn.Parameter(torch.tensor(1.0))
+
+    def score_bias(self, layer, q, k, x, pos, cache):
+        dt = torch.promote_types(self.c.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
+        w1, b1 = self.mlp[0].weight[:, 0].to(dt), self.mlp[0].bias.to(dt)  # (32,), (32,)
+        w2, b2 = self.mlp[2].weight.to(dt), self.mlp[2].bias.to(dt)  # (H, 32), (H,)
+        c, L, off = self.c.to(dt).abs(), (self.L_multiplier.to(dt) * self.L_INIT).abs(), k.size(2) - q.size(2)
+
+        def bias(b, h, i, j):  # i, j: indices; pos[i] the query's position, off + i - j the distance
+            u = torch.log(c * (off + i - j).abs() + 1) / (torch.log(c * torch.maximum(pos[i].to(dt), L) + 1)
+                                                           + self.EPS)
+            return b2[h] + sum(w2[h, n] * torch.relu(w1[n] * u + b1[n]) for n in range(self.WIDTH))
+        return bias
+
+
+class CoPE(PositionEncoding):
+    """`cope`: Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719 section 3). Positions count
+    the keys a query's gates open: g_ij = sigmoid(q_i.k_j), p_ij = sum_{t=j..i} g_it, and the score of key j gains
+    q_i.e[p_ij], e[p] interpolated between the learned e[floor p] and e[ceil p], p clamped to npos_max - 1
+    (cope_npos_max). As the paper's code: q_i.e[n] is formed for the integer n (T x npos_max) and two of them
+    gathered per (i, j), not a T x T x hs tensor; e: (hs, npos_max) per layer, shared by heads, init 0 (CoPE
+    starts as NoPE); the gates read the scaled score q.k/sqrt(hs) the attention uses. Content-dependent: the
+    gates are T x T per head on every device (FlexAttention reads the finished bias). Shift invariant."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.npos_max = config.cope_npos_max
+        self.pos_emb = nn.Parameter(torch.zeros(config.n_layer, config.n_embd // config.n_head, self.npos_max))
+
+    def score_bias(self, layer, q, k, x, pos, cache):
+        T, Tk = q.size(2), k.size(2)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # gates, counts and bias in fp32
+            dt = torch.promote_types(q.dtype, torch.float32)
+            qf, kf = q.to(dt), k.to(dt)
+            causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
+            g = torch.sigmoid(qf @ kf.transpose(-1, -2) / math.sqrt(q.size(-1))) * causal  # (B, nh, T, Tk)
+            p = g.flip(-1).cumsum(-1).flip(-1).clamp_max(self.npos_max - 1)  # sum_{t >= j} g_it, t <= i by g
+            z = qf @ self.pos_emb[layer].to(dt)  # (B, nh, T, npos_max): q_i . e[n]
+            w = p - p.floor()
+            bias = z.gather(-1, p.ceil().long()) * w + z.gather(-1, p.floor().long()) * (1 - w)  # (B, nh, T, Tk)
+        return lambda b, h, i, j: bias[b, h, i, j]
+
+
 ENCODINGS = {
     'none': PositionEncoding,
     'learned': Learned,
@@ -487,6 +606,10 @@ ENCODINGS = {
     'crope': CRoPE,
     'carope': CARoPE,
     'selective': SelectiveRoPE,
+    'alibi': ALiBi,
+    't5': T5Bias,
+    'fire': FIRE,
+    'cope': CoPE,
 }
 
 

@@ -175,7 +175,7 @@ def _layer_input(model, idx, layer):
     if model.pe.source == 'embedding':
         return x
     for i, block in enumerate(model.transformer.h[:layer]):
-        x = block(x, i, model.pe, model.pe.prepare(x, None), None)
+        x = block(x, i, model.pe, None, model.pe.prepare(x, None), None)
     return model.transformer.h[layer].ln_1(x)
 
 

@@ -12,9 +12,14 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as model_py  # noqa: E402
-from model import GPT, GPTConfig, forget_gate_attention  # noqa: E402
+from model import GPT, GPTConfig, biased_attention  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 from rope import ENCODINGS  # noqa: E402
+
+
+def forget_gate_attention(q, k, v, cq, ck, dropout_p):
+    """The gate's bias c_i - c_j through model.biased_attention, as CausalSelfAttention composes it."""
+    return biased_attention(q, k, v, lambda b, h, i, j: cq[b, h, i] - ck[b, h, j], dropout_p)
 
 
 def tiny(**kw):
@@ -60,7 +65,7 @@ def test_attention_equals_double_loop_reference(pos_emb):
     pos = torch.arange(T)
     shared = m.pe.prepare(x, pos)
     with torch.no_grad():
-        out = attn(x, 1, m.pe, shared, None)
+        out = attn(x, 1, m.pe, pos, shared, None)
         q, k, v = [t.view(B, T, nh, C // nh).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2)]
         q, k = m.pe.rotate(1, q, k, x, shared, None)
         w, b = attn.fgate.weight, attn.fgate.bias

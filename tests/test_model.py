@@ -441,7 +441,7 @@ def test_sinusoidal_equals_vaswani_formula(n_embd, base):
 # ----------------------------------------------------------------------------- shift invariance (model level)
 
 @pytest.mark.parametrize('dtype,offsets,atol', [(torch.float32, (1, 7, 16), 1e-5), (F64, (1, 16, 1000, 12345), 1e-9)])
-@pytest.mark.parametrize('name', ['rope', 'none'])
+@pytest.mark.parametrize('name', ['rope', 'none', 'alibi', 't5', 'cope'])
 def test_model_logits_invariant_to_pos_offset(name, dtype, offsets, atol):
     model = make_model(name, dtype=dtype)
     idx = tokens(2, 16)
@@ -592,6 +592,7 @@ CASES = {name: {} for name in ALL} | {  # every encoding, selective's other proj
     'selective, gate+bias+low-rank': dict(pos_emb='selective', selective_bias=True, selective_rank=4),
     'rope + forget_gate': dict(pos_emb='rope', forget_gate=True),
     'none + forget_gate': dict(pos_emb='none', forget_gate=True),
+    'alibi + forget_gate': dict(pos_emb='alibi', forget_gate=True),  # two biases composed on one path
 }
 
 
