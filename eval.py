@@ -319,31 +319,35 @@ if plot_dir:
 if plot_dir and plt is not None and runs:  # the plots are of val loss: text checkpoints
     os.makedirs(plot_dir, exist_ok=True)
     train_lengths = sorted({r['block_size'] for r in runs})
+    # ten colours, then the same ten dashed, dotted: every run keeps a line of its own; the legend sits outside
+    style = [dict(color=f'C{i % 10}', ls=('-', '--', ':')[i // 10 % 3]) for i in range(len(runs))]
+    legend = dict(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        ax.plot(lengths, [np.nan if r['loss'][T] is None else r['loss'][T] for T in lengths], 'o-', label=r['label'])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r, st in zip(runs, style):
+        ax.plot(lengths, [np.nan if r['loss'][T] is None else r['loss'][T] for T in lengths], marker='o', **st,
+                label=r['label'])
     for B in train_lengths:
         ax.axvline(B, color='gray', ls='--', lw=1)
     ax.set_xscale('log', base=2)
     ax.set_xticks(lengths, [str(T) for T in lengths])
     ax.minorticks_off()
     ax.set(xlabel='context length (dashed: training length)', ylabel='val loss', title='Loss vs context length')
-    ax.legend()
+    ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(os.path.join(plot_dir, 'loss_vs_length.png'), dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r, st in zip(runs, style):
         w = max(1, len(r['by_pos']) // 64)  # moving average: one window's worth of positions is noisy
         smooth = np.convolve(r['by_pos'], np.ones(w) / w, mode='valid')
-        ax.plot(np.arange(len(smooth)) + (w + 1) / 2, smooth, label=r['label'])  # position 1 = the first token
+        ax.plot(np.arange(len(smooth)) + (w + 1) / 2, smooth, **st, label=r['label'])  # position 1 = the first token
     for B in train_lengths:
         ax.axvline(B, color='gray', ls='--', lw=1)
     ax.set_xscale('log')
     ax.set(xlabel='token position (dashed: training length)', ylabel='val loss', title='Loss vs token position')
-    ax.legend()
+    ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(os.path.join(plot_dir, 'loss_vs_position.png'), dpi=120)
     plt.close(fig)
