@@ -19,8 +19,8 @@ SHORT = {
     'train.py': ['--max_iters=4', '--lr_decay_iters=4', '--eval_interval=2', '--eval_iters=1', '--log_interval=1'],
     'sample.py': ['--max_new_tokens=8', '--num_samples=1'],
     'eval.py': ['--eval_tokens=2048', '--sweep_args=--max_iters=2 --lr_decay_iters=2 --eval_interval=2 '
-                '--eval_iters=1 --log_interval=1'],
-    'bench.py': ['--rounds=1', '--steps=1', '--warmup=0'],
+                '--eval_iters=1 --log_interval=1 --n_layer=1'],  # a sweep: one-layer models
+    'bench.py': ['--rounds=1', '--steps=1', '--warmup=0', '--n_layer=1', '--block_size=64'],
     'prepare_data.py': [],
 }
 GPU = "needs CUDA GPUs and FineWeb-Edu (network)"
@@ -54,7 +54,8 @@ COMMANDS = {
     'python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md':
         'run',
     'python train.py config/synthetic_copy.py && python eval.py --out_dirs=out-synthetic-copy': 'run',
-    'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,selective '
+    'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,selective,alibi,t5,fire,'
+    'cope '
     '--sweep_config=config/quickstart.py "--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=150" '
     '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 --report=report.md': 'run',
     'python eval.py --pos_embs=none,learned,rope,carope,selective --sweep_config=config/synthetic_copy.py '
