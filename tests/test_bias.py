@@ -128,6 +128,24 @@ def test_attention_layer_equals_per_pair_reference(pos_emb, offset):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 
+def test_a_bias_and_the_forget_gate_add_up():
+    """--pos_emb=alibi --forget_gate=True: the layer's scores carry -m_h (i - j) + sum_{j<l<=i} log f_l."""
+    m = make('alibi', forget_gate=True)
+    attn, (B, T, C, H) = m.transformer.h[0].attn, (2, 9, 24, 3)
+    with torch.no_grad():
+        attn.fgate.bias.normal_(0.0, 2.0)  # uneven, strong forgetting
+        x = torch.randn(B, T, C, dtype=F64)
+        pos = torch.arange(T)
+        out = attn(x, 0, m.pe, pos, None, None)
+        q, k, v = [t.view(B, T, H, C // H).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2)]
+        logf = torch.nn.functional.logsigmoid(x @ attn.fgate.weight.T + attn.fgate.bias).transpose(1, 2)  # (B, H, T)
+        gate = torch.tensor([[[[sum(logf[b, h, l].item() for l in range(j + 1, i + 1)) for j in range(T)]
+                               for i in range(T)] for h in range(H)] for b in range(B)], dtype=F64)
+        bias = ref_bias(m, 0, q, k, pos.tolist()) + gate
+        ref = attn.c_proj(ref_attention(q, k, v, bias).transpose(1, 2).reshape(B, T, C))
+    assert gate.min() < -1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+
 def test_cope_clamps_and_interpolates():
     """With npos_max = 5 and sharp gates the counts pass 4 (clamped) and fall between integers (interpolated)."""
     m = make('cope')
