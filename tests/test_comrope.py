@@ -115,6 +115,28 @@ def test_fast_path_equals_dense_matrix_exp(name, start):
             assert (rk[:, h, i].double() - ref_k[h, i]).abs().max() < 1e-5 * ref_k[h, i].abs().max(), (layer, h, i)
 
 
+
+@pytest.mark.parametrize('start', [0, 5000])
+def test_liere_is_one_dense_block_equal_to_matrix_exp(start):
+    """LieRE (Ostmeier et al., arXiv:2406.10322) on one axis: R(t) = exp(t A) with one dense skew-symmetric A per
+    head, i.e. comrope_ap with comrope_block = the head dim. The fast path against a float64 dense matrix_exp, and
+    every channel mixes with every other (no block structure left)."""
+    pe = randomise(build_position_encoding(config('comrope_ap', comrope_block=16)), std=0.1)
+    assert pe.P.shape == (2, 2, 1, 16, 16)
+    T = 1100
+    pos = torch.arange(start, start + T)
+    q = torch.randn(2, 2, T, 16)
+    shared = pe.prepare(torch.zeros(2, T, 32), pos)
+    check = [0, 1, 7, 512, 1023, T - 1]
+    for layer in range(2):
+        rq, _ = pe.rotate(layer, q, q, None, shared, None)
+        for (h, i), ref in reference_rotate(pe, layer, q, pos, check).items():
+            assert (rq[:, h, i].double() - ref).abs().max() < 1e-5 * ref.abs().max(), (layer, h, i)
+    q2 = q.clone()
+    q2[..., 0] += 1.0
+    changed = (pe.rotate(0, q2, q2, None, shared, None)[0] - pe.rotate(0, q, q, None, shared, None)[0])
+    assert (changed[:, :, 1:].abs().amax(dim=(0, 1, 2)) > 1e-3).all()  # channel 0 reaches all 16
+
 @pytest.mark.parametrize('name', VARIANTS)
 def test_no_mixing_across_blocks(name):
     pe = randomise(build_position_encoding(config(name))).double()
