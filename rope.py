@@ -596,6 +596,75 @@ class CoPE(PositionEncoding):
         return lambda b, h, i, j: bias[b, h, i, j]
 
 
+
+
+class XPos(RoPE):
+    """`xpos`: extrapolatable position embedding (Sun et al., ACL 2023, arXiv:2212.10554 sec. 3.2):
+    RoPE times a per-pair scale zeta_p = (2p/hd + gamma) / (1 + gamma), gamma = 0.4, p = 0..hd/2-1.
+    q at position n is rotated as in RoPE and scaled by zeta_p^(n/s), k at m by zeta_p^(-m/s),
+    s = 512 (the scale base), so pair p of q.k carries zeta_p^((n-m)/s): relative, and decaying with
+    distance. apply_rotary is linear in (cos, sin): (cos, sin) * zeta^(n/s) rotates and scales in one
+    pass. prepare() returns those tables for q and for k, each (T, hs/2), fp32 (fp64 in a float64
+    model) from int64 positions, outside autocast. Departure: the paper's code centres the positions
+    of each forward; here they are not (a cached key keeps the scale it was given), which bounds the
+    range: zeta_0^(n/512) = (0.4/1.4)^(n/512) leaves fp32's (and bf16's) normal range near n = 36k,
+    fp16's near n = 4k. No parameters."""
+
+    GAMMA, SCALE_BASE = 0.4, 512
+
+    def __init__(self, config):
+        super().__init__(config)
+        hd = config.n_embd // config.n_head
+        zeta = (torch.arange(0, hd, 2, dtype=torch.float64) / hd + self.GAMMA) / (1 + self.GAMMA)
+        self.register_buffer('zeta', zeta.float(), persistent=False)  # (hs/2,)
+
+    def prepare(self, x, pos):
+        cos, sin = super().prepare(x, pos)  # (T, hs/2) each: RoPE's tables, whatever they hold
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            e = pos.to(self.zeta.dtype)[:, None] / self.SCALE_BASE  # (T, 1), exact for n < 2^24
+            zq, zk = self.zeta ** e, self.zeta ** -e  # (T, hs/2): zeta^(n/s) and zeta^(-n/s)
+            return (cos * zq, sin * zq), (cos * zk, sin * zk)
+
+    def rotate(self, layer, q, k, x, shared, cache):
+        (cq, sq), (ck, sk) = shared
+        return apply_rotary(q, cq, sq), apply_rotary(k, ck, sk)
+
+
+class PoPE(PositionEncoding):
+    """`pope`: Polar Coordinate Position Embeddings (Gopalakrishnan et al. 2025, arXiv:2509.10534).
+    Each of the hd dims of q and k becomes a complex number: content its magnitude, position its phase,
+    q~_c = softplus(q_c) e^{i n theta_c}, k~_c = softplus(k_c) e^{i (m theta_c + delta_c)},
+    theta_c = rope_base^(-c/hd), c = 0..hd-1 (hd frequencies where RoPE has hd/2); the score is
+        Re(sum_c q~_c conj(k~_c)) = sum_c softplus(q_c) softplus(k_c) cos((n - m) theta_c - delta_c).
+    delta (L, nh, hd): a learned phase per layer, head and frequency, 0 at init, clamped to [-2pi, 0].
+    rotate() returns q~, k~ as real (B, nh, T, 2 hs) tensors, (Re, Im) in adjacent pairs, so that
+    q'.k' is the score and SDPA takes them as they are (v keeps hs; the KV cache holds k'). SDPA
+    divides by sqrt(2 hs), q''s width; the score is a sum of hs terms, divided by sqrt(hs) as in
+    x-transformers and PoPE-pytorch: q' carries a factor sqrt(2). All of it in fp32 (fp64 in a
+    float64 model), outside autocast."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        hd = config.n_embd // config.n_head
+        # base^(-2c/(2 hd)) = base^(-c/hd), c = 0..hd-1
+        self.register_buffer('inv_freq', rope_frequencies(2 * hd, config.rope_base), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(config.n_layer, config.n_head, hd))
+        self.delta.no_weight_decay = True  # a phase, not a weight: decay would pull it to 0
+
+    def prepare(self, x, pos):
+        angle = pos.to(self.inv_freq.dtype)[:, None] * self.inv_freq  # (T, hs): n theta_c
+        return torch.stack((angle.cos(), angle.sin()), dim=-1)  # (T, hs, 2): e^{i n theta_c}
+
+    def rotate(self, layer, q, k, x, shared, cache):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            dt = shared.dtype
+            # (B, nh, T, hs) -> (B, nh, T, 2 hs): softplus(y_c) e^{i n theta_c} as (Re, Im) pairs
+            polar = lambda y: (F.softplus(y.to(dt)).unsqueeze(-1) * shared).flatten(-2)
+            delta = self.delta[layer].to(dt).clamp(-2 * math.pi, 0).unsqueeze(1)  # (nh, 1, hs)
+            k2 = apply_rotary(polar(k), delta.cos(), delta.sin())  # k~_c turned on by delta_c
+            return (polar(q) * math.sqrt(2)).to(q.dtype), k2.to(k.dtype)
+
+
 ENCODINGS = {
     'none': PositionEncoding,
     'learned': Learned,
@@ -610,6 +679,8 @@ ENCODINGS = {
     't5': T5Bias,
     'fire': FIRE,
     'cope': CoPE,
+    'xpos': XPos,
+    'pope': PoPE,
 }
 
 
