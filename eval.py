@@ -119,6 +119,7 @@ for d in dirs:
     pos_emb += ' + forget gate' if model.config.forget_gate else ''
     runs.append(dict(out_dir=d, label=f"{os.path.basename(os.path.normpath(d))} ({pos_emb})", model=model,
                      pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
+                     max_len_why=model.pe.max_len_why,
                      dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed'],
                      content_hash=ckpt['meta'].get('content_hash'),
                      train_eval_tokens=config['eval_iters'] * config.get('eval_batch_size', config['batch_size'])
@@ -150,8 +151,7 @@ def fits(run, end):
 
 # an encoding that cannot produce any requested cell is a request error, never a table of dashes
 for r in runs:
-    why = f"pos_emb={r['pos_emb']!r} has only {r['max_len']} positions (block_size={r['block_size']}) and cannot " \
-          f"extrapolate"
+    why = f"pos_emb={r['pos_emb']!r} has only {r['max_len']} positions {r['max_len_why']}"
     if not any(fits(r, T) for T in lengths):
         fail(f"{r['out_dir']}: {why}: none of eval_block_sizes={','.join(map(str, lengths))} can be evaluated; "
              f"ask for lengths <= {r['max_len']}")
@@ -240,7 +240,7 @@ for r in synthetic:
 
 # -----------------------------------------------------------------------------
 # tables
-footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions (block_size); it cannot extrapolate"
+footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions {r['max_len_why']}"
                     for r in runs + synthetic if None in [*r.get('loss', {}).values(), *r.get('offset', {}).values(),
                                                           *r.get('accuracy', {}).values()]})
 sections = []

@@ -277,9 +277,9 @@ class GPT(nn.Module):
     def check_length(self, end):
         """Raise a clear error if position end-1 is beyond what the encoding can represent."""
         if self.pe.max_len is not None and end > self.pe.max_len:
-            raise ValueError(f"pos_emb={self.config.pos_emb!r} has only {self.pe.max_len} positions (block_size) "
-                             f"but position {end - 1} was asked for; it cannot extrapolate: keep prompt + new tokens "
-                             f"(+ pos_offset) <= {self.pe.max_len}, or train an encoding that extrapolates "
+            raise ValueError(f"pos_emb={self.config.pos_emb!r} has only {self.pe.max_len} positions "
+                             f"{self.pe.max_len_why} but position {end - 1} was asked for: keep prompt + new "
+                             f"tokens (+ pos_offset) <= {self.pe.max_len}, or train an encoding without this limit "
                              f"(rope, none, sinusoidal, ...)")
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -295,15 +295,15 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len):
         """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12*L*H*Q*T for attention.
         N counts the matmuls actually run: CRoPE's q/k/v weights are half the parameters but a full matmul, and
-        CoPE's gates (q.k again) and q.e[n] add 6*L*H*Q*(T + cope_npos_max)."""
+        CoPE's gates (q.k again) and q.e[n] add 6*L*H*Q*(T + cope_npos_max), PoPE's q'.k' (2Q wide) 6*L*H*Q*T."""
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         qkv_params = sum(p.numel() for b in self.transformer.h for p in b.attn.c_attn.parameters())
         qkv_matmul = L * (3 * cfg.n_embd * cfg.n_embd + (3 * cfg.n_embd if cfg.bias else 0))
         lookup = 0 if self.transformer.wte.weight is self.lm_head.weight else self.transformer.wte.weight.numel()
-        # CoPE: N holds each layer's e once, which q.e[n] runs once per head
-        cope = 6 * L * Q * (H * seq_len + (H - 1) * cfg.cope_npos_max) if cfg.pos_emb == 'cope' else 0
-        return 6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len + cope
+        extra = {'cope': 6 * L * Q * (H * seq_len + (H - 1) * cfg.cope_npos_max),  # N holds e once per layer
+                 'pope': 6 * L * H * Q * seq_len}.get(cfg.pos_emb, 0)
+        return 6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul) + 12 * L * H * Q * seq_len + extra
 
     def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
         """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at sequence length

@@ -85,6 +85,7 @@ class PositionEncoding(nn.Module):
     keys; False for the absolute encodings, whose window is recomputed at 0..block_size-1."""
 
     max_len = None  # number of positions the encoding can represent; None = any (it extrapolates)
+    max_len_why = ''  # why, for the error past max_len: '(block_size); it cannot extrapolate'
     relative = True  # see the docstring; learned and sinusoidal set False
 
     def __init__(self, config):
@@ -140,6 +141,7 @@ class Learned(PositionEncoding):
     def __init__(self, config):
         super().__init__(config)
         self.max_len = config.block_size
+        self.max_len_why = '(block_size); it cannot extrapolate'
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)
 
@@ -611,6 +613,7 @@ class XPos(RoPE):
     fp16's near n = 4k. No parameters."""
 
     GAMMA, SCALE_BASE = 0.4, 512
+    max_len, max_len_why = 35_000, "(fp32's range of zeta^(n/512)); positions are not centred"
 
     def __init__(self, config):
         super().__init__(config)

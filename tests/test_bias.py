@@ -243,3 +243,6 @@ def test_cope_flops_count_its_gates_and_embedding_lookups():
     kw = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, cope_npos_max=7)
     cope, none = GPT(GPTConfig(pos_emb='cope', **kw)), GPT(GPTConfig(pos_emb='none', **kw))
     assert cope.flops_per_token(32) - none.flops_per_token(32) == 6 * 2 * 4 * 8 * (32 + 7)
+    pope = GPT(GPTConfig(pos_emb='pope', **kw))  # its q'.k' is twice the head width: (2Q + Q) / (Q + Q)
+    assert pope.flops_per_token(32) - 6 * sum(p.numel() for p in pope.pe.parameters()) - none.flops_per_token(32) \
+        == 6 * 2 * 4 * 8 * 32

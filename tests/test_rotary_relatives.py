@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)
 
 import model as model_py  # noqa: E402
 import rope  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 from test_model import LONG, all_logits, make_model, tiny_config, tokens  # noqa: E402
 
@@ -286,3 +286,12 @@ def test_scores_match_fp64_at_distance_4000(name, mode):
     score, ref = (qn * km).sum(-1), (ref_q * ref_k).sum(-1)  # (nh,)
     bound = 2 ** -8 * (qn * km).abs().sum(-1) + 5e-4 * (pair_norm(qn) * pair_norm(km)).sum(-1)
     assert ((score - ref).abs() <= bound).all(), (score.tolist(), ref.tolist(), bound.tolist())
+
+
+def test_xpos_past_its_fp32_range_is_one_clear_error():
+    """Past 35,000 positions zeta^(n/512) leaves fp32's normal range: asking for it is an error naming that."""
+    m = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, pos_emb='xpos'))
+    idx = torch.randint(64, (1, 8))
+    m(idx, idx, pos_offset=35_000 - 8)  # the last representable positions
+    with pytest.raises(ValueError, match=r"has only 35000 positions \(fp32's range"):
+        m(idx, idx, pos_offset=35_000 - 7)
