@@ -443,11 +443,16 @@ while True:
         loss_accum.zero_()
         t_last, iters_since_log = time.time(), 0
 
+    # a stop request (SIGTERM, Ctrl-C) stops a single process after this step. Under DDP every process must stop
+    # at the same step, or the next all-reduce would hang: they agree at log steps only, because the all-reduce
+    # and .item() would otherwise make the host wait for the GPU every step
     stop = stop_requested
-    if ddp:  # every process must stop at the same step, or the next all-reduce would hang
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = flag.item() > 0
+    if ddp:
+        stop = False
+        if (iter_num - 1) % log_interval == 0:
+            flag = torch.tensor(float(stop_requested), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0
     if stop:
         if master_process:
             print(f"stop requested: checkpointing at iter {iter_num} and exiting")
