@@ -42,10 +42,10 @@ pos_embs = ''  # comma list of pos_emb values to train, e.g. rope,carope,learned
 sweep_config = 'config/quickstart.py'  # the train.py config every encoding is trained with
 sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
 sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb>
-# context extension (rope.RoPE): each checkpoint whose encoding is built on RoPE's frequencies (rope,
-# crope, ...) gets, besides its row as trained, a row per method listed, run with it in place of its own
+# context extension (rope.RoPE): each checkpoint whose encoding is built on RoPE's frequencies
+# (rope, crope, ...) gets, besides its row as trained, a row per method listed, run with that method
 rope_scaling = ''  # comma list of none, linear, ntk, dynamic, yarn; '' = as trained only
-rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / block_size) at each eval length T
+rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / block_size) at each length T
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
@@ -143,12 +143,13 @@ for d in dirs:
     # scaling: the (rope_scaling, factor) a row runs with, where the encoding takes one (else None)
     cfg = model.config
     trained = (cfg.rope_scaling, cfg.rope_scaling_factor) if isinstance(model.pe, RoPE) else None
+    note = '' if trained in (None, ('none', 1.0)) else scaling_note(*trained)
+    eval_batch = config.get('eval_batch_size', config['batch_size'])
     row = dict(out_dir=d, model=model, pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
-               scaling=trained, note='' if trained in (None, ('none', 1.0)) else scaling_note(*trained),
-               dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed'],
+               scaling=trained, note=note, dataset=config['dataset'],
+               data_root=data_root or config['data_root'], seed=config['seed'],
                content_hash=ckpt['meta'].get('content_hash'),
-               train_eval_tokens=config['eval_iters'] * config.get('eval_batch_size', config['batch_size'])
-               * config['block_size'])
+               train_eval_tokens=config['eval_iters'] * eval_batch * config['block_size'])
     runs.append(row)
     for method in scalings if trained else []:  # one more row per method, sharing the weights
         scaling = (method, 1.0 if method == 'none' else rope_scaling_factor)

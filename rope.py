@@ -188,15 +188,17 @@ class RoPE(PositionEncoding):
     cos/sin are computed once per forward (prepare) and shared by every layer. Two changes of the
     frequency table, inherited by every encoding built on it (crope, ...):
     p-RoPE (rope_fraction = p; Barbero et al., ICLR 2025, arXiv:2410.06205): only the round(p hd/2)
-    pairs of highest frequency (p = 0, 1, ..., theta near 1; Python's round, half to even) rotate, at
-    their own frequencies; the rest get frequency 0, never rotated (the paper's listing floors
-    p hd/2: the same count whenever p hd/2 is whole). p = 1 is rope, p = 0 NoPE.
+    pairs of highest frequency (pairs 0, 1, ..., theta near 1; Python's round, half to even) rotate,
+    at their own frequencies; the rest get frequency 0 and are never rotated. p = 1 is rope, p = 0
+    NoPE.
     Context extension (rope_scaling, factor s = rope_scaling_factor >= 1, L = block_size, the
     training length):
       linear   Position Interpolation (arXiv:2306.15595): theta_p / s, i.e. positions m / s
       ntk      NTK-aware: base * s^(hd/(hd-2))
       dynamic  dynamic NTK (as HF transformers): a forward whose last position + 1 = Lc exceeds L
                takes the base base * (s Lc / L - (s - 1))^(hd/(hd-2)); unchanged while Lc <= L.
+               (HF keeps the frequencies of the longest context seen until a forward shorter
+               than L; here each forward takes its own Lc, the same for a growing context).
                KV-cached keys keep the frequencies they were rotated with (as HF), and the window
                generate() slides is recomputed at positions 0.. once full (relative = False): the
                true positions past L would switch it on for a context no longer than L
@@ -222,7 +224,8 @@ class RoPE(PositionEncoding):
                              f"rope_scaling_factor >= 1")
         if config.rope_scaling == 'none' and s != 1:
             raise ValueError(f"rope_scaling_factor={s} has no effect with rope_scaling='none'; "
-                             f"choose a rope_scaling ({', '.join(ROPE_SCALINGS[1:])}) or leave it at 1")
+                             f"choose a rope_scaling ({', '.join(ROPE_SCALINGS[1:])}) or leave it "
+                             f"at 1")
         self.head_dim, self.base, self.factor = hd, config.rope_base, s
         self.train_len = config.block_size  # L
         self.scaling = 'none' if s == 1 else config.rope_scaling  # s = 1: the plain table, bit for bit
@@ -245,7 +248,7 @@ class RoPE(PositionEncoding):
         elif self.scaling == 'yarn':
             r = self.train_len * theta / (2 * math.pi)  # L / lambda_p: pair p's turns within L
             # HF ramps linearly in the pair index (so in log r_p, not in r_p) between floored/ceiled
-            # bounds: the same where both are 0 or 1, a little different inside the ramp
+            # bounds: the same where both are 0 or 1, different inside the ramp
             gamma = ((r - self.YARN_ALPHA) / (self.YARN_BETA - self.YARN_ALPHA)).clamp(0, 1)
             theta = (1 - gamma) * theta / s + gamma * theta
         theta[self.rotated:] = 0  # p-RoPE: the lowest frequencies never rotate

@@ -207,7 +207,8 @@ def test_yarn_temperature_multiplies_every_logit_by_0_1_ln_s_plus_1_squared():
 @pytest.mark.parametrize('s', [2.0, 4.0])
 def test_dynamic_unchanged_up_to_L_and_per_length_past_it(s):
     hd, base, L = 16, 10000.0, 32
-    pe, plain = rope_pe(hd, base, L, rope_scaling='dynamic', rope_scaling_factor=s), rope_pe(hd, base, L)
+    pe = rope_pe(hd, base, L, rope_scaling='dynamic', rope_scaling_factor=s)
+    plain = rope_pe(hd, base, L)
     assert torch.equal(pe.inv_freq, plain.inv_freq)
     for start, T in [(0, 32), (0, 1), (20, 12), (0, 33), (0, 48), (40, 8), (1000, 24)]:
         pos = torch.arange(start, start + T)
@@ -225,7 +226,8 @@ def test_dynamic_unchanged_up_to_L_and_per_length_past_it(s):
 
 def test_dynamic_model_equals_rope_up_to_block_size_and_differs_past_it():
     idx = tokens(2, 48)
-    model, plain = make_model('rope', rope_scaling='dynamic', rope_scaling_factor=4.0), make_model('rope')
+    model = make_model('rope', rope_scaling='dynamic', rope_scaling_factor=4.0)
+    plain = make_model('rope')
     assert torch.equal(all_logits(model, idx[:, :32]), all_logits(plain, idx[:, :32]))
     last_31 = idx[:, :20], 12  # positions 12..31
     assert torch.equal(all_logits(model, *last_31), all_logits(plain, *last_31))
@@ -293,8 +295,8 @@ def test_rope_bad_values_are_one_line_errors():
     for kw, words in [(dict(rope_scaling_factor=2.0), "no effect with rope_scaling='none'"),
                       (dict(rope_scaling='bogus'), 'valid are'),
                       (dict(rope_fraction=1.5), 'rope_fraction in [0, 1]'),
-                      (dict(rope_scaling='yarn', rope_scaling_factor=0.5), 'rope_scaling_factor >= 1'),
-                      (dict(rope_scaling='ntk', rope_scaling_factor=math.nan), 'rope_scaling_factor >= 1')]:
+                      (dict(rope_scaling='yarn', rope_scaling_factor=0.5), 'factor >= 1'),
+                      (dict(rope_scaling='ntk', rope_scaling_factor=math.nan), 'factor >= 1')]:
         with pytest.raises(ValueError) as e:
             GPT(tiny_config('rope', **kw))
         assert '\n' not in str(e.value) and words in str(e.value), (kw, str(e.value))
@@ -304,12 +306,13 @@ def test_rope_bad_values_are_one_line_errors():
 
 
 def test_train_py_takes_the_keys_and_checks_them():
-    """GPTConfig's keys are train.py's: a bad method stops in the configurator, the valid ones listed."""
+    """GPTConfig's keys are train.py's: a bad method stops in the configurator, naming the valid."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
     p = subprocess.run([sys.executable, 'train.py', '--rope_scaling=longrope'], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
+    valid = ', '.join(ROPE_SCALINGS)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
-        "config error: 'rope_scaling' in --rope_scaling is 'longrope'; valid: " + ', '.join(ROPE_SCALINGS))
+        f"config error: 'rope_scaling' in --rope_scaling is 'longrope'; valid: {valid}")
 
 
 def test_tables_stay_fp32_non_persistent_buffers():
