@@ -4,6 +4,7 @@ extrapolation), loss by token position, and robustness to a global position offs
 synthetic task (mqar, copy, parity) get answer accuracy at each context length instead.
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
 $ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py --report=report.md  # train, then compare
+$ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension rows
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
 PNG plots go to --plots (default: next to the report) when matplotlib is installed.
 """
@@ -19,8 +20,9 @@ import torch
 from torch.nn import functional as F
 
 import prepare_data
-from model import find_checkpoint, held_run, load_checkpoint, setup_device, unwritable
-from rope import ENCODINGS
+from model import (find_checkpoint, held_run, load_checkpoint, rebuild_encoding, setup_device,
+                   unwritable)
+from rope import ENCODINGS, ROPE_SCALINGS, RoPE
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
@@ -40,10 +42,15 @@ pos_embs = ''  # comma list of pos_emb values to train, e.g. rope,carope,learned
 sweep_config = 'config/quickstart.py'  # the train.py config every encoding is trained with
 sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
 sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb>
+# context extension (rope.RoPE): each checkpoint whose encoding is built on RoPE's frequencies
+# (rope, crope, ...) gets, besides its row as trained, a row per method listed, run with that method
+rope_scaling = ''  # comma list of none, linear, ntk, dynamic, yarn; '' = as trained only
+rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / block_size) at each length T
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
-_ranges = {'eval_tokens': '[0, inf)', 'batch_size': '[1, inf)', 'eval_sequences': '[1, inf)'}
+_ranges = {'eval_tokens': '[0, inf)', 'batch_size': '[1, inf)', 'eval_sequences': '[1, inf)',
+           'rope_scaling_factor': '[0, inf)'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
@@ -105,6 +112,22 @@ if not dirs:
 offsets = int_list('pos_offsets', pos_offsets) or [0]
 if any(s < 0 for s in offsets):
     fail(f"--pos_offsets={pos_offsets!r}: offsets must be >= 0")
+scalings = list(dict.fromkeys(m.strip() for m in rope_scaling.split(',') if m.strip()))
+if unknown := [m for m in scalings if m not in ROPE_SCALINGS]:
+    fail(f"--rope_scaling: unknown method {', '.join(unknown)}; valid: {', '.join(ROPE_SCALINGS)} "
+         f"(a comma list)")
+if 0 < rope_scaling_factor < 1:
+    fail(f"--rope_scaling_factor={rope_scaling_factor} is not valid; valid: >= 1, or 0 for "
+         f"max(1, T / block_size) at each eval length T")
+if 'rope_scaling_factor' in _config_given and not scalings:
+    fail("--rope_scaling_factor needs --rope_scaling, the methods to add rows for (e.g. yarn)")
+
+
+def scaling_note(method, factor):
+    """A row label's note of its context extension: ' +yarn x4', ' +yarn xT/L' (factor 0), ' +none'."""
+    return f" +{method}" + ('' if method == 'none' else ' xT/L' if factor == 0 else f" x{factor:g}")
+
+
 runs = []
 for d in dirs:
     try:
@@ -117,16 +140,31 @@ for d in dirs:
     model.eval().to(device)
     pos_emb, block = model.config.pos_emb, model.config.block_size
     pos_emb += ' + forget gate' if model.config.forget_gate else ''
-    runs.append(dict(out_dir=d, label=f"{os.path.basename(os.path.normpath(d))} ({pos_emb})", model=model,
-                     pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
-                     max_len_why=model.pe.max_len_why,
-                     dataset=config['dataset'], data_root=data_root or config['data_root'], seed=config['seed'],
-                     content_hash=ckpt['meta'].get('content_hash'),
-                     train_eval_tokens=config['eval_iters'] * config.get('eval_batch_size', config['batch_size'])
-                     * config['block_size']))
+    # scaling: the (rope_scaling, factor) a row runs with, where the encoding takes one (else None)
+    cfg = model.config
+    trained = (cfg.rope_scaling, cfg.rope_scaling_factor) if isinstance(model.pe, RoPE) else None
+    note = '' if trained in (None, ('none', 1.0)) else scaling_note(*trained)
+    eval_batch = config.get('eval_batch_size', config['batch_size'])
+    row = dict(out_dir=d, model=model, pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
+               max_len_why=model.pe.max_len_why, scaling=trained, note=note, dataset=config['dataset'],
+               data_root=data_root or config['data_root'], seed=config['seed'],
+               content_hash=ckpt['meta'].get('content_hash'),
+               train_eval_tokens=config['eval_iters'] * eval_batch * config['block_size'])
+    runs.append(row)
+    for method in scalings if trained else []:  # one more row per method, sharing the weights
+        scaling = (method, 1.0 if method == 'none' else rope_scaling_factor)
+        if scaling != trained:
+            runs.append({**row, 'scaling': scaling, 'note': scaling_note(*scaling)})
+if scalings and not any(r['scaling'] for r in runs):
+    takes = ', '.join(name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE))
+    fail(f"--rope_scaling={rope_scaling}: no checkpoint's encoding "
+         f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only those "
+         f"built on RoPE's frequencies do ({takes})")
+for r in runs:
+    r['label'] = f"{os.path.basename(os.path.normpath(r['out_dir']))} ({r['pos_emb']}{r['note']})"
 if len({r['label'] for r in runs}) < len(runs):  # e.g. runs/a/out and runs/b/out: name rows by the whole path
     for r in runs:
-        r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']})"
+        r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']}{r['note']})"
 lengths = sorted(set(int_list('eval_block_sizes', eval_block_sizes) or
                      [m * r['block_size'] for r in runs for m in (1, 2, 4)]))
 if not lengths or min(lengths) < 1:
@@ -138,6 +176,18 @@ n_tokens = asked // step * step
 if n_tokens <= 0:
     fail(f"--eval_tokens={asked} is fewer than {step}, the least multiple of every eval block size; "
          f"raise --eval_tokens")
+
+
+def at_length(run, T):
+    """The row's model with the row's encoding at eval length T (the rows of one checkpoint share its
+    weights and differ only in the context extension, whose tables rebuild_encoding makes anew)."""
+    model = run['model']
+    if run['scaling'] is not None:
+        method, factor = run['scaling']
+        factor = max(1.0, T / run['block_size']) if factor == 0 else factor
+        if (model.config.rope_scaling, model.config.rope_scaling_factor) != (method, factor):
+            rebuild_encoding(model, rope_scaling=method, rope_scaling_factor=factor)
+    return model
 
 
 def fits(run, end):
@@ -206,14 +256,14 @@ for r in runs:
     r['loss'], r['by_pos'] = {}, None
     for T in lengths:  # ascending: the last one that fits gives the loss-by-position curve
         if fits(r, T):
-            losses = token_losses(r['model'], r['tokens'], T)
+            losses = token_losses(at_length(r, T), r['tokens'], T)
             r['loss'][T] = losses.mean().item()
             r['by_pos'] = losses.mean(dim=0).numpy()  # (T,) mean over windows of each position's loss
         else:
             r['loss'][T] = None
     T = r['block_size']
-    r['offset'] = {s: token_losses(r['model'], r['tokens'], T, s).mean().item() if fits(r, s + T) else None
-                   for s in offsets}
+    r['offset'] = {s: token_losses(at_length(r, T), r['tokens'], T, s).mean().item()
+                   if fits(r, s + T) else None for s in offsets}
     print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
@@ -234,7 +284,8 @@ def answer_accuracy(model, task, T, seed):
 
 for r in synthetic:
     t0 = time.time()
-    r['accuracy'] = {T: answer_accuracy(r['model'], r['dataset'], T, r['seed']) if fits(r, T) else None
+    r['accuracy'] = {T: answer_accuracy(at_length(r, T), r['dataset'], T, r['seed'])
+                     if fits(r, T) else None
                      for T in lengths}
     print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
 
@@ -243,6 +294,9 @@ for r in synthetic:
 footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions {r['max_len_why']}"
                     for r in runs + synthetic if None in [*r.get('loss', {}).values(), *r.get('offset', {}).values(),
                                                           *r.get('accuracy', {}).values()]})
+if any(r['scaling'] and r['scaling'][1] == 0 for r in runs + synthetic):
+    footnotes.append("xT/L : the context extension's factor is max(1, T / L) at each eval length T, "
+                     "L the checkpoint's block_size (so 1 in the offset table, at T = L)")
 sections = []
 if runs:
     train_set = {r['train_eval_tokens'] for r in runs}
@@ -291,12 +345,15 @@ if footnotes:
 text = '\n\n'.join(sections) + '\n'
 print(text)
 
+row_keys = lambda r: {'out_dir': r['out_dir'], 'label': r['label'], 'pos_emb': r['pos_emb'],
+                      'block_size': r['block_size'],  # rope_scaling: [method, factor (0: T/L)] or None
+                      'rope_scaling': list(r['scaling']) if r['scaling'] else None}
 results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets, 'checkpoints': [
-    {'out_dir': r['out_dir'], 'pos_emb': r['pos_emb'], 'block_size': r['block_size'],
-     'loss': {str(T): v for T, v in r['loss'].items()}, 'offset_loss': {str(s): v for s, v in r['offset'].items()},
+    {**row_keys(r), 'loss': {str(T): v for T, v in r['loss'].items()},
+     'offset_loss': {str(s): v for s, v in r['offset'].items()},
      'loss_by_position': r['by_pos'].tolist()} for r in runs] + [
-    {'out_dir': r['out_dir'], 'pos_emb': r['pos_emb'], 'block_size': r['block_size'], 'task': r['dataset'],
-     'accuracy': {str(T): v for T, v in r['accuracy'].items()}} for r in synthetic]}
+    {**row_keys(r), 'task': r['dataset'], 'accuracy': {str(T): v for T, v in r['accuracy'].items()}}
+    for r in synthetic]}
 if report:
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     with open(report, 'w', encoding='utf-8') as f:

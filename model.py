@@ -8,14 +8,14 @@ import math
 import os
 import tempfile
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import ENCODINGS, build_position_encoding
+from rope import ENCODINGS, ROPE_SCALINGS, build_position_encoding
 
 
 @dataclass
@@ -48,16 +48,21 @@ class GPTConfig:
     selective_gate: bool = True  # phase gate u *= sigmoid(Linear_{d->H}(h)) (LM sweep use_gate: true, standard)
     selective_reduce: bool = False  # test hook: u_t = 1, no projection (conv/gate/bias off too: RoPE at 1..T)
     cope_npos_max: int = 64  # cope: the number of learned position embeddings e[0..npos_max-1] (positions clamp)
+    # RoPE's frequency table (rope, crope: the encodings built on rope.RoPE; an error for the others)
+    rope_fraction: float = 1.0  # p-RoPE: only the round(p hd/2) highest-frequency pairs rotate
+    rope_scaling: str = 'none'  # context extension: 'none', 'linear', 'ntk', 'dynamic' or 'yarn'
+    rope_scaling_factor: float = 1.0  # its factor s (1 = unchanged) over block_size, the training L
 
 
 # the valid values of GPTConfig's fields, as every script's config keys check them (configurator.py's _choices and
 # _ranges: intervals, [ ] closed, ( ) open); the encodings' own constructors check what depends on several fields
 CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch'], 'comrope_init': ['rope', 'random'],
-                  'carope_source': ['block', 'embedding']}
+                  'carope_source': ['block', 'embedding'], 'rope_scaling': list(ROPE_SCALINGS)}
 CONFIG_RANGES = {'block_size': '[1, inf)', 'vocab_size': '[1, inf)', 'n_layer': '[1, inf)', 'n_head': '[1, inf)',
                  'n_embd': '[1, inf)', 'dropout': '[0, 1)', 'rope_base': '(1, inf)', 'comrope_block': '[2, inf)',
                  'comrope_init_std': '(0, inf)', 'selective_rank': '[0, inf)', 'selective_conv_width': '[1, inf)',
-                 'cope_npos_max': '[1, inf)'}
+                 'cope_npos_max': '[1, inf)', 'rope_fraction': '[0, 1]',
+                 'rope_scaling_factor': '[1, inf)'}
 
 
 class LayerNorm(nn.Module):
@@ -433,10 +438,24 @@ def unwritable(path, is_dir):
     return None
 
 
-def load_checkpoint(path, build=True):
+def rebuild_encoding(model, **keys):
+    """Give `model` the position encoding its config builds with these GPTConfig keys changed
+    (rope_scaling, rope_scaling_factor: keys of the encoding alone, never of a weight's shape),
+    keeping the encoding's weights, device and mode; model.config says what it now runs. A value
+    the encoding cannot take raises its ValueError and leaves the model as it was."""
+    config = replace(model.config, **keys)
+    pe = build_position_encoding(config)
+    pe.load_state_dict(model.pe.state_dict())
+    model.pe, model.config = pe.to(model.lm_head.weight.device).train(model.training), config
+    return model
+
+
+def load_checkpoint(path, build=True, overrides=None):
     """(checkpoint dict, its uncompiled GPT with the weights loaded, or None unless build) from a ckpt.pt or
     best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or foreign file raises
-    ValueError naming it."""
+    ValueError naming it. overrides: GPTConfig keys of the encoding (rope_scaling, ...) that the model
+    takes in place of the checkpoint's (rebuild_encoding); a value its encoding cannot take raises
+    the encoding's ValueError."""
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         model = GPT(GPTConfig(**checkpoint['model_args'])) if build else None
@@ -449,6 +468,8 @@ def load_checkpoint(path, build=True):
         other = ' (--checkpoint=latest reads ckpt.pt)' if os.path.basename(path) == 'best.pt' else ''
         raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
                          f"checkpoint{other}") from e
+    if build and overrides:
+        rebuild_encoding(model, **overrides)
     return checkpoint, model
 
 

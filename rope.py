@@ -19,11 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def rope_frequencies(head_dim, base):
-    """theta_p = base^(-2p/hd), p = 0..hd/2-1 (RoFormer eq. 15), fp32, computed in fp64 first."""
+def rope_frequencies(head_dim, base, dtype=torch.float32):
+    """theta_p = base^(-2p/hd), p = 0..hd/2-1 (RoFormer eq. 15), computed in fp64, returned in dtype
+    (fp32; RoPE's scalings go on in fp64). base: a float, or a 0-dim tensor (dynamic NTK's, per
+    forward) on whose device and in whose dtype the math then runs."""
     if head_dim % 2:
         raise ValueError(f"rotary encodings need an even head dim, got n_embd/n_head = {head_dim}")
-    return (base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
+    like = base if torch.is_tensor(base) else torch.zeros((), dtype=torch.float64)
+    two_p = torch.arange(0, head_dim, 2, dtype=like.dtype, device=like.device)
+    return (base ** (-two_p / head_dim)).to(dtype)
 
 
 def apply_rotary(x, cos, sin):
@@ -90,6 +94,14 @@ class PositionEncoding(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        # the keys of RoPE's frequency table (p-RoPE, context extension) mean nothing to the others
+        off = {'rope_fraction': 1.0, 'rope_scaling': 'none', 'rope_scaling_factor': 1.0}
+        keys = [f"{k}={getattr(config, k)!r}" for k, v in off.items() if getattr(config, k) != v]
+        if keys and not isinstance(self, RoPE):
+            takes = ', '.join(name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE))
+            raise ValueError(f"{', '.join(keys)}: only the encodings built on RoPE's frequency table "
+                             f"take it ({takes}), not pos_emb={config.pos_emb!r}; leave it at its "
+                             f"default or use one of those")
 
     def embed(self, x, pos):  # x: (B, T, C) token embeddings, pos: (T,) int64
         return x
@@ -169,19 +181,94 @@ class Sinusoidal(PositionEncoding):
         return x * math.sqrt(x.size(-1)) + pe.to(x.dtype)  # section 3.4: embeddings times sqrt(d_model)
 
 
+ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic', 'yarn')  # GPTConfig.rope_scaling (see RoPE)
+
+
 class RoPE(PositionEncoding):
     """`rope`: RoFormer (arXiv:2104.09864) eq. 34. Position m rotates pair p of q and k by m * theta_p,
     theta_p = rope_base^(-2p/hd), so <R_m q, R_n k> = <q, R_{n-m} k> depends on n - m only.
-    cos/sin are computed once per forward (prepare) and shared by every layer."""
+    cos/sin are computed once per forward (prepare) and shared by every layer. Two changes of the
+    frequency table, inherited by every encoding built on it (crope, ...):
+    p-RoPE (rope_fraction = p; Barbero et al., ICLR 2025, arXiv:2410.06205): only the round(p hd/2)
+    pairs of highest frequency (pairs 0, 1, ..., theta near 1; Python's round, half to even) rotate,
+    at their own frequencies; the rest get frequency 0 and are never rotated. p = 1 is rope, p = 0
+    NoPE.
+    Context extension (rope_scaling, factor s = rope_scaling_factor >= 1, L = block_size, the
+    training length):
+      linear   Position Interpolation (arXiv:2306.15595): theta_p / s, i.e. positions m / s
+      ntk      NTK-aware: base * s^(hd/(hd-2))
+      dynamic  dynamic NTK (as HF transformers): a forward whose last position + 1 = Lc exceeds L
+               takes the base base * (s Lc / L - (s - 1))^(hd/(hd-2)); unchanged while Lc <= L.
+               (HF keeps the frequencies of the longest context seen until a forward shorter
+               than L; here each forward takes its own Lc, the same for a growing context).
+               KV-cached keys keep the frequencies they were rotated with (as HF), and the window
+               generate() slides is recomputed at positions 0.. once full (relative = False): the
+               true positions past L would switch it on for a context no longer than L
+      yarn     YaRN (arXiv:2309.00071 sections 3.2-3.4): pair p of wavelength
+               lambda_p = 2 pi / theta_p has r_p = L / lambda_p, ramp
+               gamma_p = clamp((r_p - alpha) / (beta - alpha), 0, 1), alpha = 1, beta = 32, and
+               theta'_p = (1 - gamma_p) theta_p / s + gamma_p theta_p (divided where a wavelength is
+               longer than L, kept where it fits 32 times); cos and sin times 0.1 ln s + 1, so every
+               q.k logit gains (0.1 ln s + 1)^2 (section 3.4's 1/t; HF's attention_factor)
+    s = 1 changes nothing for every method (dynamic too, where HF's formula would still grow the base
+    past L). Tables are computed in fp64 and rounded once to fp32 (dynamic's per forward, on the
+    device; in fp32 on MPS)."""
+
+    YARN_ALPHA, YARN_BETA = 1.0, 32.0  # section 3.2's, for Llama (HF's beta_slow, beta_fast)
 
     def __init__(self, config):
         super().__init__(config)
-        head_dim = config.n_embd // config.n_head
-        self.register_buffer('inv_freq', rope_frequencies(head_dim, config.rope_base), persistent=False)
+        hd, s, p = config.n_embd // config.n_head, config.rope_scaling_factor, config.rope_fraction
+        if config.rope_scaling not in ROPE_SCALINGS or not 0 <= p <= 1 or not s >= 1:
+            raise ValueError(f"rope_scaling={config.rope_scaling!r}, rope_fraction={p}, "
+                             f"rope_scaling_factor={s}: valid are rope_scaling in "
+                             f"{', '.join(ROPE_SCALINGS)}, rope_fraction in [0, 1] and "
+                             f"rope_scaling_factor >= 1")
+        if config.rope_scaling == 'none' and s != 1:
+            raise ValueError(f"rope_scaling_factor={s} has no effect with rope_scaling='none'; "
+                             f"choose a rope_scaling ({', '.join(ROPE_SCALINGS[1:])}) or leave it "
+                             f"at 1")
+        self.head_dim, self.base, self.factor = hd, config.rope_base, s
+        self.train_len = config.block_size  # L
+        self.scaling = 'none' if s == 1 else config.rope_scaling  # s = 1: the plain table, bit for bit
+        self.rotated = round(p * hd / 2)  # p-RoPE: pairs 0..rotated-1 rotate
+        # ntk, dynamic: base^(-2p/hd) -> (base c^e)^(-2p/hd), e = hd/(hd-2); hd = 2: theta_0 = 1 only
+        self.ntk_exponent = hd / (hd - 2) if hd > 2 else 0.0
+        base = self.base * s ** self.ntk_exponent if self.scaling == 'ntk' else self.base
+        self.register_buffer('inv_freq', self.frequencies(base), persistent=False)
+        self.attention_factor = 0.1 * math.log(s) + 1 if self.scaling == 'yarn' else 1.0
+        self.relative = self.scaling != 'dynamic'  # see the docstring
+
+    def frequencies(self, base):
+        """theta'_p (hd/2,) fp32 from `base` (a float, or dynamic's 0-dim tensor): RoFormer's, then
+        linear's or yarn's change, then p-RoPE's zeros, in fp64 (base's dtype) and rounded once."""
+        exact = base.dtype if torch.is_tensor(base) else torch.float64
+        theta = rope_frequencies(self.head_dim, base, exact)
+        s = self.factor
+        if self.scaling == 'linear':
+            theta = theta / s
+        elif self.scaling == 'yarn':
+            r = self.train_len * theta / (2 * math.pi)  # L / lambda_p: pair p's turns within L
+            # HF ramps linearly in the pair index (so in log r_p, not in r_p) between floored/ceiled
+            # bounds: the same where both are 0 or 1, different inside the ramp
+            gamma = ((r - self.YARN_ALPHA) / (self.YARN_BETA - self.YARN_ALPHA)).clamp(0, 1)
+            theta = (1 - gamma) * theta / s + gamma * theta
+        theta[self.rotated:] = 0  # p-RoPE: the lowest frequencies never rotate
+        return theta.float()
 
     def prepare(self, x, pos):
-        angle = pos.float()[:, None] * self.inv_freq  # (T, hs/2) fp32, from int64 positions
-        return angle.cos(), angle.sin()
+        inv_freq = self.inv_freq
+        if self.scaling == 'dynamic':  # on the device, no sync: no graph break under torch.compile
+            exact = torch.float32 if pos.device.type == 'mps' else torch.float64  # MPS: no fp64
+            Lc = (pos[-1] + 1).to(exact)  # the length so far (HF: the largest position + 1)
+            L, s = self.train_len, self.factor
+            base = self.base * (s * Lc.clamp_min(L) / L - (s - 1)) ** self.ntk_exponent
+            inv_freq = torch.where(Lc > L, self.frequencies(base).to(inv_freq.dtype), inv_freq)
+        angle = pos.float()[:, None] * inv_freq  # (T, hs/2) fp32, from int64 positions
+        if self.attention_factor == 1:
+            return angle.cos(), angle.sin()
+        m = self.attention_factor  # YaRN's sqrt(1/t)
+        return angle.cos() * m, angle.sin() * m
 
     def rotate(self, layer, q, k, x, shared, cache):
         cos, sin = shared

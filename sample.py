@@ -5,6 +5,8 @@ $ python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --nu
 $ python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt --temperature=0
 The model sees at most its block_size last tokens, the context it was trained on (see GPT.generate);
 --extrapolate=True never crops it: past block_size that is length extrapolation (`learned` cannot).
+$ python sample.py --out_dir=out-quickstart --extrapolate=True --rope_scaling=yarn --rope_scaling_factor=4
+--rope_scaling and --rope_scaling_factor, when given, replace the checkpoint's (see rope.RoPE).
 """
 import os
 import sys
@@ -13,6 +15,7 @@ import torch
 
 from model import find_checkpoint, load_checkpoint, setup_device
 from prepare_data import DataError, get_tokenizer
+from rope import ROPE_SCALINGS
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's directory
@@ -27,9 +30,15 @@ device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 use_cache = True  # KV-cached decoding; False recomputes the last block_size tokens every token
 extrapolate = False  # True: never crop the context to block_size (length extrapolation)
-_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
+# context extension of an encoding built on RoPE's frequencies (rope, crope, ...); each, when given,
+# replaces the checkpoint's: e.g. --rope_scaling=yarn --rope_scaling_factor=4 with --extrapolate=True
+rope_scaling = 'none'  # 'none', 'linear', 'ntk', 'dynamic' or 'yarn' (see rope.RoPE)
+rope_scaling_factor = 1.0  # its factor s, relative to the checkpoint's block_size
+_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest'],
+            'rope_scaling': list(ROPE_SCALINGS)}
 _ranges = {'num_samples': '[1, inf)', 'max_new_tokens': '[0, inf)', 'temperature': '[0, inf)',
-           'top_k': '[0, inf)', 'seed': '[0, 18446744073709551616)'}  # seed: torch takes a uint64
+           'top_k': '[0, inf)', 'seed': '[0, 18446744073709551616)',  # seed: torch takes a uint64
+           'rope_scaling_factor': '[1, inf)'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -47,14 +56,22 @@ if start.startswith('FILE:'):
         why = (e.strerror or str(e)) if isinstance(e, OSError) else f"not UTF-8 text: {e.reason}"
         fail(f"--start={start}: cannot read {start[5:]!r} ({why}); give a readable UTF-8 text file")
 
+overrides = {k: globals()[k] for k in ('rope_scaling', 'rope_scaling_factor') if k in _config_given}
+if overrides.get('rope_scaling') == 'none':
+    overrides.setdefault('rope_scaling_factor', 1.0)  # off, whatever factor the checkpoint had
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
     ckpt_path, what = find_checkpoint(out_dir, checkpoint)
-    ckpt, model = load_checkpoint(ckpt_path)
+    ckpt, model = load_checkpoint(ckpt_path, overrides=overrides)
     meta = ckpt['meta']
 except (ValueError, KeyError) as e:
     fail(str(e))
-print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}", file=sys.stderr)
+if overrides.get('rope_scaling', 'none') != 'none' and model.config.rope_scaling_factor == 1:
+    fail(f"--rope_scaling={rope_scaling} with rope_scaling_factor=1 changes nothing; give "
+         f"--rope_scaling_factor > 1 (the context over block_size={model.config.block_size})")
+scaled = f"; run with {', '.join(f'{k}={v!r}' for k, v in overrides.items())}" if overrides else ''
+print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}{scaled}",
+      file=sys.stderr)
 torch.manual_seed(seed)
 model.eval().to(device)
 try:

@@ -199,3 +199,145 @@ def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):
     warnings = [line for line in p.stderr.splitlines() if 'warning' in line]
     assert any('different data' in w for w in warnings) and any(str(other) in w and 'not comparable' in w
                                                                for w in warnings), p.stderr
+
+
+# ------------------------------------------------------------------- context extension (rope.RoPE)
+# eval.py's --rope_scaling rows and sample.py's overrides, on the checkpoints trained above (no
+# training of their own)
+
+def scaled_model(out_dir, **keys):
+    """The checkpoint's model built anew with `keys` in its model args (not via rebuild_encoding)."""
+    ckpt = torch.load(os.path.join(out_dir, 'best.pt'), weights_only=True)
+    model = GPT(GPTConfig(**{**ckpt['model_args'], **keys}))
+    model.load_state_dict(ckpt['model'])
+    return model.eval(), ckpt['meta']
+
+
+def loss_by_position(out_dir, T, n_tokens, data_root, **keys):
+    """(T,) cross entropy at each position, the mean over the non-overlapping windows of length T of
+    the first n_tokens val tokens. A 10-step model barely uses positions: the scalings move its mean
+    loss by ~1e-6, but single positions by 1e-4."""
+    model, _ = scaled_model(out_dir, **keys)
+    tokens = eval_tokens(os.path.join(data_root, 'embedded'), 'val', n_tokens)
+    n = n_tokens // T
+    x = torch.from_numpy(tokens[:n * T].reshape(n, T)).long()
+    y = torch.from_numpy(tokens[1:n * T + 1].reshape(n, T)).long()
+    with torch.no_grad():
+        logits, _ = model(x, y)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction='none')
+    return loss.view(n, T).double().mean(0).numpy()
+
+
+@pytest.fixture(scope='module')
+def scaled(evaluated, tmp_path_factory):
+    """eval.py with every method at the matching factor (the default 0: max(1, T / block_size))."""
+    report = tmp_path_factory.mktemp('scaled') / 'report.md'
+    dirs = evaluated['dirs']
+    p = run('eval.py', f"--out_dirs={dirs['rope']},{dirs['learned']}",
+            '--rope_scaling=none,linear,ntk,dynamic,yarn', '--eval_block_sizes=32,64',
+            '--pos_offsets=0,100', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(report.with_suffix('.json').read_text())
+    return dict(text=report.read_text(encoding='utf-8'), results=results)
+
+
+def test_rope_scaling_rows_labels_and_matching_factor(evaluated, scaled):
+    methods = ['linear', 'ntk', 'dynamic', 'yarn']
+    rows = table(scaled['text'], 'Perplexity')
+    assert list(rows) == ['out-rope (rope)'] + [f'out-rope (rope +{m} xT/L)' for m in methods] + \
+        ['out-learned (learned)']  # learned takes no scaling: its row only, and no error
+    assert "xT/L : the context extension's factor is max(1, T / L)" in scaled['text']
+    res = {c['label']: c for c in scaled['results']['checkpoints']}
+    plain = res['out-rope (rope)']
+    before = {c['pos_emb']: c for c in evaluated['results']['checkpoints']}['rope']
+    assert plain['loss'] == pytest.approx(before['loss'], abs=1e-9)
+    assert plain['rope_scaling'] == ['none', 1.0]
+    n_tokens = scaled['results']['eval_tokens']
+    for m in methods:
+        row = res[f'out-rope (rope +{m} xT/L)']
+        assert row['rope_scaling'] == [m, 0.0]
+        assert row['loss']['32'] == plain['loss']['32']  # T = L: factor 1, the model as trained
+        assert row['offset_loss'] == plain['offset_loss']  # the offset table is at T = L too
+        ref = loss_by_position(evaluated['dirs']['rope'], 64, n_tokens, evaluated['data_root'],
+                               rope_scaling=m, rope_scaling_factor=2.0)  # T = 2L: factor 2
+        by_pos = np.array(row['loss_by_position'])
+        np.testing.assert_allclose(by_pos, ref, rtol=0, atol=1e-6)
+        assert row['loss']['64'] == pytest.approx(ref.mean(), abs=1e-6)
+        assert np.abs(by_pos - np.array(plain['loss_by_position'])).max() > 5e-5  # not the plain rows
+
+
+def test_rope_scaling_fixed_factor_row(evaluated, tmp_path):
+    report = tmp_path / 'r.md'
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--rope_scaling=yarn',
+            '--rope_scaling_factor=4', '--eval_block_sizes=32', '--pos_offsets=0',
+            f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = report.read_text(encoding='utf-8')
+    assert list(table(text, 'Perplexity')) == ['out-rope (rope)', 'out-rope (rope +yarn x4)']
+    assert 'xT/L' not in text
+    res = json.loads(report.with_suffix('.json').read_text())
+    row = res['checkpoints'][1]
+    ref = loss_by_position(evaluated['dirs']['rope'], 32, res['eval_tokens'], evaluated['data_root'],
+                           rope_scaling='yarn', rope_scaling_factor=4.0)
+    assert row['rope_scaling'] == ['yarn', 4.0]
+    assert row['loss']['32'] == pytest.approx(ref.mean(), abs=1e-6)
+    plain, by_pos = (np.array(c['loss_by_position']) for c in res['checkpoints'])
+    np.testing.assert_allclose(by_pos, ref, rtol=0, atol=1e-6)
+    assert np.abs(by_pos - plain).max() > 5e-5  # x4 at T = L moved it
+
+
+def test_rope_scaling_bad_requests_are_one_line(evaluated):
+    rope, learned = (f"--out_dirs={evaluated['dirs'][k]}" for k in ('rope', 'learned'))
+    for args, words in [([learned, '--rope_scaling=yarn'], ['learned', 'rope, crope']),
+                        ([rope, '--rope_scaling=longrope'], ['longrope', 'yarn']),
+                        ([rope, '--rope_scaling=yarn', '--rope_scaling_factor=0.5'], ['0.5', '>= 1']),
+                        ([rope, '--rope_scaling_factor=2'], ['needs --rope_scaling'])]:
+        p = run('eval.py', *args, '--device=cpu')
+        assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+        line = errors(p)[0]
+        assert line.startswith('eval.py: ') and all(w in line for w in words), line
+
+
+@pytest.mark.usefixtures('one_thread')  # the reference below on one thread, as the subprocess
+def test_sample_py_rope_scaling_overrides(evaluated, tmp_path):
+    """sample.py past block_size with and without an override, against the model built with those
+    keys. The 10-step model greedily writes spaces whatever its encoding, so the checkpoint copied
+    here holds a random GPT whose q/k/v are scaled up 15x (as test_model.make_model's), whose text
+    does move with the encoding."""
+    from prepare_data import get_tokenizer
+    rope_dir = tmp_path / 'sharp'
+    shutil.copytree(evaluated['dirs']['rope'], rope_dir)
+    ckpt = torch.load(rope_dir / 'best.pt', weights_only=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(15)
+    ckpt['model'] = model.state_dict()
+    torch.save(ckpt, rope_dir / 'best.pt')
+    common = ['--temperature=0', '--num_samples=1', '--max_new_tokens=40', '--extrapolate=True',
+              '--start=def ', '--device=cpu']
+    texts = []
+    for keys in ({}, {'rope_scaling': 'yarn', 'rope_scaling_factor': 4.0}):
+        args = [f'--{k}={v}' for k, v in keys.items()]
+        p = run('sample.py', f'--out_dir={rope_dir}', *common, *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        model, meta = scaled_model(str(rope_dir), **keys)
+        encode, decode = get_tokenizer(meta['tokenizer'])
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([encode('def ')]), 40, temperature=0,
+                                 vocab_limit=meta['vocab_size'], extrapolate=True)
+        assert p.stdout == decode(ref[0].tolist()) + '\n---------------\n'
+        loaded = [line for line in p.stderr.splitlines() if line.startswith('loaded ')]
+        assert all(f"{k}={v!r}" in loaded[0] for k, v in keys.items()), loaded
+        texts.append(p.stdout)
+    assert texts[0] != texts[1], texts  # the override changed the text
+    for args, words in [(['--rope_scaling=yarn'], 'changes nothing'),
+                        (['--rope_scaling_factor=4'], "no effect with rope_scaling='none'")]:
+        p = run('sample.py', f"--out_dir={evaluated['dirs']['rope']}", *common, *args)
+        assert p.returncode == 1 and p.stdout == '' and len(errors(p)) == 1, p.stderr
+        assert words in errors(p)[0], p.stderr
+    p = run('sample.py', f"--out_dir={evaluated['dirs']['learned']}", *common[:3],
+            '--rope_scaling=yarn', '--rope_scaling_factor=2')
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    assert "pos_emb='learned'" in errors(p)[0], p.stderr

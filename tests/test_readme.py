@@ -65,6 +65,11 @@ COMMANDS = {
     'python eval.py --pos_embs=none,rope,selective --sweep_config=config/synthetic_parity.py --sweep_out=out-parity':
         'run',
     'OMP_NUM_THREADS=1 python bench.py --rounds=7 --steps=5': 'run',
+    'python train.py config/quickstart.py --rope_fraction=0.5 --out_dir=out-prope': 'run',
+    'python eval.py --out_dirs=out-quickstart --rope_scaling=none,linear,ntk,dynamic,yarn '
+    '--eval_block_sizes=256,512,1024': 'run',
+    'python sample.py --out_dir=out-quickstart --max_new_tokens=600 --extrapolate=True '
+    '--rope_scaling=yarn --rope_scaling_factor=4': 'run',
     'python bench.py --preset=gpt2 --compile=True': ('error', 'sized for a GPU'),
 }
 
