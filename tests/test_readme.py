@@ -55,7 +55,7 @@ COMMANDS = {
         'run',
     'python train.py config/synthetic_copy.py && python eval.py --out_dirs=out-synthetic-copy': 'run',
     'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,selective,alibi,t5,fire,'
-    'cope '
+    'cope,xpos,pope '
     '--sweep_config=config/quickstart.py "--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=150" '
     '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 --report=report.md': 'run',
     'python eval.py --pos_embs=none,learned,rope,carope,selective --sweep_config=config/synthetic_copy.py '
