@@ -52,6 +52,7 @@ class GPTConfig:
     rope_fraction: float = 1.0  # p-RoPE: only the round(p hd/2) highest-frequency pairs rotate
     rope_scaling: str = 'none'  # context extension: 'none', 'linear', 'ntk', 'dynamic' or 'yarn'
     rope_scaling_factor: float = 1.0  # its factor s (1 = unchanged) over block_size, the training L
+    rope_scaling_length: int = 0  # L of rope_scaling: the length RoPE was trained at (0 = block_size)
 
 
 # the valid values of GPTConfig's fields, as every script's config keys check them (configurator.py's _choices and
@@ -61,7 +62,7 @@ CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch']
 CONFIG_RANGES = {'block_size': '[1, inf)', 'vocab_size': '[1, inf)', 'n_layer': '[1, inf)', 'n_head': '[1, inf)',
                  'n_embd': '[1, inf)', 'dropout': '[0, 1)', 'rope_base': '(1, inf)', 'comrope_block': '[2, inf)',
                  'comrope_init_std': '(0, inf)', 'selective_rank': '[0, inf)', 'selective_conv_width': '[1, inf)',
-                 'cope_npos_max': '[1, inf)', 'rope_fraction': '[0, 1]',
+                 'cope_npos_max': '[1, inf)', 'rope_scaling_length': '[0, inf)', 'rope_fraction': '[0, 1]',
                  'rope_scaling_factor': '[1, inf)'}
 
 

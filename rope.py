@@ -95,7 +95,7 @@ class PositionEncoding(nn.Module):
     def __init__(self, config):
         super().__init__()
         # the keys of RoPE's frequency table (p-RoPE, context extension) mean nothing to the others
-        off = {'rope_fraction': 1.0, 'rope_scaling': 'none', 'rope_scaling_factor': 1.0}
+        off = {'rope_fraction': 1.0, 'rope_scaling': 'none', 'rope_scaling_factor': 1.0, 'rope_scaling_length': 0}
         keys = [f"{k}={getattr(config, k)!r}" for k, v in off.items() if getattr(config, k) != v]
         if keys and not isinstance(self, RoPE):
             takes = ', '.join(name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE))
@@ -193,8 +193,8 @@ class RoPE(PositionEncoding):
     pairs of highest frequency (pairs 0, 1, ..., theta near 1; Python's round, half to even) rotate,
     at their own frequencies; the rest get frequency 0 and are never rotated. p = 1 is rope, p = 0
     NoPE.
-    Context extension (rope_scaling, factor s = rope_scaling_factor >= 1, L = block_size, the
-    training length):
+    Context extension (rope_scaling, factor s = rope_scaling_factor >= 1, L = rope_scaling_length or
+    block_size, the length RoPE was trained at):
       linear   Position Interpolation (arXiv:2306.15595): theta_p / s, i.e. positions m / s
       ntk      NTK-aware: base * s^(hd/(hd-2))
       dynamic  dynamic NTK (as HF transformers): a forward whose last position + 1 = Lc exceeds L
@@ -229,7 +229,7 @@ class RoPE(PositionEncoding):
                              f"choose a rope_scaling ({', '.join(ROPE_SCALINGS[1:])}) or leave it "
                              f"at 1")
         self.head_dim, self.base, self.factor = hd, config.rope_base, s
-        self.train_len = config.block_size  # L
+        self.train_len = config.rope_scaling_length or config.block_size  # L (fine-tuned longer: the old one)
         self.scaling = 'none' if s == 1 else config.rope_scaling  # s = 1: the plain table, bit for bit
         self.rotated = round(p * hd / 2)  # p-RoPE: pairs 0..rotated-1 rotate
         # ntk, dynamic: base^(-2p/hd) -> (base c^e)^(-2p/hd), e = hd/(hd-2); hd = 2: theta_0 = 1 only

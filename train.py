@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, RUN_FILES, GPTConfig, device_peak_flops, held_run,
-                   load_checkpoint, setup_device, unwritable)
+from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, RUN_FILES, GPTConfig, device_peak_flops, find_checkpoint,
+                   held_run, load_checkpoint, setup_device, unwritable)
+from rope import ENCODINGS, RoPE
 from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
                           load_meta, synthetic_eval_set)
 
@@ -46,7 +47,11 @@ eval_iters = 20  # evaluate on a fixed eval_iters * batch_size * block_size toke
 eval_block_size = 0  # context length of evaluation; 0 = block_size (larger = length extrapolation)
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # write ckpt.pt (the latest state, to resume from) at every eval; else at the end only
-init_from = 'scratch'  # 'scratch' (out_dir must not hold a run) or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch' (out_dir must not hold a run), 'resume' (from out_dir/ckpt.pt) or 'finetune'
+# init_from='finetune': a new run in out_dir starts from the weights of finetune_from (a run's out_dir, its best.pt,
+# or a checkpoint file) with its architecture, except the keys of FINETUNE_KEYS given here: context extension is
+# e.g. --block_size=1024 --rope_scaling=yarn --rope_scaling_factor=4 on a model trained at 256
+finetune_from = ''
 # data
 dataset = 'fineweb_edu'  # or a synthetic task (mqar, copy, parity): generated from the seed, loss on answers only
 data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -82,7 +87,7 @@ dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16 (+ Gra
 compile = True  # torch.compile the model (needs Triton on GPU, a C++ compiler on CPU)
 # -----------------------------------------------------------------------------
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name not in globals()})
-_choices = {**CONFIG_CHOICES, 'init_from': ['scratch', 'resume'], 'backend': ['auto', 'nccl', 'gloo'],
+_choices = {**CONFIG_CHOICES, 'init_from': ['scratch', 'resume', 'finetune'], 'backend': ['auto', 'nccl', 'gloo'],
             'dtype': ['auto', 'float32', 'bfloat16', 'float16']}
 _ranges = {**CONFIG_RANGES, 'eval_interval': '[1, inf)', 'log_interval': '[1, inf)', 'eval_iters': '[1, inf)',
            'eval_block_size': '[0, inf)', 'gradient_accumulation_steps': '[1, inf)', 'batch_size': '[1, inf)',
@@ -150,7 +155,7 @@ master_process = ddp_rank == 0  # does the logging and checkpointing
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in RUN_FILES)
 if not eval_only and (why := unwritable(out_dir, is_dir=True)):  # eval_only writes nothing
     fail(f"out_dir={out_dir!r} cannot be used: {why}; give a directory this user can write")
-if init_from == 'scratch' and not eval_only and (held := held_run(out_dir)):
+if init_from in ('scratch', 'finetune') and not eval_only and (held := held_run(out_dir)):
     fail(f"out_dir={out_dir!r} already holds a run ({', '.join(held)}); continue it with "
          f"--init_from=resume, or use another --out_dir (or delete that one)")
 
@@ -184,6 +189,38 @@ if init_from == 'resume':
     eval_iters, eval_batch = kept
 else:
     eval_batch = batch_size  # the eval set is eval_iters x eval_batch sequences of each split
+
+# finetune: another run's weights and architecture; of the model keys only FINETUNE_KEYS may change, when given
+FINETUNE_KEYS = ('block_size', 'dropout', 'rope_scaling', 'rope_scaling_factor', 'rope_scaling_length')
+weights = None
+if init_from == 'finetune':
+    try:
+        path = finetune_from if os.path.isfile(finetune_from) else find_checkpoint(finetune_from, 'best')[0]
+        source, _ = load_checkpoint(path, build=False)
+    except ValueError as e:
+        fail(f"finetune_from={finetune_from!r}: {e}")
+    model_args = dict(source['model_args'])
+    changed = {k: globals()[k] for k in FINETUNE_KEYS if k in _config_given and globals()[k] != model_args[k]}
+    takes_scaling = issubclass(ENCODINGS[model_args['pos_emb']], RoPE)
+    if 'block_size' in changed and takes_scaling and not model_args['rope_scaling_length'] \
+            and 'rope_scaling_length' not in _config_given:  # L stays the length RoPE was trained at
+        changed['rope_scaling_length'] = model_args['block_size']
+    if 'block_size' in changed and model_args['pos_emb'] == 'learned':
+        fail(f"{path}: pos_emb='learned' has exactly block_size={model_args['block_size']} trained positions; "
+             f"fine-tune it at that block_size, or use an encoding that extrapolates")
+    ignored = [f"{k}={globals()[k]!r}" for k in model_args
+               if k not in FINETUNE_KEYS and k in _config_given and globals()[k] != model_args[k]]
+    if ignored:
+        fail(f"init_from='finetune' keeps {path}'s architecture; only {', '.join(FINETUNE_KEYS)} may change, "
+             f"not {', '.join(ignored)}")
+    model_args.update(changed)
+    config.update({k: v for k, v in model_args.items() if k in config})
+    globals().update(model_args)
+    weights = source['model']
+    if master_process:
+        what = ', '.join(f"{k}={v!r}" for k, v in changed.items()) or 'nothing'
+        print(f"fine-tuning the weights of {path} (iter {source['iter_num']}); changed: {what}")
+    source = None
 config.update(eval_iters=eval_iters, eval_batch_size=eval_batch)  # recorded: a resume and eval.py use the same set
 
 eval_block_size = eval_block_size or block_size
@@ -242,8 +279,9 @@ try:
     model = GPT(gptconf)
 except ValueError as e:
     fail(str(e))
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
+if checkpoint is not None or weights is not None:
+    model.load_state_dict(checkpoint['model'] if checkpoint is not None else weights)
+    weights = None
 raw_model = model.to(device)  # the uncompiled module: what checkpoints, eval at other lengths and sampling use
 if master_process:
     print(model.param_summary())

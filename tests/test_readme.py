@@ -58,6 +58,15 @@ COMMANDS = {
     'cope,xpos,pope '
     '--sweep_config=config/quickstart.py "--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=150" '
     '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 --report=report.md': 'run',
+    # the extrapolation table: two more checkpoints, then one evaluation of the sweep's (the entry above made them)
+    'python train.py config/quickstart.py --rope_fraction=0.25 --out_dir=out-sweep-prope --max_iters=150 '
+    '--lr_decay_iters=150 --eval_interval=150': 'run',
+    'python train.py config/quickstart.py --pos_emb=comrope_ap --comrope_block=32 --out_dir=out-sweep-liere '
+    '--max_iters=150 --lr_decay_iters=150 --eval_interval=150': 'run',
+    'python eval.py --out_dirs=out-sweep-rope,out-sweep-crope,out-sweep-xpos,out-sweep-prope,out-sweep-comrope_ap,'
+    'out-sweep-liere,out-sweep-carope,out-sweep-selective,out-sweep-alibi,out-sweep-fire,out-sweep-cope,out-sweep-pope '
+    '--rope_scaling=none,linear,ntk,dynamic,yarn --eval_block_sizes=256,512,1024 --eval_tokens=8192 '
+    '--report=extrapolation.md': 'run',
     'python eval.py --pos_embs=none,learned,rope,carope,selective --sweep_config=config/synthetic_copy.py '
     '--sweep_out=out-copy': 'run',
     'python eval.py --pos_embs=none,learned,rope,carope,selective --sweep_config=config/synthetic_mqar.py '
@@ -66,6 +75,8 @@ COMMANDS = {
         'run',
     'OMP_NUM_THREADS=1 python bench.py --rounds=7 --steps=5': 'run',
     'python train.py config/quickstart.py --rope_fraction=0.5 --out_dir=out-prope': 'run',
+    'python train.py config/quickstart.py --init_from=finetune --finetune_from=out-quickstart --out_dir=out-yarn '
+    '--block_size=1024 --rope_scaling=yarn --rope_scaling_factor=4 --max_iters=200 --lr_decay_iters=200': 'run',
     'python eval.py --out_dirs=out-quickstart --rope_scaling=none,linear,ntk,dynamic,yarn '
     '--eval_block_sizes=256,512,1024': 'run',
     'python sample.py --out_dir=out-quickstart --max_new_tokens=600 --extrapolate=True '

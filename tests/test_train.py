@@ -44,6 +44,14 @@ def train(out_dir, data_root, *args, **kw):
     return run('train.py', *TINY, f'--out_dir={out_dir}', f'--data_root={data_root}', *args, **kw)
 
 
+def windows_of(data_root, split, n_tokens, T):
+    """train.py's eval set of a split: the first n_tokens (+1) as non-overlapping (x, y) windows of T."""
+    from prepare_data import eval_tokens
+    tokens = torch.from_numpy(eval_tokens(os.path.join(data_root, 'embedded'), split, n_tokens))
+    n = (len(tokens) - 1) // T
+    return tokens[:n * T].view(n, T), tokens[1:n * T + 1].view(n, T)
+
+
 def records(out_dir, key):
     """{iter: value} for the log.jsonl records that have key (the last record wins on a repeated iter)."""
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
@@ -325,3 +333,38 @@ def test_ctrl_c_during_the_final_save_finishes_it_quietly(tmp_path, data_root):
     assert p.returncode == 0 and 'Traceback' not in p.stderr and 'Exception ignored' not in p.stderr, p.stderr
     assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 3
     assert not (out / 'ckpt.pt.tmp').exists()
+
+
+def test_finetune_extends_the_context_from_another_runs_weights(tmp_path, data_root):
+    """init_from='finetune': a new run from another run's best.pt at twice its block_size with YaRN x2. The
+    architecture stays the source's; block_size and the rope_scaling keys change, L (rope_scaling_length) becomes
+    the source's block_size; the first eval equals the source model evaluated with those keys; another change of
+    the architecture, learned at a longer block_size and a held out_dir are one-line errors."""
+    src, dst = tmp_path / 'src', tmp_path / 'dst'
+    train(src, data_root, '--max_iters=4', '--eval_interval=4')
+    p = train(dst, data_root, '--init_from=finetune', f'--finetune_from={src}', '--block_size=64',
+              '--rope_scaling=yarn', '--rope_scaling_factor=2', '--max_iters=2', '--eval_interval=2')
+    assert 'changed: block_size=64' in p.stdout and 'rope_scaling_length=32' in p.stdout, p.stdout
+    ckpt = torch.load(dst / 'ckpt.pt', weights_only=True)
+    assert {k: ckpt['model_args'][k] for k in ('block_size', 'rope_scaling', 'rope_scaling_factor',
+                                                 'rope_scaling_length')} == dict(
+        block_size=64, rope_scaling='yarn', rope_scaling_factor=2.0, rope_scaling_length=32)
+    source = torch.load(src / 'best.pt', weights_only=True)
+    sys.path.insert(0, REPO)
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**{**source['model_args'], 'block_size': 64, 'rope_scaling': 'yarn',
+                             'rope_scaling_factor': 2.0, 'rope_scaling_length': 32}))
+    model.load_state_dict(source['model'])  # the same weights: the fine-tune's step 0 is this model
+    first = records(dst, 'val_loss')[0]
+    x, y = windows_of(data_root, 'val', 2 * 4 * 64, 64)
+    with torch.no_grad():
+        assert model.eval()(x, y)[1].item() == pytest.approx(first, abs=1e-5)
+    p = train(tmp_path / 'x', data_root, '--init_from=finetune', f'--finetune_from={src}', '--n_layer=3', check=False)
+    assert p.returncode == 1 and 'not n_layer=3' in p.stderr.strip().splitlines()[-1], p.stderr
+    p = train(dst, data_root, '--init_from=finetune', f'--finetune_from={src}', check=False)
+    assert p.returncode == 1 and 'already holds a run' in p.stderr, p.stderr
+    learned = tmp_path / 'learned'
+    train(learned, data_root, '--pos_emb=learned', '--max_iters=2', '--eval_interval=2')
+    p = train(tmp_path / 'y', data_root, '--init_from=finetune', f'--finetune_from={learned}', '--block_size=64',
+              check=False)
+    assert p.returncode == 1 and "pos_emb='learned' has exactly block_size=32" in p.stderr, p.stderr
