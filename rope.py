@@ -188,31 +188,16 @@ class RoPE(PositionEncoding):
     """`rope`: RoFormer (arXiv:2104.09864) eq. 34. Position m rotates pair p of q and k by m * theta_p,
     theta_p = rope_base^(-2p/hd), so <R_m q, R_n k> = <q, R_{n-m} k> depends on n - m only.
     cos/sin are computed once per forward (prepare) and shared by every layer. Two changes of the
-    frequency table, inherited by every encoding built on it (crope, ...):
-    p-RoPE (rope_fraction = p; Barbero et al., ICLR 2025, arXiv:2410.06205): only the round(p hd/2)
-    pairs of highest frequency (pairs 0, 1, ..., theta near 1; Python's round, half to even) rotate,
-    at their own frequencies; the rest get frequency 0 and are never rotated. p = 1 is rope, p = 0
-    NoPE.
-    Context extension (rope_scaling, factor s = rope_scaling_factor >= 1, L = rope_scaling_length or
-    block_size, the length RoPE was trained at):
-      linear   Position Interpolation (arXiv:2306.15595): theta_p / s, i.e. positions m / s
-      ntk      NTK-aware: base * s^(hd/(hd-2))
-      dynamic  dynamic NTK (as HF transformers): a forward whose last position + 1 = Lc exceeds L
-               takes the base base * (s Lc / L - (s - 1))^(hd/(hd-2)); unchanged while Lc <= L.
-               (HF keeps the frequencies of the longest context seen until a forward shorter
-               than L; here each forward takes its own Lc, the same for a growing context).
-               KV-cached keys keep the frequencies they were rotated with (as HF), and the window
-               generate() slides is recomputed at positions 0.. once full (relative = False): the
-               true positions past L would switch it on for a context no longer than L
-      yarn     YaRN (arXiv:2309.00071 sections 3.2-3.4): pair p of wavelength
-               lambda_p = 2 pi / theta_p has r_p = L / lambda_p, ramp
-               gamma_p = clamp((r_p - alpha) / (beta - alpha), 0, 1), alpha = 1, beta = 32, and
-               theta'_p = (1 - gamma_p) theta_p / s + gamma_p theta_p (divided where a wavelength is
-               longer than L, kept where it fits 32 times); cos and sin times 0.1 ln s + 1, so every
-               q.k logit gains (0.1 ln s + 1)^2 (section 3.4's 1/t; HF's attention_factor)
-    s = 1 changes nothing for every method (dynamic too, where HF's formula would still grow the base
-    past L). Tables are computed in fp64 and rounded once to fp32 (dynamic's per forward, on the
-    device; in fp32 on MPS)."""
+    frequency table, inherited by every subclass (crope, xpos), README "Context extension":
+    p-RoPE (rope_fraction = p, arXiv:2410.06205): only the round(p hd/2) highest-frequency pairs rotate.
+    rope_scaling, factor s >= 1, L = rope_scaling_length or block_size (the length RoPE was trained at):
+      linear   PI (arXiv:2306.15595): theta_p / s
+      ntk      base * s^(hd/(hd-2))
+      dynamic  base * (s Lc/L - (s-1))^(hd/(hd-2)) for a forward whose length Lc exceeds L (as HF);
+               generate() recomputes its window (relative = False): past L it would switch on
+      yarn     (arXiv:2309.00071 sec. 3.2-3.4) theta_p ((1 - gamma_p)/s + gamma_p), gamma_p the ramp of
+               r_p = L theta_p / 2pi from alpha = 1 to beta = 32; cos, sin times 0.1 ln s + 1
+    s = 1 changes nothing for every method. Tables in fp64, rounded once to fp32."""
 
     YARN_ALPHA, YARN_BETA = 1.0, 32.0  # section 3.2's, for Llama (HF's beta_slow, beta_fast)
 
