@@ -65,7 +65,8 @@ if preset == 'gpt2' and device_type == 'cpu' and auto_device:  # no GPU found, a
     sys.exit("bench.py: --preset=gpt2 is GPT-2 small at T=1024, sized for a GPU: on this CPU it would run for hours; "
              "pass --device=cpu to run it anyway, or drop --preset for the CPU model")
 cuda = device_type == 'cuda'
-torch._dynamo.config.recompile_limit = max(8, 2 * len(names))  # one GPT.forward code object, a graph per encoding
+if compile:  # one GPT.forward code object, a graph per encoding (importing dynamo costs seconds: only if needed)
+    torch._dynamo.config.recompile_limit = max(8, 2 * len(names))
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'pos_emb'}
 g = torch.Generator().manual_seed(seed)
 data = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g).to(device)

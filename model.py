@@ -79,9 +79,19 @@ class LayerNorm(nn.Module):
 
 
 FLEX_DEVICES = ('cuda',)  # device types whose biased attention runs fused in FlexAttention (tests add 'cpu')
-# eager flex_attention is an unfused reference that materialises the scores: compiled, it is the fused kernel
-# (a compiled model inlines it); compilation is lazy, so CPU-only runs never pay for it
-_flex_attention = torch.compile(flex_attention)
+# eager flex_attention is an unfused reference that materialises the scores: compiled, it is the fused kernel.
+# A compiled model inlines it; an eager one calls torch.compile(flex_attention), made on first use (tests set it):
+# creating it at import would import dynamo and inductor, ~3 s at every start of every script
+_flex_attention = None
+
+
+def fused_flex_attention(q, k, v, **kw):
+    global _flex_attention
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kw)
+    if _flex_attention is None:
+        _flex_attention = torch.compile(flex_attention)
+    return _flex_attention(q, k, v, **kw)
 
 
 def biased_attention(q, k, v, bias, dropout_p):
@@ -100,8 +110,8 @@ def biased_attention(q, k, v, bias, dropout_p):
         block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=q.device)
         # flex traces score_mod with a score of q's dtype (its kernels hold scores in fp32):
         # s + the fp32 bias stays fp32, where a cast of the bias to s.dtype rounded it to bf16
-        return _flex_attention(q, k, v, block_mask=block_mask,
-                               score_mod=lambda s, b, h, i, j: s + bias(b, h, i, j))
+        return fused_flex_attention(q, k, v, block_mask=block_mask,
+                                    score_mod=lambda s, b, h, i, j: s + bias(b, h, i, j))
     grid = [torch.arange(n, device=q.device).view([-1 if d == a else 1 for d in range(4)])
             for a, n in enumerate((B, nh, T, Tk))]  # b (B,1,1,1), h (1,nh,1,1), i (1,1,T,1), j (1,1,1,Tk)
     causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)  # query i is key Tk - T + i
