@@ -45,7 +45,7 @@ sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb>
 # context extension (rope.RoPE): each checkpoint whose encoding is built on RoPE's frequencies
 # (rope, crope, ...) gets, besides its row as trained, a row per method listed, run with that method
 rope_scaling = ''  # comma list of none, linear, ntk, dynamic, yarn; '' = as trained only
-rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / block_size) at each length T
+rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / L) at each length T, L = the trained length
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
@@ -118,7 +118,7 @@ if unknown := [m for m in scalings if m not in ROPE_SCALINGS]:
          f"(a comma list)")
 if 0 < rope_scaling_factor < 1:
     fail(f"--rope_scaling_factor={rope_scaling_factor} is not valid; valid: >= 1, or 0 for "
-         f"max(1, T / block_size) at each eval length T")
+         f"max(1, T / L) at each eval length T (L: the length RoPE was trained at)")
 if 'rope_scaling_factor' in _config_given and not scalings:
     fail("--rope_scaling_factor needs --rope_scaling, the methods to add rows for (e.g. yarn)")
 
@@ -155,7 +155,7 @@ for d in dirs:
         scaling = (method, 1.0 if method == 'none' else rope_scaling_factor)
         if scaling != trained:
             runs.append({**row, 'scaling': scaling, 'note': scaling_note(*scaling)})
-if scalings and not any(r['scaling'] for r in runs):
+if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):  # 'none' alone: every row as trained
     takes = ', '.join(name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE))
     fail(f"--rope_scaling={rope_scaling}: no checkpoint's encoding "
          f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only those "
@@ -184,7 +184,8 @@ def at_length(run, T):
     model = run['model']
     if run['scaling'] is not None:
         method, factor = run['scaling']
-        factor = max(1.0, T / run['block_size']) if factor == 0 else factor
+        L = model.config.rope_scaling_length or run['block_size']  # the length RoPE was trained at
+        factor = max(1.0, T / L) if factor == 0 else factor
         if (model.config.rope_scaling, model.config.rope_scaling_factor) != (method, factor):
             rebuild_encoding(model, rope_scaling=method, rope_scaling_factor=factor)
     return model
@@ -296,7 +297,7 @@ footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions 
                                                           *r.get('accuracy', {}).values()]})
 if any(r['scaling'] and r['scaling'][1] == 0 for r in runs + synthetic):
     footnotes.append("xT/L : the context extension's factor is max(1, T / L) at each eval length T, "
-                     "L the checkpoint's block_size (so 1 in the offset table, at T = L)")
+                     "L the length the checkpoint's RoPE was trained at (rope_scaling_length, else its block_size)")
 sections = []
 if runs:
     train_set = {r['train_eval_tokens'] for r in runs}

@@ -33,7 +33,7 @@ extrapolate = False  # True: never crop the context to block_size (length extrap
 # context extension of an encoding built on RoPE's frequencies (rope, crope, ...); each, when given,
 # replaces the checkpoint's: e.g. --rope_scaling=yarn --rope_scaling_factor=4 with --extrapolate=True
 rope_scaling = 'none'  # 'none', 'linear', 'ntk', 'dynamic' or 'yarn' (see rope.RoPE)
-rope_scaling_factor = 1.0  # its factor s, relative to the checkpoint's block_size
+rope_scaling_factor = 1.0  # its factor s over the length the checkpoint's RoPE was trained at
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest'],
             'rope_scaling': list(ROPE_SCALINGS)}
 _ranges = {'num_samples': '[1, inf)', 'max_new_tokens': '[0, inf)', 'temperature': '[0, inf)',
@@ -68,7 +68,8 @@ except (ValueError, KeyError) as e:
     fail(str(e))
 if overrides.get('rope_scaling', 'none') != 'none' and model.config.rope_scaling_factor == 1:
     fail(f"--rope_scaling={rope_scaling} with rope_scaling_factor=1 changes nothing; give "
-         f"--rope_scaling_factor > 1 (the context over block_size={model.config.block_size})")
+         f"--rope_scaling_factor > 1 (the context over the trained length "
+         f"{model.config.rope_scaling_length or model.config.block_size})")
 scaled = f"; run with {', '.join(f'{k}={v!r}' for k, v in overrides.items())}" if overrides else ''
 print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}{scaled}",
       file=sys.stderr)

@@ -108,6 +108,10 @@ for _bad, _message in [  # conditions between keys, checked like each key's rang
     ((eval_block_size or block_size) > eval_iters * batch_size * block_size,
      f"the eval set (eval_iters x batch_size x block_size = {eval_iters * batch_size * block_size} tokens) holds "
      f"no window of eval_block_size={eval_block_size}; raise eval_iters"),
+    (rope_scaling != 'none' and rope_scaling_factor == 1, f"rope_scaling={rope_scaling!r} with "
+     f"rope_scaling_factor=1 changes nothing; give --rope_scaling_factor > 1, or leave rope_scaling at 'none'"),
+    (rope_scaling == 'none' and rope_scaling_length != 0, f"rope_scaling_length={rope_scaling_length} has no "
+     f"effect with rope_scaling='none'; choose a rope_scaling or leave it at 0"),
 ]:
     if _bad:
         _config_fail(_message)

@@ -231,6 +231,8 @@ TRAIN_CASES = {
     'no_value': ['--max_iters'],
     'int_for_float': ['--learning_rate=1', '--zzz=1'],
     'chain_gpt2_learned': ['config/gpt2_learned.py', '--zzz=1'],
+    'yarn_factor_1': ['--rope_scaling=yarn'],
+    'length_without_scaling': ['--rope_scaling_length=512'],
 }
 
 
@@ -295,6 +297,13 @@ def test_train_config_file_with_unknown_key(train, train_runs):
     line, _ = train('config_unknown_key')
     cfg = str(train_runs['config_unknown_key'][1] / 'mine.py')
     assert "unknown key 'n_layers'" in line and cfg in line and "did you mean 'n_layer'" in line, line
+
+
+def test_train_context_extension_keys_that_change_nothing(train):
+    line, _ = train('yarn_factor_1')
+    assert "rope_scaling='yarn' with rope_scaling_factor=1 changes nothing" in line, line
+    line, _ = train('length_without_scaling')
+    assert "rope_scaling_length=512 has no effect with rope_scaling='none'" in line, line
 
 
 def test_train_key_without_value(train):

@@ -286,6 +286,28 @@ def test_rope_scaling_fixed_factor_row(evaluated, tmp_path):
     assert np.abs(by_pos - plain).max() > 5e-5  # x4 at T = L moved it
 
 
+def test_rope_scaling_matching_factor_is_over_the_trained_length(evaluated, tmp_path):
+    """A checkpoint fine-tuned at twice its RoPE length (rope_scaling_length = block_size / 2, yarn x2): the
+    matching factor at T = block_size is 2, so its `+yarn xT/L` row is the model as trained; and
+    --rope_scaling=none alone is accepted for any checkpoint (every row as trained)."""
+    tuned = tmp_path / 'tuned'
+    shutil.copytree(evaluated['dirs']['rope'], tuned)
+    for name in ('best.pt', 'ckpt.pt'):
+        ckpt = torch.load(tuned / name, weights_only=True)
+        ckpt['model_args'].update(rope_scaling='yarn', rope_scaling_factor=2.0, rope_scaling_length=16)
+        torch.save(ckpt, tuned / name)
+    report = tmp_path / 'r.md'
+    p = run('eval.py', f'--out_dirs={tuned}', '--rope_scaling=none,yarn', '--eval_block_sizes=32',
+            '--pos_offsets=0', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {c['label']: c for c in json.loads(report.with_suffix('.json').read_text())['checkpoints']}
+    trained, matching = rows['tuned (rope +yarn x2)'], rows['tuned (rope +yarn xT/L)']
+    assert matching['loss'] == trained['loss'] and rows['tuned (rope +none)']['loss'] != trained['loss']
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['learned']}", '--rope_scaling=none', '--eval_block_sizes=32',
+            '--pos_offsets=0', f'--report={tmp_path / "l.md"}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
 def test_rope_scaling_bad_requests_are_one_line(evaluated):
     rope, learned = (f"--out_dirs={evaluated['dirs'][k]}" for k in ('rope', 'learned'))
     for args, words in [([learned, '--rope_scaling=yarn'], ['learned', 'rope, crope']),
