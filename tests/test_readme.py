@@ -146,6 +146,9 @@ def test_readme_command_runs(command, workdir):
     if uses_quickstart and command != QUICKSTART and not (workdir / 'out-quickstart').exists():  # run alone (-k)
         subprocess.run(['bash', '-c', shortened('python train.py config/quickstart.py')], cwd=workdir, env=env(),
                        check=True, capture_output=True)
+    if '--out_dirs=out-sweep-' in command and not (workdir / 'out-sweep-pope').exists():  # run alone (-k)
+        for prereq in [c for c in COMMANDS if 'out-sweep' in c and c != command]:  # the sweep, then 2 more runs
+            subprocess.run(['bash', '-c', shortened(prereq)], cwd=workdir, env=env(), check=True, capture_output=True)
     if 'out-gpt2-' in command:  # sampling/eval commands of the GPT-2 runs: on the quick start's checkpoint
         for name in ('out-gpt2-rope', 'out-gpt2-carope'):
             if not (workdir / name).exists():
