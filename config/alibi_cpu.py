@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with pos_emb='alibi':
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with
+# pos_emb='alibi':
 # $ python train.py config/alibi_cpu.py && python sample.py --out_dir=out-alibi-cpu
 import os
 

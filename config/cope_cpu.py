@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with pos_emb='cope':
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with
+# pos_emb='cope':
 # $ python train.py config/cope_cpu.py && python sample.py --out_dir=out-cope-cpu
 import os
 

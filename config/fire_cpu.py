@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with pos_emb='fire':
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with
+# pos_emb='fire':
 # $ python train.py config/fire_cpu.py && python sample.py --out_dir=out-fire-cpu
 import os
 

@@ -1,4 +1,5 @@
-# The CPU quick-start (config/quickstart.py) with LieRE: comrope_ap with one dense block of the head dim (32).
+# The CPU quick-start (config/quickstart.py) with LieRE: comrope_ap with one dense block of the head
+# dim (32).
 # $ python train.py config/liere_cpu.py && python sample.py --out_dir=out-liere-cpu
 import os
 

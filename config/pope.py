@@ -1,5 +1,6 @@
-# GPT-2 small (124M) on FineWeb-Edu exactly as config/gpt2_rope.py, with PoPE (Gopalakrishnan et al.,
-# arXiv:2509.10534): softplus magnitudes from content, phases from position, q and k twice the head width.
+# GPT-2 small (124M) on FineWeb-Edu exactly as config/gpt2_rope.py, with PoPE (Gopalakrishnan et
+# al., arXiv:2509.10534): softplus magnitudes from content, phases from position, q and k twice the
+# head width.
 # $ torchrun --standalone --nproc_per_node=8 train.py config/pope.py
 import os
 

@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with pos_emb='pope':
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with
+# pos_emb='pope':
 # $ python train.py config/pope_cpu.py && python sample.py --out_dir=out-pope-cpu
 import os
 

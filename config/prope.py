@@ -1,6 +1,6 @@
-# GPT-2 small (124M) on FineWeb-Edu exactly as config/gpt2_rope.py, with p-RoPE (Barbero et al., ICLR 2025,
-# arXiv:2410.06205): only the highest-frequency quarter of each head's pairs rotate (rope_fraction=0.25, our choice
-# of p; p = 1 is rope, p = 0 NoPE), the rest carry no position.
+# GPT-2 small (124M) on FineWeb-Edu exactly as config/gpt2_rope.py, with p-RoPE (Barbero et al.,
+# ICLR 2025, arXiv:2410.06205): only the highest-frequency quarter of each head's pairs rotate
+# (rope_fraction=0.25, our choice of p; p = 1 is rope, p = 0 NoPE), the rest carry no position.
 # $ torchrun --standalone --nproc_per_node=8 train.py config/prope.py
 import os
 

@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with p-RoPE, p = 0.25:
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with p-RoPE, p
+# = 0.25:
 # $ python train.py config/prope_cpu.py && python sample.py --out_dir=out-prope-cpu
 import os
 

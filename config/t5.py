@@ -1,5 +1,6 @@
-# GPT-2 small (124M) on FineWeb-Edu exactly as config/gpt2_rope.py, with T5's relative attention bias
-# (Raffel et al., arXiv:1910.10683 section 2.1): 32 causal buckets up to distance 128, one table for all layers.
+# GPT-2 small (124M) on FineWeb-Edu exactly as config/gpt2_rope.py, with T5's relative attention
+# bias (Raffel et al., arXiv:1910.10683 section 2.1): 32 causal buckets up to distance 128, one
+# table for all layers.
 # $ torchrun --standalone --nproc_per_node=8 train.py config/t5.py
 import os
 

@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with pos_emb='t5':
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with
+# pos_emb='t5':
 # $ python train.py config/t5_cpu.py && python sample.py --out_dir=out-t5-cpu
 import os
 

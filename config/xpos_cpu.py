@@ -1,4 +1,5 @@
-# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with pos_emb='xpos':
+# The quick-start model (config/quickstart.py: embedded dataset, CPU, a few minutes) with
+# pos_emb='xpos':
 # $ python train.py config/xpos_cpu.py && python sample.py --out_dir=out-xpos-cpu
 import os
 
