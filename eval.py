@@ -22,7 +22,7 @@ from torch.nn import functional as F
 import prepare_data
 from model import (find_checkpoint, held_run, load_checkpoint, rebuild_encoding, setup_device,
                    unwritable)
-from rope import ENCODINGS, ROPE_SCALINGS, RoPE
+from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, RoPE
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
@@ -156,7 +156,7 @@ for d in dirs:
         if scaling != trained:
             runs.append({**row, 'scaling': scaling, 'note': scaling_note(*scaling)})
 if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):  # 'none' alone: every row as trained
-    takes = ', '.join(name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE))
+    takes = ', '.join(ROPE_FAMILY)
     fail(f"--rope_scaling={rope_scaling}: no checkpoint's encoding "
          f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only those "
          f"built on RoPE's frequencies do ({takes})")

@@ -98,7 +98,7 @@ class PositionEncoding(nn.Module):
         off = {'rope_fraction': 1.0, 'rope_scaling': 'none', 'rope_scaling_factor': 1.0, 'rope_scaling_length': 0}
         keys = [f"{k}={getattr(config, k)!r}" for k, v in off.items() if getattr(config, k) != v]
         if keys and not isinstance(self, RoPE):
-            takes = ', '.join(name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE))
+            takes = ', '.join(ROPE_FAMILY)
             raise ValueError(f"{', '.join(keys)}: only the encodings built on RoPE's frequency table "
                              f"take it ({takes}), not pos_emb={config.pos_emb!r}; leave it at its "
                              f"default or use one of those")
@@ -757,6 +757,7 @@ ENCODINGS = {
     'xpos': XPos,
     'pope': PoPE,
 }
+ROPE_FAMILY = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]  # take the RoPE-table keys
 
 
 def build_position_encoding(config):

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, RUN_FILES, GPTConfig, device_peak_flops, find_checkpoint,
                    held_run, load_checkpoint, setup_device, unwritable)
-from rope import ENCODINGS, RoPE
+from rope import ROPE_FAMILY
 from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
                           load_meta, synthetic_eval_set)
 
@@ -205,7 +205,7 @@ if init_from == 'finetune':
         fail(f"finetune_from={finetune_from!r}: {e}")
     model_args = dict(source['model_args'])
     changed = {k: globals()[k] for k in FINETUNE_KEYS if k in _config_given and globals()[k] != model_args[k]}
-    takes_scaling = issubclass(ENCODINGS[model_args['pos_emb']], RoPE)
+    takes_scaling = model_args['pos_emb'] in ROPE_FAMILY
     if 'block_size' in changed and takes_scaling and not model_args['rope_scaling_length'] \
             and 'rope_scaling_length' not in _config_given:  # L stays the length RoPE was trained at
         changed['rope_scaling_length'] = model_args['block_size']
