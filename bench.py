@@ -4,11 +4,17 @@ Performance is only measured here, never asserted in tests.
 $ python bench.py                                            # the CPU quick-start model, every encoding
 $ python bench.py --preset=gpt2 --compile=True               # GPT-2 small on a GPU
 $ python bench.py --pos_embs=rope,learned --report=bench.md  # some encodings; the table also to a file
+$ python bench.py --pos_embs=learned,rope --peer=../nanoGPT    # against nanoGPT's own model.py, same size
+Each encoding's row is printed (and the report rewritten) as soon as its first round is timed, so a run cut short
+keeps what it measured; the final table takes the fastest of all rounds.
 Every GPTConfig field is a key too (e.g. --rope_base=500000.0), so later encodings' options can be benchmarked.
 On a CPU shared with another job, OMP_NUM_THREADS=1 avoids oversubscribed threads (many times slower, and
 worst for encodings with many small elementwise ops, which skews the ratios).
 """
+import contextlib
 import dataclasses
+import importlib.util
+import io
 import os
 import sys
 import time
@@ -16,7 +22,7 @@ from datetime import datetime
 
 import torch
 
-from model import CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, setup_device
+from model import CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, device_peak_flops, setup_device
 from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
@@ -39,6 +45,7 @@ steps = 10  # timed steps per encoding per round
 rounds = 3  # rounds interleave the encodings so that machine noise hits all of them alike
 seed = 1337
 report = ''  # also write the table to this Markdown file
+peer = ''  # a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): its model.py runs as row 'nanoGPT'
 # pos_emb is left out: pos_embs picks the encodings, and --pos_emb gets a "did you mean 'pos_embs'?" hint
 globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in globals() and f.name != 'pos_emb'})
 _choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
@@ -52,26 +59,60 @@ if preset == 'gpt2':  # a preset fills the keys not given: explicit overrides wi
         if k not in _config_given:
             globals()[k] = v
 names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.split(',') if n.strip()]
+names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.split(',') if n.strip()]
 names = list(dict.fromkeys(names))  # once each
 if unknown := [n for n in names if n not in ENCODINGS]:
     sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} or 'all'")
 names = [baseline] * (baseline not in names) + names
+if peer:  # nanoGPT's model.py, imported under its own name: ours is also called model
+    peer_file = os.path.join(os.path.expanduser(peer), 'model.py')
+    if not os.path.isfile(peer_file):
+        sys.exit(f"bench.py: --peer={peer} has no model.py; give the directory of a nanoGPT checkout "
+                 f"(git clone https://github.com/karpathy/nanoGPT)")
+    try:
+        spec = importlib.util.spec_from_file_location('peer_model', peer_file)
+        peer_model = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peer_model)
+        peer_model.GPT, peer_model.GPTConfig
+    except Exception as e:
+        sys.exit(f"bench.py: --peer={peer}: cannot import its model.py ({type(e).__name__}: {e}); "
+                 f"it must define nanoGPT's GPT and GPTConfig")
+    names.append('nanoGPT')
 auto_device = device == 'auto'
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
     sys.exit(f"bench.py: {e}")
 if preset == 'gpt2' and device_type == 'cpu' and auto_device:  # no GPU found, and none asked for
-    sys.exit("bench.py: --preset=gpt2 is GPT-2 small at T=1024, sized for a GPU: on this CPU it would run for hours; "
-             "pass --device=cpu to run it anyway, or drop --preset for the CPU model")
+    sys.exit("bench.py: --preset=gpt2 is GPT-2 small at T=1024, sized for a GPU: on this CPU it would run for "
+             "hours; pass --device=cpu to run it anyway, or drop --preset for the CPU model")
 cuda = device_type == 'cuda'
 if compile:  # one GPT.forward code object, a graph per encoding (importing dynamo costs seconds: only if needed)
     torch._dynamo.config.recompile_limit = max(8, 2 * len(names))
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'pos_emb'}
 g = torch.Generator().manual_seed(seed)
 data = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g).to(device)
-X, Y = data[:, :-1], data[:, 1:]  # one fixed batch: the data cannot favour an encoding
+X, Y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # one fixed batch: the data cannot favour an encoding
 sync = torch.cuda.synchronize if cuda else (lambda: None)
+peak_flops = device_peak_flops(device, dtype)  # None on CPU and unknown GPUs: no MFU column then
+
+
+def build(name):
+    """(uncompiled model, optimizer, parameters, position-encoding parameters, FLOPs per token)."""
+    torch.manual_seed(seed)  # same init for every encoding's shared weights
+    if name != 'nanoGPT':
+        raw = GPT(GPTConfig(**model_args, pos_emb=name)).to(device)
+        opt = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+        return raw, opt, sum(p.numel() for p in raw.parameters()), \
+            sum(p.numel() for p in raw.pe.parameters()), raw.flops_per_token(block_size)
+    cfg = peer_model.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                               n_embd=n_embd, dropout=dropout, bias=bias)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count and optimizer groups
+        raw = peer_model.GPT(cfg).to(device)
+        opt = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+    # nanoGPT's own estimate_mfu formula (PaLM appendix B): 6N (N without wpe) + 12 L H Q T
+    flops = 6 * raw.get_num_params() + 12 * n_layer * n_embd * block_size
+    return raw, opt, sum(p.numel() for p in raw.parameters()), raw.transformer.wpe.weight.numel(), flops
 
 
 def saved_activation_bytes(model):
@@ -94,9 +135,6 @@ def short(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:150]}".replace('|', '/')
 
 
-runs, errors = {}, {}  # name -> dict(model, opt, scaler, params, pe_params, mem, times); name -> error text
-
-
 def step(r):
     with ctx:
         _, loss = r['model'](X, Y)
@@ -106,28 +144,90 @@ def step(r):
     r['opt'].zero_grad(set_to_none=True)
 
 
+def time_round(name):
+    """Time one round of `steps` steps of this encoding; a failure drops its row, not the run."""
+    try:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(runs[name])
+        sync()
+        runs[name]['times'].append((time.perf_counter() - t0) / steps)
+    except Exception as e:
+        errors[name] = short(e)
+        print(f"bench.py: {name} failed: {errors[name]}", file=sys.stderr)
+        del runs[name]
+
+
+mem_col = 'peak CUDA MiB' if cuda else 'saved activations MiB'
+where = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+extra = ' '.join(f"{k}={v}" for k, v in model_args.items() if k not in ('n_layer', 'n_head', 'n_embd', 'block_size',
+                                                                       'vocab_size', 'bias', 'dropout'))
+header = [f"device {where} | dtype {dtype} | compile {compile} | n_layer={n_layer} n_head={n_head} n_embd={n_embd} "
+          f"vocab={vocab_size} bias={bias} dropout={dropout} {extra} | batch {batch_size} x T {block_size} | "
+          f"torch {torch.__version__} | {datetime.now():%Y-%m-%d %H:%M}",
+          f"ms/step: min over {rounds} interleaved rounds of the mean of {steps} steps (fwd+bwd+AdamW), after "
+          f"{warmup} warmup steps; spread: (slowest - fastest round) / fastest, a noise gauge; "
+          + (f"MFU: model FLOPs (model.py's flops_per_token) / {peak_flops / 1e12:.0f} TFLOP/s, the device's dense "
+             f"{dtype} peak; " if peak_flops else '') + f"{mem_col}: "
+          + ("max_memory_allocated over the warmup steps minus what was allocated before the model was built "
+             "(model + grads + AdamW state + activations)" if cuda else
+             "tensor storages saved for backward by one eager forward, parameters excluded"), '',
+          f"| pos_emb | params | pe params | ms/step | spread | tokens/s |{' MFU |' * bool(peak_flops)} "
+          f"time vs {baseline} | {mem_col} | memory vs {baseline} |",
+          '|---|---:|---:|---:|---:|---:|' + '---:|' * bool(peak_flops) + '---:|---:|---:|']
+
+
+def row(n):
+    if n not in runs:
+        return f"| {n} | error: {errors[n]} |" + ' |' * (7 + bool(peak_flops))
+    r, base = runs[n], runs.get(baseline)
+    ms = min(r['times']) * 1000
+    base_ms = min(base['times']) * 1000 if base and base['times'] else None
+    mfu = f" {r['flops'] * batch_size * block_size / (ms / 1000) / peak_flops:.1%} |" if peak_flops else ''
+    time_ratio = f"{ms / base_ms:.3f}x" if base_ms else 'n/a'
+    mem_ratio = f"{r['mem'] / base['mem']:.3f}x" if base else 'n/a'
+    return (f"| {n} | {r['params']:,} | {r['pe_params']:,} | {ms:.2f} | "
+            f"{(max(r['times']) - min(r['times'])) * 1000 / ms:.0%} | {batch_size * block_size / ms * 1000:,.0f} |"
+            f"{mfu} {time_ratio} | {r['mem'] / 2**20:.1f} | {mem_ratio} |")
+
+
+def table(done):
+    lines = header + [row(n) for n in done]
+    if 'nanoGPT' in runs and runs['nanoGPT']['times']:  # the comparison the peer row is for
+        t = {n: min(r['times']) for n, r in runs.items() if r['times']}
+        lines += [''] + [f"{n} vs nanoGPT: {t[n] / t['nanoGPT']:.3f}x" for n in ('learned', 'rope') if n in t]
+    return '\n'.join(lines)
+
+
+def write_report(done):
+    if report:  # rewritten after every row: a run cut short leaves what it measured
+        with open(report, 'w') as f:
+            f.write(table(done) + '\n')
+
+
 if cuda:  # cuBLAS keeps a workspace from its first matmul on: allocate it now, not inside the first model's peak
     w = torch.ones(64, 64, device=device, requires_grad=True)
     with ctx:
         (w @ w).sum().backward()
     del w
 
-
-# build and warm up one encoding at a time: on CUDA its peak is measured over what was allocated before it,
-# so the other (resting) models never count; all stay alive for the interleaved rounds
-for name in names:
+# build, warm up and time one encoding at a time (the baseline first, for the ratios), printing its row at once:
+# on CUDA its peak is measured over what was allocated before it, so the other (resting) models never count; all
+# stay alive for the later rounds
+runs, errors, done = {}, {}, []  # name -> dict(model, opt, scaler, params, pe_params, flops, mem, times)
+print('\n'.join(header[:-2]) + "rows as each encoding's first round ends; the final table after all rounds\n",
+      *header[-2:], sep='\n', flush=True)
+for name in [baseline] + [n for n in names if n != baseline]:
     try:
         sync()
         mem0 = torch.cuda.memory_allocated(device) if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        torch.manual_seed(seed)  # same init for every encoding's shared weights
-        raw = GPT(GPTConfig(**model_args, pos_emb=name)).to(device)
-        opt = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
+        raw, opt, n_params, pe_params, flops = build(name)
         model = torch.compile(raw, fullgraph=True) if compile else raw
         r = runs[name] = dict(model=model, opt=opt, scaler=torch.amp.GradScaler(device_type, enabled=dtype == 'float16'),
-                              params=sum(p.numel() for p in raw.parameters()),
-                              pe_params=sum(p.numel() for p in raw.pe.parameters()), times=[])
+                              params=n_params, pe_params=pe_params, flops=flops, times=[])
         for _ in range(warmup):
             step(r)
         sync()
@@ -136,55 +236,22 @@ for name in names:
         runs.pop(name, None)
         errors[name] = short(e)
         print(f"bench.py: {name} failed: {errors[name]}", file=sys.stderr)
-        raw = opt = model = r = None
         if cuda:
+            raw = opt = model = r = None
             torch.cuda.empty_cache()
-for _ in range(rounds):
+    else:
+        time_round(name)
+    done.append(name)
+    print(row(name), flush=True)
+    write_report(done)
+for i in range(rounds - 1):  # the later rounds interleave the encodings: machine noise hits all of them alike
     for name in list(runs):
-        try:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(runs[name])
-            sync()
-            runs[name]['times'].append((time.perf_counter() - t0) / steps)
-        except Exception as e:
-            errors[name] = short(e)
-            print(f"bench.py: {name} failed: {errors[name]}", file=sys.stderr)
-            del runs[name]
+        time_round(name)
+    print(f"round {i + 2}/{rounds} done", flush=True)
+    write_report(done)
 
-# -----------------------------------------------------------------------------
 # min, not mean or median: machine noise (other jobs, clocks) only ever adds time, so the fastest round is the
 # best estimate of the encoding's own cost
-ms = {n: min(r['times']) * 1000 for n, r in runs.items()}
-spread = {n: (max(r['times']) - min(r['times'])) * 1000 / ms[n] for n, r in runs.items()}
-mem = {n: r['mem'] / 2**20 for n, r in runs.items()}
-base_ms, base_mem = ms.get(baseline), mem.get(baseline)
-mem_col = 'peak CUDA MiB' if cuda else 'saved activations MiB'
-where = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-extra = ' '.join(f"{k}={v}" for k, v in model_args.items() if k not in ('n_layer', 'n_head', 'n_embd', 'block_size',
-                                                                       'vocab_size', 'bias', 'dropout'))
-lines = [f"device {where} | dtype {dtype} | compile {compile} | n_layer={n_layer} n_head={n_head} n_embd={n_embd} "
-         f"vocab={vocab_size} bias={bias} dropout={dropout} {extra} | batch {batch_size} x T {block_size} | "
-         f"torch {torch.__version__} | {datetime.now():%Y-%m-%d %H:%M}",
-         f"ms/step: min over {rounds} interleaved rounds of the mean of {steps} steps (fwd+bwd+AdamW), after "
-         f"{warmup} warmup steps; spread: (slowest - fastest round) / fastest, a noise gauge; {mem_col}: " + ("max_memory_allocated over the warmup steps minus what was "
-                                                  "allocated before the model was built (model + grads + AdamW state + activations)"
-                                                  if cuda else "tensor storages saved for backward by one eager forward, "
-                                                  "parameters excluded"), '',
-         f"| pos_emb | params | pe params | ms/step | spread | tokens/s | time vs {baseline} | {mem_col} | memory vs {baseline} |",
-         '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-for n in names:
-    if n in runs:
-        r = runs[n]
-        lines.append(f"| {n} | {r['params']:,} | {r['pe_params']:,} | {ms[n]:.2f} | {spread[n]:.0%} | {batch_size * block_size / ms[n] * 1000:,.0f} | "
-                     f"{f'{ms[n] / base_ms:.3f}x' if base_ms else 'n/a'} | {mem[n]:.1f} | "
-                     f"{f'{mem[n] / base_mem:.3f}x' if base_mem else 'n/a'} |")
-    else:
-        lines.append(f"| {n} | error: {errors[n]} | | | | | | | |")
-print('\n'.join(lines))
-if report:
-    with open(report, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+print('', table(names), sep='\n')
 if not runs:
     sys.exit("bench.py: every encoding failed (errors above)")
