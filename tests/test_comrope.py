@@ -10,7 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
-from rope import ComRoPE_LD, build_position_encoding  # noqa: E402
+from rope import ComRoPE_LD, RotateByMatrix, build_position_encoding  # noqa: E402
 
 VARIANTS = ['comrope_ap', 'comrope_ld']
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)  # head dim 16: two blocks of 8
@@ -277,3 +277,16 @@ def test_parameters_init_and_no_weight_decay(name):
     decay, no_decay = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
     assert all(any(p is q for q in no_decay['params']) for p in m.pe.parameters())
     assert not any(p is q for p in m.pe.parameters() for q in decay['params'])
+
+
+def test_rotate_by_matrix_backward_against_finite_differences():
+    """The written-out backward (inputs recomputed from the outputs through R^T R = 1) against autograd's
+    finite differences in fp64, for q, k and R, on q and k laid out as the views of the qkv projection they are.
+    R must be orthogonal (as ComRoPE's are): gradcheck perturbs only the forward's inputs."""
+    torch.manual_seed(0)
+    A = torch.randn(3, 5, 2, 4, 4, dtype=torch.float64)  # (nh, T, nb, b, b)
+    R = torch.linalg.matrix_exp(A - A.transpose(-1, -2)).requires_grad_()
+    qkv = torch.randn(2, 5, 3 * 3 * 8, dtype=torch.float64, requires_grad=True)  # (B, T, 3 C), hs = 8
+    heads = lambda t: t.view(2, 5, 3, 8).transpose(1, 2)  # (B, nh, T, hs), a strided view as in the model
+    f = lambda qkv, R: RotateByMatrix.apply(heads(qkv[..., :24]), heads(qkv[..., 24:48]), R)
+    assert torch.autograd.gradcheck(f, (qkv, R))
