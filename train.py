@@ -22,6 +22,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -56,6 +57,10 @@ finetune_from = ''
 # HellaSwag (hellaswag.py): acc and acc_norm every hellaswag_interval steps and at the end, logged
 hellaswag_interval = 0  # 0 = never
 hellaswag_path = ''  # the val file; '' = <data_root>/hellaswag/hellaswag_val.jsonl, downloaded once
+# wandb: every log.jsonl record also goes to Weights & Biases (the first process; pip install wandb)
+wandb_log = False
+wandb_project = 'nanorope'
+wandb_run_name = ''  # '' = out_dir's name
 # data
 dataset = 'fineweb_edu'  # or a synthetic task (mqar, copy, parity): generated from the seed, loss on answers only
 data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -143,6 +148,11 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+if wandb_log:  # an optional dependency, imported only when asked for
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
@@ -401,6 +411,8 @@ def save_checkpoint(path, resumable):
 def log_record(record):
     with open(log_path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+    if wandb_run is not None:
+        wandb_run.log(record, step=record['iter'])  # the records of one iter merge into one row
 
 
 # cluster preemption (SIGTERM) or Ctrl-C: finish the current step, write a checkpoint, exit cleanly. A second
@@ -423,8 +435,19 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
+wandb_run = None
 if master_process and not eval_only:
+    made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:  # its local files go to out_dir/wandb
+        try:
+            name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
+            wandb_run = wandb.init(project=wandb_project, name=name, config=config, dir=out_dir)
+        except Exception as e:  # not logged in, a bad WANDB_* setting, ...
+            if made:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            fail(f"wandb.init failed ({' '.join(str(e).split())[:300]}); run `wandb login`, set "
+                 f"WANDB_MODE=offline, or --wandb_log=False")
     if 'unigram_loss' in meta:
         print(f"unigram baseline val loss: {meta['unigram_loss']:.4f}")
 peak_flops = device_peak_flops(device, dtype)
@@ -525,6 +548,8 @@ while True:
 finishing = True
 if not eval_only:
     save_checkpoint(ckpt_path, resumable=True)  # max_iters or a stop request always leaves a resumable checkpoint
+if wandb_run is not None:
+    wandb_run.finish()
 if ddp:
     # DDP holds the process group: freed only at interpreter exit, gloo's worker threads can abort the process there
     # (SIGABRT after a finished run). Wait for rank 0's checkpoint, drop the wrapper, then tear the group down.
