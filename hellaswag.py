@@ -4,8 +4,8 @@ llm.c report for GPT-2 on FineWeb-Edu. 10,042 validation examples, each a contex
 of them right. Scored completion style: an ending's score is the model's cross-entropy on its tokens
 after the context; acc picks the ending with the lowest summed loss, acc_norm the lowest mean loss
 per token (length-normalised; the number usually quoted). acc_norm on the full val set: OpenAI's
-GPT-2 124M 0.2945, GPT-3 Small 0.337 (arXiv:2005.14165, Table H.1). train.py runs it every
-hellaswag_interval steps; the file downloads once into <data_root>/hellaswag/:
+GPT-2 124M 0.2945, GPT-3 Small 0.337 (arXiv:2005.14165, Appendix H, zero-shot). train.py runs it
+every hellaswag_interval steps; the file downloads once into <data_root>/hellaswag/:
 $ python train.py config/gpt2_rope.py --hellaswag_interval=250
 """
 import http.client
