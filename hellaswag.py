@@ -66,8 +66,8 @@ def download(path):
     place, so a failed download (no network, an error page, a full disk) leaves no file behind."""
     try:
         with urllib.request.urlopen(URL, timeout=60) as r:
-            lines = r.read().decode('utf-8').splitlines()
-        sum(1 for _ in _examples(lines, URL))
+            data = r.read()
+        sum(1 for _ in _examples(data.decode('utf-8').splitlines(), URL))
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeout, not UTF-8
         why = getattr(e, 'reason', None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot download HellaSwag from {URL} ({why}); connect once (it is kept "
@@ -78,8 +78,8 @@ def download(path):
         # a private temp name: DDP processes may download at once, each renames a whole file
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
         try:
-            with os.fdopen(fd, 'w', encoding='utf-8') as f:
-                f.write('\n'.join(lines) + '\n')
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes it private; the data is not
