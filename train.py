@@ -22,6 +22,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,11 +32,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hellaswag
 from model import (CONFIG_CHOICES, CONFIG_RANGES, GPT, RUN_FILES, GPTConfig, device_peak_flops, find_checkpoint,
                    held_run, load_checkpoint, setup_device, unwritable)
 from rope import ROPE_FAMILY
 from prepare_data import (SYNTHETIC_TASKS, DataError, ShardLoader, SyntheticLoader, ensure_dataset, eval_tokens,
-                          load_meta, synthetic_eval_set)
+                          get_tokenizer, load_meta, synthetic_eval_set)
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 small (124M) on FineWeb-Edu; every name here is a config key
@@ -52,6 +54,13 @@ init_from = 'scratch'  # 'scratch' (out_dir must not hold a run), 'resume' (from
 # or a checkpoint file) with its architecture, except the keys of FINETUNE_KEYS given here: context extension is
 # e.g. --block_size=1024 --rope_scaling=yarn --rope_scaling_factor=4 on a model trained at 256
 finetune_from = ''
+# HellaSwag (hellaswag.py): acc and acc_norm every hellaswag_interval steps and at the end, logged
+hellaswag_interval = 0  # 0 = never
+hellaswag_path = ''  # the val file; '' = <data_root>/hellaswag/hellaswag_val.jsonl, downloaded once
+# wandb: every log.jsonl record also goes to Weights & Biases (the first process; pip install wandb)
+wandb_log = False
+wandb_project = 'nanorope'
+wandb_run_name = ''  # '' = out_dir's name
 # data
 dataset = 'fineweb_edu'  # or a synthetic task (mqar, copy, parity): generated from the seed, loss on answers only
 data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -93,7 +102,8 @@ _ranges = {**CONFIG_RANGES, 'eval_interval': '[1, inf)', 'log_interval': '[1, in
            'eval_block_size': '[0, inf)', 'gradient_accumulation_steps': '[1, inf)', 'batch_size': '[1, inf)',
            'seed': '[0, 4294967295]', 'vocab_size': '[0, inf)', 'learning_rate': '(0, inf)', 'max_iters': '[0, inf)',
            'weight_decay': '[0, inf)', 'beta1': '[0, 1)', 'beta2': '[0, 1)', 'grad_clip': '[0, inf)',
-           'warmup_iters': '[0, inf)', 'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)'}
+           'warmup_iters': '[0, inf)', 'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)',
+           'hellaswag_interval': '[0, inf)'}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 _world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's number of processes
@@ -112,6 +122,8 @@ for _bad, _message in [  # conditions between keys, checked like each key's rang
      f"rope_scaling_factor=1 changes nothing; give --rope_scaling_factor > 1, or leave rope_scaling at 'none'"),
     (rope_scaling == 'none' and rope_scaling_length != 0, f"rope_scaling_length={rope_scaling_length} has no "
      f"effect with rope_scaling='none'; choose a rope_scaling or leave it at 0"),
+    (hellaswag_interval and dataset in SYNTHETIC_TASKS, f"hellaswag_interval={hellaswag_interval} "
+     f"scores English text, and dataset={dataset!r} is a synthetic task; set hellaswag_interval=0"),
 ]:
     if _bad:
         _config_fail(_message)
@@ -136,6 +148,11 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+if wandb_log:  # an optional dependency, imported only when asked for
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
@@ -258,6 +275,9 @@ try:
             if len(X) == 0:  # a loss over no tokens would be nan
                 fail(f"the {split} split of {data_dir} is shorter than one eval window of eval_block_size="
                      f"{eval_block_size} (+1) tokens; use a smaller --eval_block_size or prepare more data")
+    if hellaswag_interval:  # the file and the tokenizer now: a missing one fails before training
+        hellaswag_file = hellaswag.ensure_file(hellaswag_path, data_root)
+        hellaswag_encode, _ = get_tokenizer(meta['tokenizer'])
 except DataError as e:
     fail(str(e))
 if master_process and checkpoint is not None and trained_on[1] and meta.get('content_hash') != trained_on[1]:
@@ -391,6 +411,8 @@ def save_checkpoint(path, resumable):
 def log_record(record):
     with open(log_path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+    if wandb_run is not None:
+        wandb_run.log(record, step=record['iter'])  # the records of one iter merge into one row
 
 
 # cluster preemption (SIGTERM) or Ctrl-C: finish the current step, write a checkpoint, exit cleanly. A second
@@ -413,8 +435,19 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
+wandb_run = None
 if master_process and not eval_only:
+    made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:  # its local files go to out_dir/wandb
+        try:
+            name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
+            wandb_run = wandb.init(project=wandb_project, name=name, config=config, dir=out_dir)
+        except Exception as e:  # not logged in, a bad WANDB_* setting, ...
+            if made:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            fail(f"wandb.init failed ({' '.join(str(e).split())[:300]}); run `wandb login`, set "
+                 f"WANDB_MODE=offline, or --wandb_log=False")
     if 'unigram_loss' in meta:
         print(f"unigram baseline val loss: {meta['unigram_loss']:.4f}")
 peak_flops = device_peak_flops(device, dtype)
@@ -441,6 +474,17 @@ while True:
         if always_save_checkpoint and iter_num > 0 and not final:
             save_checkpoint(ckpt_path, resumable=True)
         t_last += time.time() - t_eval  # evaluation time is not training time
+    if hellaswag_interval and (iter_num % hellaswag_interval == 0 or final):
+        t_eval = time.time()
+        result = hellaswag.evaluate(raw_model, hellaswag_file, hellaswag_encode, device, ctx,
+                                    ddp_rank, ddp_world_size)
+        if master_process:
+            print(f"step {iter_num}: hellaswag acc {result['acc']:.4f}, "
+                  f"acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
+            if not eval_only:
+                log_record({'iter': iter_num, 'hellaswag_acc': result['acc'],
+                            'hellaswag_acc_norm': result['acc_norm']})
+        t_last += time.time() - t_eval
     if final:
         break
 
@@ -504,6 +548,8 @@ while True:
 finishing = True
 if not eval_only:
     save_checkpoint(ckpt_path, resumable=True)  # max_iters or a stop request always leaves a resumable checkpoint
+if wandb_run is not None:
+    wandb_run.finish()
 if ddp:
     # DDP holds the process group: freed only at interpreter exit, gloo's worker threads can abort the process there
     # (SIGABRT after a finished run). Wait for rank 0's checkpoint, drop the wrapper, then tear the group down.

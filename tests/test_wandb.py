@@ -1,0 +1,119 @@
+"""train.py's wandb_log: every log.jsonl record also goes to Weights & Biases, from the first
+process only. wandb is an optional dependency: asked for where it is not installed, train.py stops
+in one line before anything is written (always tested: its absence is simulated). The real run is
+tested in wandb's offline mode, and skipped where wandb is not installed."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from prepare_data import ensure_dataset  # noqa: E402
+
+TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
+        '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2',
+        '--eval_iters=2', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2',
+        '--min_lr=3e-4', '--max_iters=3', '--lr_decay_iters=3', '--eval_interval=2']
+# train.py in an interpreter where `import wandb` fails, as where it is not installed
+WITHOUT_WANDB = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = ['train.py'] + "
+                 "sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    ensure_dataset(str(root), 'embedded')
+    return str(root)
+
+
+def run(*args, launcher=(sys.executable, 'train.py'), env_extra=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', **(env_extra or {}))
+    env.setdefault('OMP_NUM_THREADS', '1')
+    return subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def errors(p):
+    return [line for line in p.stderr.splitlines() if not line.startswith('Overriding')]
+
+
+def test_wandb_log_without_wandb_is_one_line_and_writes_nothing(tmp_path, data_root):
+    out = tmp_path / 'out'
+    p = run('-c', WITHOUT_WANDB, *TINY, f'--out_dir={out}', f'--data_root={data_root}',
+            '--wandb_log=True', launcher=(sys.executable,))
+    assert p.returncode == 1 and errors(p) == ["train.py: wandb_log=True needs the wandb package: "
+                                               "pip install wandb (or --wandb_log=False)"]
+    assert not out.exists()
+    # without wandb_log the same interpreter trains: wandb is imported only when asked for
+    p = run('-c', WITHOUT_WANDB, *TINY, f'--out_dir={out}', f'--data_root={data_root}',
+            launcher=(sys.executable,))
+    assert p.returncode == 0 and (out / 'ckpt.pt').exists(), p.stderr[-3000:]
+
+
+def history(path, key):
+    """The values logged under key in an offline run's .wandb file: each history item is a protobuf
+    message of the key (field 2, tag 0x12) and its value as JSON (field 16, tag 0x82 0x01), each a
+    length-prefixed string (one length byte: they are short)."""
+    data = open(path, 'rb').read()
+    head = b'\x12' + bytes([len(key)]) + key.encode() + b'\x82\x01'
+    values, i = [], data.find(head)
+    while i >= 0:
+        j = i + len(head)
+        values.append(json.loads(data[j + 1:j + 1 + data[j]]))
+        i = data.find(head, j)
+    return values
+
+
+@pytest.fixture
+def offline(tmp_path):
+    """wandb's offline mode, its settings and caches in tmp_path: nothing leaves the machine."""
+    pytest.importorskip('wandb')
+    return {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path / 'wandb_dir'),
+            'WANDB_CONFIG_DIR': str(tmp_path / 'wandb_config'),
+            'WANDB_CACHE_DIR': str(tmp_path / 'wandb_cache'),
+            'WANDB_DATA_DIR': str(tmp_path / 'wandb_data'), 'WANDB_SILENT': 'true'}
+
+
+def test_offline_run_holds_every_record_of_the_log(tmp_path, data_root, offline):
+    example = {'ctx': 'def f(x):', 'label': 0, 'endings': ['return x', 'a', 'b', 'c']}
+    (tmp_path / 'hellaswag.jsonl').write_text(json.dumps(example) + '\n')
+    hellaswag = ['--hellaswag_interval=2', f"--hellaswag_path={tmp_path / 'hellaswag.jsonl'}"]
+    out = tmp_path / 'out'
+    p = run(*TINY, *hellaswag, f'--out_dir={out}', f'--data_root={data_root}', '--wandb_log=True',
+            '--wandb_project=nanorope-test', '--wandb_run_name=tiny-run', env_extra=offline)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = glob.glob(str(out / 'wandb' / 'offline-run-*' / 'run-*.wandb'))  # in the run's out_dir
+    assert len(runs) == 1
+    with open(out / 'log.jsonl') as f:
+        rows = [json.loads(line) for line in f]
+    keys = {k for r in rows for k in r}
+    assert {'val_loss', 'train_loss', 'hellaswag_acc', 'hellaswag_acc_norm'} <= keys
+    for r in rows:
+        for k, v in r.items():
+            if v is not None:  # mfu on a CPU
+                assert any(x == pytest.approx(v, rel=1e-12) for x in history(runs[0], k)), (k, v)
+    data = open(runs[0], 'rb').read()
+    assert b'tiny-run' in data and b'nanorope-test' in data  # the run's name and project
+    assert b'hellaswag_interval' in data  # its config
+
+    # under torchrun only the first process logs: one wandb run
+    two = tmp_path / 'two'
+    launcher = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                'train.py')
+    p = run(*TINY, f'--out_dir={two}', f'--data_root={data_root}', '--wandb_log=True',
+            launcher=launcher, env_extra=offline)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(glob.glob(str(two / 'wandb' / 'offline-run-*'))) == 1
+
+
+def test_wandb_init_failure_is_one_line_and_writes_nothing(tmp_path, data_root, offline):
+    out = tmp_path / 'out'
+    p = run(*TINY, f'--out_dir={out}', f'--data_root={data_root}', '--wandb_log=True',
+            env_extra={**offline, 'WANDB_MODE': 'bogus'})  # wandb.init rejects the setting
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr[-3000:]
+    assert 'wandb.init failed' in errors(p)[0] and '--wandb_log=False' in errors(p)[0]
+    assert not out.exists()
