@@ -36,8 +36,12 @@ def apply_rotary(x, cos, sin):
     x: (B, nh, T, hs) in any dtype; cos, sin: fp32, broadcastable to (B, nh, T, hs/2). Returns x's dtype.
     The one rotation every diagonal rotary variant shares; it is computed in fp32."""
     if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel (it does not fuse complex ops)
-        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, T, hs/2) each, views
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+        # in q's memory order (B, T, nh, hs), that of the qkv projection: inductor lays a new tensor out in the
+        # order it is indexed in, and (B, nh, T, hs) would make attention's output need a copy to re-join heads
+        cos, sin = (t.reshape((1,) * (4 - t.dim()) + t.shape).transpose(1, 2) for t in (cos, sin))
+        x0, x1 = x.transpose(1, 2).unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, nh, hs/2) each, views
+        y = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        return y.type_as(x).transpose(1, 2)  # (B, nh, T, hs)
     # eager: one complex multiply reads and writes x once, where the real form takes ~7 passes forward and back
     xf = x.to(torch.promote_types(x.dtype, cos.dtype))  # fp32 (fp64 in a float64 model)
     if xf.stride(-1) != 1 or any(s % 2 for s in xf.stride()[:-1]):  # view_as_complex needs (re, im) adjacent
