@@ -127,6 +127,109 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, data_root):
     assert 'stop requested' in stdout
 
 
+def rank_pid(parent, rank):
+    """The pid of parent's child process that torchrun started as this RANK (Linux: from /proc)."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            ppid = int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1])
+            environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        except (OSError, IndexError, ValueError):  # exited meanwhile, or not ours to read
+            continue
+        if ppid == parent and f'RANK={rank}'.encode() in environ:
+            return int(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='finds the worker through /proc')
+def test_ddp_stop_request_stops_every_process_at_the_same_step(tmp_path, data_root):
+    """SIGTERM to one torchrun worker only (rank 1, which neither logs nor checkpoints): the
+    processes agree on stopping at the next log step, both stop there, rank 0 writes a resumable
+    checkpoint and the job exits 0."""
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           'train.py', *TINY, f'--out_dir={out}', f'--data_root={data_root}', '--log_interval=3',
+           '--gradient_accumulation_steps=2', '--max_iters=100000', '--lr_decay_iters=100000',
+           '--eval_interval=100000']
+    p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    logged = lambda: len(records(out, 'train_loss')) if (out / 'log.jsonl').exists() else 0
+    workers = []
+    try:
+        deadline = time.time() + 120  # two logs: both workers are in the loop, handlers installed
+        while time.time() < deadline and logged() < 2:
+            time.sleep(0.2)
+        workers = [rank_pid(p.pid, rank) for rank in (0, 1)]
+        assert None not in workers, f'torchrun workers not found: {workers}'
+        os.kill(workers[1], signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:  # hung. torchrun starts each worker in its own session: end them here
+            for pid in filter(None, workers):
+                os.kill(pid, signal.SIGKILL)
+            p.terminate()  # torchrun ends any other worker (SIGTERM, SIGKILL after a grace period)
+            p.communicate(timeout=120)
+    assert p.returncode == 0 and 'Traceback' not in stderr, stderr[-3000:]
+    assert 'stop requested' in stdout  # printed by rank 0, which was not signalled
+    it = torch.load(out / 'ckpt.pt', weights_only=True)['iter_num']
+    assert (it - 1) % 3 == 0 and it - 1 >= 3 and it == max(records(out, 'train_loss')) + 1, it
+    # resumable (by one process: the same global batch of 2 x 4 sequences)
+    train(out, data_root, '--init_from=resume', f'--max_iters={it + 2}', '--lr_decay_iters=100000',
+          '--eval_interval=100000', '--gradient_accumulation_steps=2')
+    assert {it, it + 1} <= set(records(out, 'train_loss'))
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == it + 2
+
+
+# host-device syncs: the wrapper counts the calls that the repo's own lines make (train.py,
+# model.py, rope.py, ..., not torch's: the optimizer's .item() on CPU step counters waits for
+# nothing) to what makes the host wait for the device, and writes them to <path>.<rank> at exit.
+# On CPU no call waits, but each would on a GPU.
+COUNT_SYNCS = """
+import atexit, collections, json, os, runpy, sys, torch, torch.distributed as dist
+calls = collections.Counter()
+def count(owner, name):
+    original = getattr(owner, name)
+    def counted(*args, **kw):
+        caller = sys._getframe(1)
+        file = os.path.abspath(caller.f_code.co_filename)
+        if os.path.dirname(file) == os.getcwd():  # the repo's top-level scripts (cwd: the repo)
+            calls[f'{name} at {os.path.basename(file)}:{caller.f_lineno}'] += 1
+        return original(*args, **kw)
+    setattr(owner, name, counted)
+for name in ['item', 'tolist', '__bool__', '__float__', '__int__', '__index__', '__format__',
+             '__repr__', 'cpu', 'numpy', '__array__', 'nonzero']:
+    count(torch.Tensor, name)
+count(torch.cuda, 'synchronize')
+for name in ['all_gather_object', 'broadcast_object_list', 'barrier']:
+    count(dist, name)
+path = sys.argv.pop(1)
+atexit.register(lambda: open(f"{path}.{os.environ.get('RANK', 0)}", 'w').write(json.dumps(calls)))
+sys.path.insert(0, os.getcwd())  # train.py's imports: the repo, not this file's folder
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def test_training_steps_between_logs_never_wait_for_the_device(tmp_path, data_root):
+    """Training (train.py and the model code it runs) makes the host wait for the device
+    (.item(), .tolist(), bool(tensor), ..., object collectives) only at log and eval steps: runs
+    of 4 and 12 steps with one log (iter 0) and two evals (iter 0 and the end) make the same
+    calls, from the same lines, on one process and on each of 2 torchrun processes."""
+    wrapper = tmp_path / 'count_syncs.py'
+    wrapper.write_text(COUNT_SYNCS)
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+    for launcher, ranks in [((sys.executable,), 1), (torchrun, 2)]:
+        calls = {}
+        for steps in (4, 12):
+            counts = tmp_path / f'calls{ranks}x{steps}'
+            run(str(wrapper), str(counts), *TINY, f'--out_dir={tmp_path / counts.name}',
+                f'--data_root={data_root}', f'--max_iters={steps}', '--log_interval=100',
+                '--eval_interval=100', '--gradient_accumulation_steps=2', launcher=launcher)
+            calls[steps] = [json.loads(open(f'{counts}.{rank}').read()) for rank in range(ranks)]
+        differ = [{k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+                  for a, b in zip(calls[4], calls[12])]
+        assert not any(differ), f"calls at 4 vs 12 steps, per rank: {differ}"  # per step: +8
+        assert all(any(k.startswith('item') for k in c) for c in calls[4]), calls  # logs are seen
+
+
 def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root):
     out = tmp_path / 'out'
     out.mkdir()
