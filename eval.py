@@ -487,6 +487,7 @@ if any(r['scaling'] and r['scaling'][1] == 0 for r in runs + synthetic):
     footnotes.append("xT/L : the context extension's factor is max(1, T / L) at each eval length T, "
                      "L the length the checkpoint's RoPE was trained at (rope_scaling_length, else its block_size)")
 sections = []
+train_T = lambda g: str(g['runs'][0]['block_size'])  # a row's training length, as a cell
 if runs:
     train_set = {r['train_eval_tokens'] for r in runs}
     same = " = train.py's eval set" if train_set == {n_tokens} else \
@@ -495,19 +496,18 @@ if runs:
                     + ', '.join(sorted({f"'{r['dataset']}'" for r in runs}))
                     + f"{same} (the same for every length and checkpoint).")
     first = ['checkpoint', *n_col(text_rows)]
-    block = lambda g: str(g['runs'][0]['block_size'])
 
     ppl = lambda v: None if v is None else math.exp(v)
     sections.append("### Perplexity (val loss) by context length\n\n" + md_table(
         first + ['train T'] + [f"ppl @{T}" for T in lengths] + [f"loss @{T}" for T in lengths],
-        [head(g, text_rows, block(g))
+        [head(g, text_rows, train_T(g))
          + [stat(g, 'ppl', T, lambda r: ppl(r['loss'][T]), 2) for T in lengths]
          + [stat(g, 'loss', T, lambda r: r['loss'][T]) for T in lengths] for g in text_rows])
         + '\n\n' + seed_note(text_rows))
 
     sections.append("### Val loss at the training block size under a global position offset\n\n" + md_table(
         first + ['train T'] + [f"offset {s}" for s in offsets],
-        [head(g, text_rows, block(g))
+        [head(g, text_rows, train_T(g))
          + [stat(g, 'offset_loss', s, lambda r: r['offset'][s]) for s in offsets]
          for g in text_rows])
         + '\n\n' + seed_note(text_rows))
@@ -537,7 +537,7 @@ if synthetic:
                     f"per length from each task's eval set; accuracy: argmax == answer, mean over answer tokens.\n\n"
                     + md_table(
         ['checkpoint', *n_col(task_rows), 'task', 'train T'] + [f"acc @{T}" for T in lengths],
-        [head(g, task_rows, dataset_of(g), block(g))
+        [head(g, task_rows, dataset_of(g), train_T(g))
          + [stat(g, 'accuracy', T, lambda r: r['accuracy'][T]) for T in lengths]
          for g in task_rows])
         + '\n\n' + seed_note(task_rows))

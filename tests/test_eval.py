@@ -345,12 +345,15 @@ def test_paired_mark_on_constructed_seeds(evaluated, tmp_path):
     assert offsets['rope (rope)']['offset 0'].endswith(' *')
     assert offsets['rope (rope)']['offset 100'].endswith(' ± 0.0000')  # no baseline value: no mark
     assert offsets['learned (learned)']['offset 100'] == DASH
-    acc = table(text, 'Answer accuracy')['task (rope)']
+    assert "no row here is the --baseline: no marks" in section(text, 'Answer accuracy')
+    p = run('eval.py', f"--out_dirs={','.join(dirs[4:])}", '--eval_block_sizes=32',  # tasks alone
+            '--eval_sequences=16', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    acc = table(report.read_text(encoding='utf-8'), 'Answer accuracy')['task (rope)']
     res = json.loads(report.with_suffix('.json').read_text())
     m, sd = mean_sd([c['accuracy']['32'] for c in res['checkpoints'] if c['row'] == 'task (rope)'])
-    assert acc['n'] == '2' and acc['task'] == 'copy' and sd > 0
-    assert acc['acc @32'] == f"{m:.4f} ± {sd:.4f}"
-    assert "no row here is the --baseline: no marks" in section(text, 'Answer accuracy')
+    assert acc['n'] == '2' and acc['task'] == 'copy' and acc['train T'] == '32' and sd > 0
+    assert acc['acc @32'] == f"{m:.4f} ± {sd:.4f}"  # its own baseline (the first row): no mark
 
 
 def eval_functions(*names):
