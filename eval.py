@@ -2,8 +2,11 @@
 Compare trained checkpoints on the same fixed val tokens: perplexity at several context lengths (length
 extrapolation), loss by token position, and robustness to a global position offset. Checkpoints trained on a
 synthetic task (mqar, copy, parity) get answer accuracy at each context length instead.
+Checkpoints that differ only in their seed are one row: mean ± sd over the seeds, '*' where the
+row differs from the baseline row by more than the seed noise (a paired t-test over the seeds).
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
 $ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py --report=report.md  # train, then compare
+$ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 seeds, marks vs rope
 $ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension rows
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
 PNG plots go to --plots (default: next to the report) when matplotlib is installed.
@@ -11,6 +14,7 @@ PNG plots go to --plots (default: next to the report) when matplotlib is install
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,7 +45,11 @@ plots = ''  # directory for the PNGs; '' = next to the report, or none without a
 pos_embs = ''  # comma list of pos_emb values to train, e.g. rope,carope,learned ('' = no training)
 sweep_config = 'config/quickstart.py'  # the train.py config every encoding is trained with
 sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
-sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb>
+sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb> (-s<seed> for several)
+seeds = ''  # comma list: each encoding trains once per seed ('' = the config's seed, one run)
+# seeds: checkpoints that differ only in their seed, from a sweep or --out_dirs, are one row
+baseline = ''  # the row '*' compares with: a row label or its part in (), e.g. rope
+# ('' = the first row; synthetic rows compare within their task)
 # context extension (rope.RoPE): each checkpoint whose encoding is built on RoPE's frequencies
 # (rope, crope, ...) gets, besides its row as trained, a row per method listed, run with that method
 rope_scaling = ''  # comma list of none, linear, ntk, dynamic, yarn; '' = as trained only
@@ -61,16 +69,12 @@ def fail(message):
     sys.exit(1)
 
 
-def int_list(key, text):
+def int_list(key, text, example='512,1024'):
     try:
         values = [int(v) for v in text.split(',') if v.strip()]
     except ValueError:
-        fail(f"--{key}={text!r} must be a comma list of integers, e.g. --{key}=512,1024")
+        fail(f"--{key}={text!r} must be a comma list of integers, e.g. --{key}={example}")
     return values
-
-
-def fmt(v, digits=4):
-    return DASH if v is None else f"{v:.{digits}f}"
 
 
 def md_table(header, rows):
@@ -78,37 +82,118 @@ def md_table(header, rows):
     return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
 
+# Student's t: the two-sided 95% critical value t_{0.975, df} for df = 1..30 (any statistics table)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df):
+    """t_{0.975, df}: the table, then (df > 30) the normal's 1.96 with two Cornish-Fisher terms."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def seed_stats(values, base=None):
+    """values, base: {seed: value} of two rows. The mean and sample standard deviation (None for
+    one seed) of values, and whether they differ from base beyond the seed noise: a paired t-test
+    at 95% over the seeds both rows have, d_s = values[s] - base[s], marked when
+    |mean(d)| > t_{0.975, n-1} sd(d) / sqrt(n); never for n < 2. Paired because the rows of one
+    seed share its data order, so the seed's own effect cancels in d_s."""
+    x = np.array(list(values.values()), dtype=np.float64)
+    sd = float(x.std(ddof=1)) if len(x) > 1 else None
+    d = np.array([values[s] - base[s] for s in values if s in base]) if base else np.zeros(0)
+    marked = len(d) > 1 and abs(d.mean()) > t975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(x.mean()), sd, bool(marked)
+
+
+def unseeded(name, seed):
+    """A run's name less its seed: out-rope-s1, out-rope_seed1, out-rope-1 -> out-rope (seed 1)."""
+    return re.sub(rf'[-_.](s|seed)?{seed}$', '', name) or name
+
+
+def position_bins(by_pos, n_bins=32):
+    """(bin centres, bin means) of a per-position loss over log-spaced bins of positions (1 = the
+    first token): the first positions keep a bin each; later bins average many positions, each a
+    noisy mean over a few windows, so the break past the training length shows. Every position is
+    in exactly one bin."""
+    edges = np.unique(np.round(np.geomspace(1, len(by_pos) + 1, n_bins + 1)).astype(int))  # [a, b)
+    means = np.array([by_pos[a - 1:b - 1].mean() for a, b in zip(edges[:-1], edges[1:])])
+    return np.sqrt(edges[:-1] * (edges[1:] - 1)), means  # centre: geometric mean of first and last
+
+
+def learning_curve(out_dir, config):
+    """{'train_loss': (tokens, loss), 'val_loss': (tokens, loss)} from the run's log.jsonl (None
+    without one). Tokens seen = steps done x batch_size x block_size x gradient_accumulation_steps
+    (train.py's config keeps the global count, every process's): a train record's 'iter' is the
+    step just done (iter + 1 done), an eval's the steps done. An iter logged twice (a resume redoing
+    steps) keeps its last record."""
+    per_iter = config['batch_size'] * config['block_size'] * config['gradient_accumulation_steps']
+    curves = {'train_loss': {}, 'val_loss': {}}
+    try:
+        with open(os.path.join(out_dir, 'log.jsonl')) as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        for k in curves:
+            if k in rec:
+                curves[k][rec['iter'] + (k == 'train_loss')] = rec[k]
+    return {k: (np.array(sorted(c), dtype=np.int64) * per_iter, np.array([c[i] for i in sorted(c)]))
+            for k, c in curves.items()}
+
+
+def over_seeds(curves):
+    """x, ys (seeds, points): curves [(x, y)] of one row's seeds at the x every one of them has."""
+    xs = sorted(set.intersection(*(set(x.tolist()) for x, _ in curves)))
+    return np.array(xs), np.array([[dict(zip(x.tolist(), y))[v] for v in xs] for x, y in curves])
+
+
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
     fail(str(e))
 
-# checkpoints: every one is loaded (and every request checked) before any evaluation runs
+# checkpoints: every one is loaded (and every request checked) before any evaluation runs; the
+# arguments are checked before any training
 dirs = [d.strip() for d in out_dirs.split(',') if d.strip()]
 sweep = list(dict.fromkeys(p.strip() for p in pos_embs.split(',') if p.strip()))  # once each
-if unknown := [p for p in sweep if p not in ENCODINGS]:  # before training any
+if unknown := [p for p in sweep if p not in ENCODINGS]:
     fail(f"--pos_embs: unknown pos_emb {', '.join(unknown)}; valid: {', '.join(ENCODINGS)}")
-for key, path, is_dir in [('--report', report, False), ('--plots', plots, True),
-                          ('--sweep_out', f"{sweep_out}-{sweep[0]}" if sweep else '', True)]:
-    if path and (why := unwritable(path, is_dir)):  # before any work, not after it
-        fail(f"{key}={path}: cannot be written: {why}")
-for pe in sweep:  # before training any: a sweep never trains into, or mixes with, an earlier run
-    if held_run(f"{sweep_out}-{pe}"):
-        fail(f"{sweep_out}-{pe} already holds a run; compare it with --out_dirs={sweep_out}-{pe}, or use another "
-             f"--sweep_out (or delete it)")
-for pe in sweep:  # the sweep: same config, one run per encoding
-    out = f"{sweep_out}-{pe}"
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), sweep_config,
-           f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
-    print(f"training: {' '.join(cmd[1:])}", file=sys.stderr)
-    t0 = time.time()
-    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:  # training logs to stderr: stdout is the tables
-        fail(f"training pos_emb={pe} failed (command above); fix it or leave it out of --pos_embs")
-    print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
-    dirs.append(out)
-if not dirs:
+if not dirs and not sweep:
     fail("--out_dirs or --pos_embs is required: a comma list of training out_dirs "
          "(e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope) or of encodings to train and compare (--pos_embs=rope,carope)")
+seed_list = int_list('seeds', seeds, '1337,1,2')
+if len(set(seed_list)) < len(seed_list):
+    fail(f"--seeds={seeds!r} repeats a seed; give each seed once, e.g. --seeds=1337,1,2")
+if any(not 0 <= s < 2 ** 32 for s in seed_list):
+    fail(f"--seeds={seeds!r}: a seed must be in [0, 4294967295], as train.py's")
+if seed_list and not sweep:
+    fail("--seeds needs --pos_embs, the encodings to train once per seed (--out_dirs of several "
+         "seeds are grouped into rows without it)")
+if clash := [a.split('=')[0] for a in sweep_args.split()
+             if a.split('=')[0] in ['--pos_emb', '--out_dir'] + ['--seed'] * bool(seed_list)]:
+    fail(f"--sweep_args sets {', '.join(clash)}, which the sweep sets for each run; leave it out "
+         f"(the sweep's are --pos_embs, --sweep_out, --seeds)")
+# (pos_emb, seed or None, out_dir), seed by seed: a stopped sweep leaves whole seeds; one seed, the
+# plain name
+sweep_runs = [(pe, s, f"{sweep_out}-{pe}" + (f"-s{s}" if len(seed_list) > 1 else ''))
+              for s in seed_list or [None] for pe in sweep]
+# baseline: matched exactly against the rows once loaded; a sweep alone is checked here, before it
+# trains
+if baseline and sweep and not dirs and \
+        not any(re.search(rf'(^|\W){pe}(\W|$)', baseline) for pe in sweep):
+    fail(f"--baseline={baseline!r} names none of --pos_embs={pos_embs}; give one of them, "
+         f"e.g. --baseline={sweep[0]}")
+asked_lengths = int_list('eval_block_sizes', eval_block_sizes)
+if any(T < 1 for T in asked_lengths):
+    fail(f"--eval_block_sizes={eval_block_sizes!r}: lengths must be >= 1")
 offsets = int_list('pos_offsets', pos_offsets) or [0]
 if any(s < 0 for s in offsets):
     fail(f"--pos_offsets={pos_offsets!r}: offsets must be >= 0")
@@ -121,6 +206,24 @@ if 0 < rope_scaling_factor < 1:
          f"max(1, T / L) at each eval length T (L: the length RoPE was trained at)")
 if 'rope_scaling_factor' in _config_given and not scalings:
     fail("--rope_scaling_factor needs --rope_scaling, the methods to add rows for (e.g. yarn)")
+for key, path, is_dir in [('--report', report, False), ('--plots', plots, True),
+                          ('--sweep_out', sweep_runs[0][2] if sweep else '', True)]:
+    if path and (why := unwritable(path, is_dir)):  # before any work, not after it
+        fail(f"{key}={path}: cannot be written: {why}")
+for _, _, out in sweep_runs:  # before training any: never into, or mixed with, an earlier run
+    if held_run(out):
+        fail(f"{out} already holds a run; compare it with --out_dirs={out}, or use another "
+             f"--sweep_out (or delete it)")
+for pe, s, out in sweep_runs:  # the sweep: same config, one run per encoding and seed
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), sweep_config,
+           f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
+    cmd += [] if s is None else [f'--seed={s}']
+    print(f"training: {' '.join(cmd[1:])}", file=sys.stderr)
+    t0 = time.time()
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:  # training logs to stderr: stdout is the tables
+        fail(f"training pos_emb={pe} failed (command above); fix it or leave it out of --pos_embs")
+    print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
+    dirs.append(out)
 
 
 def scaling_note(method, factor):
@@ -147,8 +250,8 @@ for d in dirs:
     eval_batch = config.get('eval_batch_size', config['batch_size'])
     row = dict(out_dir=d, model=model, pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
                max_len_why=model.pe.max_len_why, scaling=trained, note=note, dataset=config['dataset'],
-               data_root=data_root or config['data_root'], seed=config['seed'],
-               content_hash=ckpt['meta'].get('content_hash'),
+               data_root=data_root or config['data_root'], seed=config['seed'], config=config,
+               model_args=ckpt['model_args'], content_hash=ckpt['meta'].get('content_hash'),
                train_eval_tokens=config['eval_iters'] * eval_batch * config['block_size'])
     runs.append(row)
     for method in scalings if trained else []:  # one more row per method, sharing the weights
@@ -160,15 +263,59 @@ if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):  # 'none' a
     fail(f"--rope_scaling={rope_scaling}: no checkpoint's encoding "
          f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only those "
          f"built on RoPE's frequencies do ({takes})")
+# rows: checkpoints that differ only in their seed are one row, their numbers its samples. The key
+# is what was trained (model args, config, data) less how a run was launched; a seed already in a
+# row starts another
+LAUNCH = ('seed', 'out_dir', 'init_from', 'data_root', 'log_interval', 'always_save_checkpoint')
+groups = []
 for r in runs:
-    r['label'] = f"{os.path.basename(os.path.normpath(r['out_dir']))} ({r['pos_emb']}{r['note']})"
-if len({r['label'] for r in runs}) < len(runs):  # e.g. runs/a/out and runs/b/out: name rows by the whole path
-    for r in runs:
-        r['label'] = f"{os.path.normpath(r['out_dir'])} ({r['pos_emb']}{r['note']})"
-lengths = sorted(set(int_list('eval_block_sizes', eval_block_sizes) or
-                     [m * r['block_size'] for r in runs for m in (1, 2, 4)]))
-if not lengths or min(lengths) < 1:
-    fail(f"--eval_block_sizes={eval_block_sizes!r}: lengths must be >= 1")
+    key = json.dumps([{k: v for k, v in r['config'].items() if k not in LAUNCH}, r['model_args'],
+                      r['content_hash'], r['scaling']], sort_keys=True, default=str)
+    g = next((g for g in groups if g['key'] == key and r['seed'] not in g['seeds']), None)
+    if g is None:
+        groups.append(g := dict(key=key, runs=[], seeds=[], stats={}))
+    g['runs'].append(r)
+    g['seeds'].append(r['seed'])
+
+
+def row_label(rs, name):
+    """The label of a row of checkpoints rs: name(out_dir), with several seeds less the seed
+    (out-sweep-rope-s1, -s2: out-sweep-rope), else their common prefix; then (pos_emb and context
+    extension)."""
+    names = {name(r['out_dir']) if len(rs) == 1 else unseeded(name(r['out_dir']), r['seed'])
+             for r in rs}
+    common = names.pop() if len(names) == 1 else \
+        os.path.commonprefix(sorted(names)).rstrip('-_.') or rs[0]['pos_emb']
+    return f"{common} ({rs[0]['pos_emb']}{rs[0]['note']})"
+
+
+for items, members in [(runs, lambda r: [r]), (groups, lambda g: g['runs'])]:  # checkpoints, rows
+    for it in items:
+        it['label'] = row_label(members(it), lambda d: os.path.basename(os.path.normpath(d)))
+    if len({it['label'] for it in items}) < len(items):  # e.g. runs/a/out, runs/b/out: whole paths
+        for it in items:
+            it['label'] = row_label(members(it), os.path.normpath)
+for g in groups:
+    for r in g['runs']:
+        r['row'] = g['label']
+# each table's '*' compares its rows with one baseline row: the text rows with one, each task's
+# rows with one of that task
+dataset_of = lambda g: g['runs'][0]['dataset']
+compared = [[g for g in groups if dataset_of(g) not in prepare_data.SYNTHETIC_TASKS]]
+compared += [[g for g in groups if dataset_of(g) == t] for t in prepare_data.SYNTHETIC_TASKS]
+for gs in compared:
+    in_parens = lambda g: g['label'][g['label'].rfind(' (') + 2:-1]  # 'rope +yarn xT/L'
+    found = [g for g in gs if baseline in (g['label'], in_parens(g))] if baseline else gs[:1]
+    if len(found) > 1:
+        fail(f"--baseline={baseline!r} matches {len(found)} rows "
+             f"({'; '.join(g['label'] for g in found)}); give a whole row label")
+    for g in gs:
+        g['base'] = found[0] if found and found[0] is not g else None
+        g['baseline'] = found[0]['label'] if found else None
+if baseline and not any(g['baseline'] for g in groups):
+    fail(f"--baseline={baseline!r} matches no row; give a row label or its part in parentheses: "
+         + '; '.join(g['label'] for g in groups))
+lengths = sorted(set(asked_lengths or [m * r['block_size'] for r in runs for m in (1, 2, 4)]))
 # every length must cut the same tokens into whole windows: a multiple of all the lengths
 step = math.lcm(*lengths)
 asked = eval_tokens or max(r['train_eval_tokens'] for r in runs)
@@ -212,6 +359,8 @@ for r in runs:
 # synthetic-task checkpoints are scored apart (answer accuracy); everything below on val tokens is for the others
 synthetic = [r for r in runs if r['dataset'] in prepare_data.SYNTHETIC_TASKS]
 runs = [r for r in runs if r['dataset'] not in prepare_data.SYNTHETIC_TASKS]
+text_rows = compared[0]
+task_rows = [g for g in groups if dataset_of(g) in prepare_data.SYNTHETIC_TASKS]
 
 # the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of the val split
 data = {}  # (data_root, dataset) -> (tokens, meta)
@@ -291,7 +440,46 @@ for r in synthetic:
     print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
-# tables
+# tables: a row per group of seeds (text_rows, task_rows), its cells the mean ± sd over them
+
+
+def stat(g, metric, key, get, digits=4):
+    """Row g's cell: the mean ± sd over its seeds of get(checkpoint), a dash where the encoding
+    cannot produce it, ' *' where the paired difference from its baseline row is beyond the seed
+    noise; kept in g['stats'] for the .json. A per-checkpoint metric (e.g. a benchmark's accuracy)
+    is one more column of these."""
+    values = {r['seed']: get(r) for r in g['runs']}
+    base = g['base'] and {r['seed']: get(r) for r in g['base']['runs']}
+    if None in values.values():
+        g['stats'].setdefault(metric, {})[str(key)] = None
+        return DASH
+    mean, sd, marked = seed_stats(values, base if base and None not in base.values() else None)
+    g['stats'].setdefault(metric, {})[str(key)] = {'mean': mean, 'sd': sd, 'beyond_noise': marked}
+    spread = '' if sd is None else f" ± {sd:.{digits}f}"
+    return f"{mean:.{digits}f}{spread}" + (' *' if marked else '')
+
+
+def n_col(gs):
+    """The n column (seeds per row) of a table of rows gs: only where a row has several seeds."""
+    return ['n'] * any(len(g['runs']) > 1 for g in gs)
+
+
+def head(g, gs, *columns):
+    """Row g's first cells in the table of rows gs: its label, n (see n_col), then columns."""
+    return [g['label']] + [str(len(g['runs']))] * len(n_col(gs)) + list(columns)
+
+
+def seed_note(gs):
+    """The line under a table: what its cells are and what '*' marks."""
+    if all(len(g['runs']) == 1 for g in gs):
+        return "n = 1 (one seed per row): no spread, no marks."
+    bases = ', '.join(dict.fromkeys(g['baseline'] for g in gs if g['baseline']))
+    if not bases:
+        return "mean ± sd over each row's n seeds; no row here is the --baseline: no marks."
+    return (f"mean ± sd over each row's n seeds; * : differs from its baseline row ({bases}) "
+            f"beyond the seed noise (a paired t-test at 95% over the seeds both rows have).")
+
+
 footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions {r['max_len_why']}"
                     for r in runs + synthetic if None in [*r.get('loss', {}).values(), *r.get('offset', {}).values(),
                                                           *r.get('accuracy', {}).values()]})
@@ -299,6 +487,7 @@ if any(r['scaling'] and r['scaling'][1] == 0 for r in runs + synthetic):
     footnotes.append("xT/L : the context extension's factor is max(1, T / L) at each eval length T, "
                      "L the length the checkpoint's RoPE was trained at (rope_scaling_length, else its block_size)")
 sections = []
+train_T = lambda g: str(g['runs'][0]['block_size'])  # a row's training length, as a cell
 if runs:
     train_set = {r['train_eval_tokens'] for r in runs}
     same = " = train.py's eval set" if train_set == {n_tokens} else \
@@ -306,16 +495,22 @@ if runs:
     sections.append(f"Fixed val tokens: the first {n_tokens:,} of "
                     + ', '.join(sorted({f"'{r['dataset']}'" for r in runs}))
                     + f"{same} (the same for every length and checkpoint).")
+    first = ['checkpoint', *n_col(text_rows)]
 
     ppl = lambda v: None if v is None else math.exp(v)
     sections.append("### Perplexity (val loss) by context length\n\n" + md_table(
-        ['checkpoint', 'train T'] + [f"ppl @{T}" for T in lengths] + [f"loss @{T}" for T in lengths],
-        [[r['label'], str(r['block_size'])] + [fmt(ppl(r['loss'][T]), 2) for T in lengths]
-         + [fmt(r['loss'][T]) for T in lengths] for r in runs]))
+        first + ['train T'] + [f"ppl @{T}" for T in lengths] + [f"loss @{T}" for T in lengths],
+        [head(g, text_rows, train_T(g))
+         + [stat(g, 'ppl', T, lambda r: ppl(r['loss'][T]), 2) for T in lengths]
+         + [stat(g, 'loss', T, lambda r: r['loss'][T]) for T in lengths] for g in text_rows])
+        + '\n\n' + seed_note(text_rows))
 
     sections.append("### Val loss at the training block size under a global position offset\n\n" + md_table(
-        ['checkpoint', 'train T'] + [f"offset {s}" for s in offsets],
-        [[r['label'], str(r['block_size'])] + [fmt(r['offset'][s]) for s in offsets] for r in runs]))
+        first + ['train T'] + [f"offset {s}" for s in offsets],
+        [head(g, text_rows, train_T(g))
+         + [stat(g, 'offset_loss', s, lambda r: r['offset'][s]) for s in offsets]
+         for g in text_rows])
+        + '\n\n' + seed_note(text_rows))
 
     # loss by position, averaged over buckets in multiples of each checkpoint's training length: 0-1x, 1x-2x, 2x-4x...
     edges = [0, 1]
@@ -323,24 +518,29 @@ if runs:
         edges.append(edges[-1] * 2)
     buckets = list(zip(edges[:-1], edges[1:]))
     bucket_rows = []
-    for r in runs:
-        n, B = len(r['by_pos']), r['block_size']
+    for g in text_rows:
+        r0 = g['runs'][0]  # its seeds share the lengths, so the curve's length n
+        n, B = len(r0['by_pos']), r0['block_size']
         cells = []
         for a, b in buckets:  # a dash where the encoding cannot go; blank where it can but no length went that far
             if b * B <= n:
-                cells.append(fmt(float(r['by_pos'][a * B:b * B].mean())))
+                bucket = lambda r: float(r['by_pos'][a * B:b * B].mean())
+                cells.append(stat(g, 'loss_by_bucket', f"{a}x-{b}x", bucket))
             else:
-                cells.append(DASH if r['max_len'] is not None and b * B > r['max_len'] else '')
-        bucket_rows.append([r['label'], str(n)] + cells)
+                cells.append(DASH if r0['max_len'] is not None and b * B > r0['max_len'] else '')
+        bucket_rows.append(head(g, text_rows, str(n)) + cells)
     sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
-        ['checkpoint', 'eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows))
+        first + ['eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows)
+        + '\n\n' + seed_note(text_rows))
 if synthetic:
     sections.append(f"### Answer accuracy on synthetic tasks by context length\n\n{eval_sequences} fixed sequences "
                     f"per length from each task's eval set; accuracy: argmax == answer, mean over answer tokens.\n\n"
                     + md_table(
-        ['checkpoint', 'task', 'train T'] + [f"acc @{T}" for T in lengths],
-        [[r['label'], r['dataset'], str(r['block_size'])] + [fmt(r['accuracy'][T]) for T in lengths]
-         for r in synthetic]))
+        ['checkpoint', *n_col(task_rows), 'task', 'train T'] + [f"acc @{T}" for T in lengths],
+        [head(g, task_rows, dataset_of(g), train_T(g))
+         + [stat(g, 'accuracy', T, lambda r: r['accuracy'][T]) for T in lengths]
+         for g in task_rows])
+        + '\n\n' + seed_note(task_rows))
 if footnotes:
     sections.append('\n'.join(footnotes))
 text = '\n\n'.join(sections) + '\n'
@@ -348,8 +548,14 @@ print(text)
 
 row_keys = lambda r: {'out_dir': r['out_dir'], 'label': r['label'], 'pos_emb': r['pos_emb'],
                       'block_size': r['block_size'],  # rope_scaling: [method, factor (0: T/L)] or None
-                      'rope_scaling': list(r['scaling']) if r['scaling'] else None}
-results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets, 'checkpoints': [
+                      'rope_scaling': list(r['scaling']) if r['scaling'] else None,
+                      'seed': r['seed'], 'row': r['row']}  # row: the label of its row of seeds
+results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets,
+           # a row per group of seeds: each cell's {mean, sd, beyond_noise}; per seed: checkpoints
+           'rows': [{'label': g['label'], 'seeds': g['seeds'], 'baseline': g['baseline'],
+                     'out_dirs': [r['out_dir'] for r in g['runs']], **g['stats']}
+                    for g in text_rows + task_rows],
+           'checkpoints': [
     {**row_keys(r), 'loss': {str(T): v for T, v in r['loss'].items()},
      'offset_loss': {str(s): v for s, v in r['offset'].items()},
      'loss_by_position': r['by_pos'].tolist()} for r in runs] + [
@@ -364,7 +570,7 @@ if report:
     print(f"wrote {report}", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
-# plots (matplotlib is optional)
+# plots (matplotlib is optional): a line per row, the mean over its seeds, their min-max shaded
 plot_dir = plots or (os.path.dirname(os.path.abspath(report)) if report else '')
 if plot_dir:
     try:
@@ -374,17 +580,29 @@ if plot_dir:
     except ImportError:
         plt = None
         print("eval.py: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
+
+
+def band(ax, x, ys, st, label, **kw):
+    """A row's line: the mean over its seeds of ys (seeds, points), their min-max shaded."""
+    ax.plot(x, ys.mean(0), **st, label=label, **kw)
+    if len(ys) > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=st['color'], alpha=0.2, lw=0)
+
+
 if plot_dir and plt is not None and runs:  # the plots are of val loss: text checkpoints
     os.makedirs(plot_dir, exist_ok=True)
     train_lengths = sorted({r['block_size'] for r in runs})
-    # ten colours, then the same ten dashed, dotted: every run keeps a line of its own; the legend sits outside
-    style = [dict(color=f'C{i % 10}', ls=('-', '--', ':')[i // 10 % 3]) for i in range(len(runs))]
+    # ten colours, then the same ten dashed, dotted: every row keeps a line of its own; the legend
+    # sits outside
+    style = [dict(color=f'C{i % 10}', ls=('-', '--', ':')[i // 10 % 3])
+             for i in range(len(text_rows))]
     legend = dict(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for r, st in zip(runs, style):
-        ax.plot(lengths, [np.nan if r['loss'][T] is None else r['loss'][T] for T in lengths], marker='o', **st,
-                label=r['label'])
+    for g, st in zip(text_rows, style):
+        ys = np.array([[np.nan if r['loss'][T] is None else r['loss'][T] for T in lengths]
+                       for r in g['runs']])
+        band(ax, lengths, ys, st, g['label'], marker='o')
     for B in train_lengths:
         ax.axvline(B, color='gray', ls='--', lw=1)
     ax.set_xscale('log', base=2)
@@ -397,16 +615,38 @@ if plot_dir and plt is not None and runs:  # the plots are of val loss: text che
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for r, st in zip(runs, style):
-        w = max(1, len(r['by_pos']) // 64)  # moving average: one window's worth of positions is noisy
-        smooth = np.convolve(r['by_pos'], np.ones(w) / w, mode='valid')
-        ax.plot(np.arange(len(smooth)) + (w + 1) / 2, smooth, **st, label=r['label'])  # position 1 = the first token
+    for g, st in zip(text_rows, style):  # in log-spaced bins: one position's mean is too noisy
+        x = position_bins(g['runs'][0]['by_pos'])[0]
+        band(ax, x, np.array([position_bins(r['by_pos'])[1] for r in g['runs']]), st, g['label'])
     for B in train_lengths:
         ax.axvline(B, color='gray', ls='--', lw=1)
     ax.set_xscale('log')
-    ax.set(xlabel='token position (dashed: training length)', ylabel='val loss', title='Loss vs token position')
+    ax.set(xlabel='token position (log-spaced bins; dashed: training length)', ylabel='val loss',
+           title='Loss vs token position')
     ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(os.path.join(plot_dir, 'loss_vs_position.png'), dpi=120)
     plt.close(fig)
-    print(f"wrote {plot_dir}/loss_vs_length.png, loss_vs_position.png", file=sys.stderr)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    drawn = set()
+    for g, st in zip(text_rows, style):
+        if (dirs_ := tuple(r['out_dir'] for r in g['runs'])) in drawn:
+            continue  # a context extension's row: the runs of the row as trained
+        drawn.add(dirs_)
+        curves = [learning_curve(r['out_dir'], r['config']) for r in g['runs']]
+        if None in curves:
+            print(f"eval.py: {g['label']} has no learning curve: no log.jsonl in its out_dirs",
+                  file=sys.stderr)
+            continue
+        for ax, k in zip(axes, ('train_loss', 'val_loss')):
+            band(ax, *over_seeds([c[k] for c in curves]), st, g['label'])
+    for ax, what in zip(axes, ('train loss (each logged step)', 'val loss (each eval)')):
+        ax.set(xlabel='tokens seen', title=what)
+    axes[0].set_ylabel('loss')
+    axes[1].legend(**legend)
+    fig.tight_layout()
+    fig.savefig(os.path.join(plot_dir, 'learning_curves.png'), dpi=120)
+    plt.close(fig)
+    print(f"wrote {plot_dir}/loss_vs_length.png, loss_vs_position.png, learning_curves.png",
+          file=sys.stderr)

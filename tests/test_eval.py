@@ -14,7 +14,7 @@ from torch.nn import functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from model import GPT, GPTConfig  # noqa: E402
-from prepare_data import ensure_dataset, eval_tokens  # noqa: E402
+from prepare_data import SYNTHETIC_TASKS, ensure_dataset, eval_tokens  # noqa: E402
 
 DASH = '\u2013'
 TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2', '--n_embd=32',
@@ -78,6 +78,8 @@ def test_tables_rows_columns_and_dashes(evaluated):
     assert np.isfinite(float(learned['ppl @32'])) and learned['ppl @64'] == DASH and learned['loss @64'] == DASH
     assert f"{DASH} : learned has only 32 positions (block_size); it cannot extrapolate" in text
     assert float(rope['ppl @32']) == pytest.approx(np.exp(float(rope['loss @32'])), rel=1e-3)
+    for title in ('Perplexity', 'Val loss at the training', 'Val loss by token position'):
+        assert "n = 1 (one seed per row): no spread, no marks." in section(text, title)  # no n column
 
     by_pos = table(text, 'Val loss by token position')
     assert by_pos['out-rope (rope)']['eval T'] == '64' and by_pos['out-learned (learned)']['eval T'] == '32'
@@ -122,7 +124,7 @@ def test_offset_sweep_rope_shift_invariant_learned_dash(evaluated):
 
 def test_plots_are_pngs(evaluated):
     plt = pytest.importorskip('matplotlib.pyplot')
-    for name in ('loss_vs_length.png', 'loss_vs_position.png'):
+    for name in ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'):
         path = evaluated['report'].parent / name
         assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
         assert plt.imread(str(path)).ndim == 3
@@ -160,29 +162,319 @@ def test_impossible_requests_and_bad_out_dirs_fail_clearly(evaluated, tmp_path):
     assert p.returncode == 1 and len(errors(p)) == 1 and 'out_dirs' in errors(p)[0], p.stderr
 
 
-def test_sweep_trains_each_encoding_then_compares(tmp_path, data_root):
-    """--pos_embs trains one config once per encoding, then the same tables cover every one of them."""
-    sweep_args = ' '.join([*TINY, f'--data_root={data_root}', '--max_iters=4', '--lr_decay_iters=4', '--eval_interval=4'])
-    report = tmp_path / 'report.md'
-    p = run('eval.py', '--pos_embs=rope,none', '--sweep_config=config/quickstart.py', f'--sweep_args={sweep_args}',
-            f'--sweep_out={tmp_path / "sw"}', '--eval_block_sizes=32,64', f'--report={report}', '--device=cpu')
+# -------------------------------------------------------------- seeds: rows of mean ± sd, marks
+@pytest.fixture(scope='module')
+def seeded(tmp_path_factory, data_root):
+    """--pos_embs=rope,none --seeds=1,2: each encoding trained once per seed (4 steps each)."""
+    tmp = tmp_path_factory.mktemp('seeded')
+    sweep_args = ' '.join([*TINY, f'--data_root={data_root}', '--max_iters=4', '--lr_decay_iters=4',
+                           '--eval_interval=2'])
+    report = tmp / 'report' / 'report.md'
+    p = run('eval.py', '--pos_embs=rope,none', '--seeds=1,2', '--sweep_config=config/quickstart.py',
+            f'--sweep_args={sweep_args}', f'--sweep_out={tmp / "sw"}', '--eval_block_sizes=32,64',
+            f'--report={report}', '--device=cpu')
     assert p.returncode == 0, p.stderr[-3000:]
+    return dict(tmp=tmp, sweep_args=sweep_args, report=report,
+                text=report.read_text(encoding='utf-8'),
+                results=json.loads(report.with_suffix('.json').read_text()))
+
+
+def mean_sd(values):
+    """By hand: the mean and the sample standard deviation (n - 1)."""
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def paired_mark(x, base, t):
+    """By hand: |mean(d)| > t sd(d) / sqrt(n), d = x - base per seed (lists in one seed order)?"""
+    d = [a - b for a, b in zip(x, base)]
+    m, sd = mean_sd(d)
+    return abs(m) > t * sd / len(d) ** 0.5
+
+
+def section(text, title):
+    return text.split(f'### {title}')[1].split('###')[0]
+
+
+def test_seeds_train_per_seed_out_dirs_and_rows_of_mean_sd(seeded):
+    """Each encoding trains once per seed into <sweep_out>-<pos_emb>-s<seed>; each table has a row
+    per encoding whose cells are the mean ± sd over the seeds of the values report.json keeps per
+    seed, and '*' exactly where the paired t-test against the baseline (the first row) marks it."""
+    tmp, results, text = seeded['tmp'], seeded['results'], seeded['text']
     for pe in ('rope', 'none'):
-        ckpt = torch.load(tmp_path / f'sw-{pe}' / 'ckpt.pt', weights_only=True)
-        assert ckpt['model_args']['pos_emb'] == pe and ckpt['iter_num'] == 4
-    rows = table(report.read_text(encoding='utf-8'), 'Perplexity')
-    assert list(rows) == ['sw-rope (rope)', 'sw-none (none)']
-    assert all(DASH not in cell for r in rows.values() for cell in r.values())  # both extrapolate to 64
+        for seed in (1, 2):
+            ckpt = torch.load(tmp / f'sw-{pe}-s{seed}' / 'ckpt.pt', weights_only=True)
+            assert ckpt['model_args']['pos_emb'] == pe and ckpt['iter_num'] == 4
+            assert ckpt['config']['seed'] == seed
+    assert not (tmp / 'sw-rope').exists()
+    per_seed = {(c['row'], c['seed']): c for c in results['checkpoints']}  # each seed's values
+    assert sorted(per_seed) == sorted((f'sw-{pe} ({pe})', s)
+                                      for pe in ('rope', 'none') for s in (1, 2))
+    rope = [per_seed['sw-rope (rope)', s]['loss']['32'] for s in (1, 2)]
+    assert abs(rope[0] - rope[1]) > 1e-3  # the seeds trained different models
+    stats = {r['label']: r for r in results['rows']}
+    for title, metric, header, cols in [('Perplexity', 'loss', 'loss @', ['32', '64']),
+                                        ('Val loss at the training', 'offset_loss', 'offset ',
+                                         ['0', '100', '1000'])]:
+        rows = table(text, title)
+        assert list(rows) == ['sw-rope (rope)', 'sw-none (none)']
+        for label, cells in rows.items():
+            assert cells['n'] == '2'
+            for col in cols:
+                x = [per_seed[label, s][metric][col] for s in (1, 2)]
+                base = [per_seed['sw-rope (rope)', s][metric][col] for s in (1, 2)]
+                m, sd = mean_sd(x)
+                mark = label != 'sw-rope (rope)' and paired_mark(x, base, 12.706)  # t_{0.975,1}
+                assert cells[header + col] == f"{m:.4f} ± {sd:.4f}" + ' *' * mark
+                got = stats[label][metric][col]
+                assert got['mean'] == pytest.approx(m, abs=1e-12)
+                assert got['sd'] == pytest.approx(sd, rel=1e-9) and got['beyond_noise'] == mark
+                if metric == 'loss':  # perplexity: the mean ± sd over the seeds of exp(loss)
+                    pm, psd = mean_sd([np.exp(v) for v in x])
+                    assert cells[f'ppl @{col}'].startswith(f"{pm:.2f} ± {psd:.2f}")
+        assert "mean ± sd over each row's n seeds; * : differs from its baseline row " \
+            "(sw-rope (rope))" in section(text, title)
+    by_pos = table(text, 'Val loss by token position')['sw-none (none)']
+    m, sd = mean_sd([np.mean(per_seed['sw-none (none)', s]['loss_by_position'][32:64])
+                     for s in (1, 2)])
+    assert by_pos[f'1x{DASH}2x'].startswith(f"{m:.4f} ± {sd:.4f}")
+    assert stats['sw-none (none)']['seeds'] == [1, 2]
+
+
+def test_sweep_refuses_before_training(seeded, tmp_path):
+    """Bad sweep requests are one line and train nothing; one seed keeps the plain out_dir name."""
+    sw, sweep_args = seeded['tmp'], seeded['sweep_args']
     p = run('eval.py', '--pos_embs=bogus', f'--sweep_out={tmp_path / "bad"}', '--device=cpu')
-    assert p.returncode == 1 and 'bogus' in errors(p)[-1] and 'training:' not in p.stderr  # checked first
-    p = run('eval.py', f"--out_dirs={tmp_path / 'sw-rope'}", '--report=/proc/nope/report.md', '--device=cpu')
+    assert p.returncode == 1 and 'bogus' in errors(p)[-1] and 'training:' not in p.stderr
+    p = run('eval.py', f"--out_dirs={sw / 'sw-rope-s1'}", '--report=/proc/nope/report.md',
+            '--device=cpu')
     assert p.returncode == 1 and len(errors(p)) == 1 and '--report' in errors(p)[0], p.stderr
-    # the same sweep again would train into the runs it just made: refused before training anything
-    before = sorted(os.listdir(tmp_path / 'sw-rope'))
-    p = run('eval.py', '--pos_embs=none,rope', '--sweep_config=config/quickstart.py', f'--sweep_args={sweep_args}',
-            f'--sweep_out={tmp_path / "sw"}', '--device=cpu')
-    assert p.returncode == 1 and len(errors(p)) == 1 and 'already holds a run' in errors(p)[0], p.stderr
-    assert 'training:' not in p.stderr and sorted(os.listdir(tmp_path / 'sw-rope')) == before
+    # the same sweep again would train into the runs it just made: refused before training any
+    before = sorted(os.listdir(sw / 'sw-rope-s1'))
+    p = run('eval.py', '--pos_embs=none,rope', '--seeds=2,1', '--sweep_config=config/quickstart.py',
+            f'--sweep_args={sweep_args}', f"--sweep_out={sw / 'sw'}", '--device=cpu')
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    assert 'sw-none-s2 already holds a run' in errors(p)[0], p.stderr
+    assert 'training:' not in p.stderr and sorted(os.listdir(sw / 'sw-rope-s1')) == before
+    (tmp_path / 'one-rope').mkdir()  # one seed: into <sweep_out>-<pos_emb>, as without --seeds
+    (tmp_path / 'one-rope' / 'log.jsonl').write_text('')
+    p = run('eval.py', '--pos_embs=rope', '--seeds=7', f'--sweep_out={tmp_path / "one"}',
+            '--device=cpu')
+    assert p.returncode == 1 and f"{tmp_path / 'one-rope'} already holds a run" in errors(p)[0]
+    for args, words in [(['--seeds=1,x'], ["--seeds='1,x'", 'integers']),
+                        (['--seeds=3,3'], ['repeats a seed']),
+                        (['--seeds=1,2', f'--sweep_args={sweep_args} --seed=3'],
+                         ['--sweep_args sets --seed']),
+                        (['--baseline=rop'], ["--baseline='rop'", 'none of --pos_embs'])]:
+        p = run('eval.py', '--pos_embs=rope', *args, f'--sweep_out={tmp_path / "never"}',
+                '--device=cpu')
+        assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+        assert all(w in errors(p)[0] for w in words), p.stderr
+        assert 'training:' not in p.stderr and not list(tmp_path.glob('never*'))
+
+
+def test_out_dirs_of_several_seeds_are_grouped(seeded, evaluated, tmp_path):
+    """--out_dirs groups checkpoints that differ only in their seed, in any order, into the rows the
+    sweep showed (the same numbers); a checkpoint of another config stays a row of its own."""
+    sw = seeded['tmp']
+    dirs = [sw / 'sw-none-s2', sw / 'sw-rope-s1', evaluated['dirs']['rope'], sw / 'sw-none-s1',
+            sw / 'sw-rope-s2']
+    report = tmp_path / 'r.md'
+    p = run('eval.py', f"--out_dirs={','.join(map(str, dirs))}", '--eval_block_sizes=32,64',
+            '--pos_offsets=0', '--baseline=none', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = table(report.read_text(encoding='utf-8'), 'Perplexity')
+    assert list(rows) == ['sw-none (none)', 'sw-rope (rope)', 'out-rope (rope)']
+    assert [r['n'] for r in rows.values()] == ['2', '2', '1']
+    got = {r['label']: r for r in json.loads(report.with_suffix('.json').read_text())['rows']}
+    want = {r['label']: r for r in seeded['results']['rows']}
+    assert got['sw-none (none)']['seeds'] == [2, 1]
+    assert got['sw-rope (rope)']['baseline'] == 'sw-none (none)'
+    for label in ('sw-none (none)', 'sw-rope (rope)'):
+        for T in ('32', '64'):
+            for k in ('mean', 'sd'):
+                assert got[label]['loss'][T][k] == \
+                    pytest.approx(want[label]['loss'][T][k], abs=1e-12)
+    alone = got['out-rope (rope)']['loss']['32']
+    assert alone['sd'] is None and rows['out-rope (rope)']['loss @32'] == f"{alone['mean']:.4f}"
+    # a baseline that names two rows is one line, before any evaluation
+    p = run('eval.py', f"--out_dirs={','.join(map(str, dirs))}", '--baseline=rope', '--device=cpu')
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    assert "--baseline='rope' matches 2 rows" in errors(p)[0] and 'evaluated' not in p.stderr
+
+
+def reseeded(src, dst, seed, task=None):
+    """A copy of the run in src whose checkpoints say they were trained with `seed` (same weights).
+    With a synthetic `task`: a run on that task, holding a fresh model (torch seed 0) with the
+    task's vocabulary."""
+    shutil.copytree(src, dst)
+    for name in ('best.pt', 'ckpt.pt'):
+        ckpt = torch.load(dst / name, weights_only=True)
+        ckpt['config']['seed'] = seed
+        if task:
+            meta = SYNTHETIC_TASKS[task]
+            ckpt['config'].update(dataset=task, vocab_size=meta['vocab_size'])
+            ckpt['model_args']['vocab_size'], ckpt['meta'] = meta['vocab_size'], dict(meta)
+            torch.manual_seed(0)
+            ckpt['model'] = GPT(GPTConfig(**ckpt['model_args'])).state_dict()
+        torch.save(ckpt, dst / name)
+    return str(dst)
+
+
+def test_paired_mark_on_constructed_seeds(evaluated, tmp_path):
+    """Two 'seeds' of the same weights per encoding: each row's values are equal across its seeds,
+    so the per-seed difference from the baseline (learned) is the same on both, sd(d) = 0, and the
+    rope row is marked however small the gap; the baseline row is not. Two 'seeds' of one untrained
+    copy-task model make the synthetic table's row: the task's eval set is drawn from the seed."""
+    dirs = [reseeded(evaluated['dirs'][pe], tmp_path / f'{pe}-s{s}', s)
+            for pe in ('rope', 'learned') for s in (1, 2)]
+    dirs += [reseeded(evaluated['dirs']['rope'], tmp_path / f'task-s{s}', s, 'copy')
+             for s in (1, 2)]
+    report = tmp_path / 'r.md'
+    # 16 sequences: that model's accuracy differs on the two seeds' eval sets (1/128, 1/256)
+    p = run('eval.py', f"--out_dirs={','.join(dirs)}", '--eval_block_sizes=32',
+            '--pos_offsets=0,100', '--baseline=learned', '--eval_sequences=16', f'--report={report}',
+            '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = report.read_text(encoding='utf-8')
+    rows = table(text, 'Perplexity')
+    rope, learned = rows['rope (rope)'], rows['learned (learned)']
+    assert rope['n'] == learned['n'] == '2'
+    assert rope['loss @32'].endswith(' ± 0.0000 *') and not learned['loss @32'].endswith('*')
+    offsets = table(text, 'Val loss at the training block size')
+    assert offsets['rope (rope)']['offset 0'].endswith(' *')
+    assert offsets['rope (rope)']['offset 100'].endswith(' ± 0.0000')  # no baseline value: no mark
+    assert offsets['learned (learned)']['offset 100'] == DASH
+    assert "no row here is the --baseline: no marks" in section(text, 'Answer accuracy')
+    p = run('eval.py', f"--out_dirs={','.join(dirs[4:])}", '--eval_block_sizes=32',  # tasks alone
+            '--eval_sequences=16', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    acc = table(report.read_text(encoding='utf-8'), 'Answer accuracy')['task (rope)']
+    res = json.loads(report.with_suffix('.json').read_text())
+    m, sd = mean_sd([c['accuracy']['32'] for c in res['checkpoints'] if c['row'] == 'task (rope)'])
+    assert acc['n'] == '2' and acc['task'] == 'copy' and acc['train T'] == '32' and sd > 0
+    assert acc['acc @32'] == f"{m:.4f} ± {sd:.4f}"  # its own baseline (the first row): no mark
+
+
+def eval_functions(*names):
+    """eval.py's top-level functions and constants of these names, compiled alone: eval.py is a
+    script (importing it would run it on pytest's argv), so its pure helpers are tested from
+    their source."""
+    import ast
+    import math
+    import re
+    import types
+    tree = ast.parse(open(os.path.join(REPO, 'eval.py'), encoding='utf-8').read())
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names or
+             isinstance(n, ast.Assign) and any(getattr(t, 'id', None) in names for t in n.targets)]
+    namespace = {'math': math, 'np': np, 'json': json, 'os': os, 're': re}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), 'eval.py', 'exec'), namespace)
+    return types.SimpleNamespace(**{k: namespace[k] for k in names})
+
+
+def test_seed_stats_mean_sd_and_paired_mark_by_hand():
+    f = eval_functions('T975', 't975', 'seed_stats')
+    mean, sd, marked = f.seed_stats({1: 2.0, 2: 2.3, 3: 2.5})
+    m = 6.8 / 3
+    assert mean == pytest.approx(m, abs=1e-12) and not marked
+    assert sd == pytest.approx((((2.0 - m) ** 2 + (2.3 - m) ** 2 + (2.5 - m) ** 2) / 2) ** 0.5,
+                               abs=1e-12)
+    base = {1: 2.0, 2: 2.5, 3: 3.0}  # the seed moves both rows by 0.5; their gap is ~0.05
+    # d = 0.05 + (0, +a, -a): mean 0.05, sd a; marked iff 0.05 > t_{0.975,2} a / sqrt(3), with
+    # t_{0.975,2} = 4.303: iff a < 0.05 sqrt(3) / 4.303 = 0.020126
+    for a, want in [(0.01, True), (0.0201, True), (0.0202, False), (0.03, False)]:
+        x = {1: 2.05, 2: 2.55 + a, 3: 3.05 - a}
+        assert f.seed_stats(x, base)[2] is want, a
+        assert paired_mark(list(x.values()), list(base.values()), 4.303) is want
+    x = {1: 2.05, 2: 2.47, 3: 3.07}  # d = 0.05, -0.03, 0.07: mean 0.03, sd 0.0529, limit 0.1315
+    assert not f.seed_stats(x, base)[2]
+    # paired: each row's spread over the seeds (0.5) dwarfs the gap, yet a constant gap is marked
+    assert f.seed_stats({s: v + 0.001 for s, v in base.items()}, base)[2]
+    assert not f.seed_stats(base, base)[2]  # no difference at all
+    assert f.seed_stats({1: 2.05}, {1: 2.0}) == (2.05, None, False)  # n = 1: no spread, no mark
+    # only the seeds both rows have are paired: n = 2 here, t_{0.975,1} = 12.706
+    x = {1: 2.05, 2: 2.56, 4: 9.0}  # d = 0.05, 0.06: limit 12.706 x 0.00707 / 1.414 = 0.0635
+    assert f.seed_stats(x, base)[2] is paired_mark([2.05, 2.56], [2.0, 2.5], 12.706) is False
+    assert f.seed_stats({1: 2.05, 2: 2.5501}, base)[2]  # d = 0.05, 0.0501: marked even at n = 2
+
+
+def test_t975_is_student_t_quantile():
+    """Against Student's t density integrated numerically: the CDF at t975(df) is 0.975."""
+    import math
+    f = eval_functions('T975', 't975')
+    for df in [*range(1, 41), 60, 100, 1000]:
+        t = f.t975(df)
+        x = np.linspace(0, t, 200001)
+        c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        pdf = np.exp(c - (df + 1) / 2 * np.log1p(x ** 2 / df))
+        cdf = 0.5 + np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x))
+        assert cdf == pytest.approx(0.975, abs=1e-4), df
+
+
+def test_unseeded_names_and_binned_positions():
+    f = eval_functions('unseeded', 'position_bins')
+    for name, seed, want in [('out-sweep-rope-s1', 1, 'out-sweep-rope'), ('run-2', 2, 'run'),
+                             ('out_rope_seed12', 12, 'out_rope'), ('gpt2', 2, 'gpt2'),
+                             ('out-rope-s1', 2, 'out-rope-s1'), ('run-s11', 1, 'run-s11')]:
+        assert f.unseeded(name, seed) == want, name
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 64, 1024):
+        by_pos = rng.random(n)
+        centres, means = f.position_bins(by_pos)
+        assert len(means) <= 32 and np.all(np.diff(centres) > 0)
+        assert 1 <= centres[0] and centres[-1] <= n
+        # by hand: each bin is a run of consecutive positions (its mean, centred at the geometric
+        # mean of its first and last), the runs covering 1..n once, in order
+        pos = 0
+        for c, m in zip(centres, means):
+            width = next((w for w in range(1, n - pos + 1)
+                          if abs(by_pos[pos:pos + w].mean() - m) < 1e-12
+                          and abs(((pos + 1) * (pos + w)) ** 0.5 - c) < 1e-9), None)
+            assert width, f"the bin at {c} is not a run of positions from {pos + 1}"
+            pos += width
+        assert pos == n
+    centres, _ = f.position_bins(np.arange(1024.0))
+    assert list(centres[:3]) == [1, 2, 3]  # the first positions alone
+    assert 1024 - centres[-1] ** 2 / 1024 > 50  # the last bin: many positions
+
+
+def test_learning_curves_from_log_jsonl(tmp_path, seeded):
+    """Tokens seen from the config (batch_size x block_size x gradient_accumulation_steps a step):
+    a train record's iter is the step just done, an eval's the steps done; a resume's repeated
+    iter keeps its last record; a line cut short is skipped. Seeds meet at the points all have."""
+    f = eval_functions('learning_curve', 'over_seeds')
+    config = {'batch_size': 4, 'block_size': 32, 'gradient_accumulation_steps': 3}  # 384 a step
+    records = [{'iter': 0, 'val_loss': 5.0, 'train_eval_loss': 5.1}, {'iter': 0, 'train_loss': 4.9},
+               {'iter': 1, 'train_loss': 4.7}, {'iter': 2, 'val_loss': 4.5},
+               {'iter': 1, 'train_loss': 4.6}, {'iter': 2, 'train_loss': 4.4}]  # resumed at 1
+    text = '\n'.join(map(json.dumps, records)) + '\n{"iter": 3, "train_lo'
+    (tmp_path / 'log.jsonl').write_text(text)
+    curve = f.learning_curve(str(tmp_path), config)
+    np.testing.assert_array_equal(curve['train_loss'][0], [384, 768, 1152])
+    np.testing.assert_array_equal(curve['train_loss'][1], [4.9, 4.6, 4.4])
+    np.testing.assert_array_equal(curve['val_loss'][0], [0, 768])
+    np.testing.assert_array_equal(curve['val_loss'][1], [5.0, 4.5])
+    assert f.learning_curve(str(tmp_path / 'nothing'), config) is None
+    x, ys = f.over_seeds([(np.array([0, 2, 4]), np.array([1.0, 2.0, 3.0])),
+                          (np.array([0, 4]), np.array([5.0, 7.0]))])
+    np.testing.assert_array_equal(x, [0, 4])
+    np.testing.assert_array_equal(ys, [[1.0, 3.0], [5.0, 7.0]])
+    # a sweep's run: every step logged (log_interval=1), evals at 0, 2, 4; 4 x 32 tokens a step
+    run_dir = seeded['tmp'] / 'sw-rope-s1'
+    config = torch.load(run_dir / 'ckpt.pt', weights_only=True)['config']
+    curve = f.learning_curve(str(run_dir), config)
+    np.testing.assert_array_equal(curve['train_loss'][0], [128, 256, 384, 512])
+    np.testing.assert_array_equal(curve['val_loss'][0], [0, 256, 512])
+    log = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
+    assert list(curve['val_loss'][1]) == [r['val_loss'] for r in log if 'val_loss' in r]
+
+
+def test_seed_plots_are_pngs(seeded):
+    plt = pytest.importorskip('matplotlib.pyplot')
+    for name in ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'):
+        path = seeded['report'].parent / name
+        assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        assert plt.imread(str(path)).ndim == 3
 
 
 def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):
