@@ -148,7 +148,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q, k = pe.rotate(layer, q, k, x, shared, cache)
-        cq = ck = self.log_forget_cumsum(x) if self.fgate is not None else None  # (B, nh, T) fp32
+        cq = self.log_forget_cumsum(x) if self.fgate is not None else None  # (B, nh, T) fp32
+        # two tensors: FlexAttention's backward takes one index into each captured tensor that needs a gradient
+        ck = cq.clone() if cq is not None else None
         mask, causal = None, True
         if cache is not None:  # KV-cached decoding: keys/values of earlier tokens, already rotated
             if 'k' in cache:
@@ -166,7 +168,7 @@ class CausalSelfAttention(nn.Module):
                 mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
         dropout_p = self.dropout if self.training else 0.0
         # score terms (rope.py's score_bias; FoX: sum_{j<l<=i} log f_l = c_i - c_j), fp32, composed by addition
-        biases = [pe.score_bias(layer, q, k, x, pos, cache)]
+        biases = [pe.score_bias(layer, q, k, x, pos, shared, cache)]
         if cq is not None:
             biases.append(lambda b, h, i, j: cq[b, h, i] - ck[b, h, j])
         biases = [f for f in biases if f is not None]

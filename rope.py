@@ -5,7 +5,7 @@ The GPT calls four hooks of its encoding (see PositionEncoding); a variant overr
     embed(x, pos)                         once per forward, on the token embeddings  (learned, sinusoidal)
     prepare(x, pos)                       once per forward, tables shared by layers  (rope's cos/sin)
     rotate(layer, q, k, x, shared, cache) in every attention layer, on q and k        (every rotary variant)
-    score_bias(layer, q, k, x, pos, cache) in every attention layer, an additive score term
+    score_bias(layer, q, k, x, pos, shared, cache)  in every attention layer, an additive score term
                                           bias(b, h, i, j), run by model.biased_attention  (alibi, t5, fire, cope)
 Conventions: adjacent pairs (2p, 2p+1) inside each head (RoFormer arXiv:2104.09864 eq. 34; CRoPE's
 complex structure and ComRoPE's blocks are defined on them); angles, phases and biases in fp32 from int64
@@ -151,9 +151,11 @@ class PositionEncoding(nn.Module):
         # q, k: (B, nh, T, hs); x: (B, T, C) the attention's (normalised) input; cache: this layer's dict or None
         return q, k
 
-    def score_bias(self, layer, q, k, x, pos, cache):
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
         # None, or bias(b, h, i, j) -> the fp32 term added to the score of query i (of q's T) on key j (of k's Tk,
-        # cached ones included; query i is key Tk - T + i); pos: (T,) int64, the queries' positions
+        # cached ones included; query i is key Tk - T + i); pos: (T,) int64, the queries' positions; shared: what
+        # prepare() returned. FlexAttention's backward allows one index into each captured tensor that needs a
+        # gradient: bias(b, h, i, j) must index each such tensor at most once
         return None
 
     def qkv_projection(self, config):  # the attention's input projection d -> 3d (CRoPE replaces it)
@@ -614,7 +616,7 @@ class ALiBi(PositionEncoding):
         super().__init__(config)
         self.register_buffer('slopes', alibi_slopes(config.n_head), persistent=False)
 
-    def score_bias(self, layer, q, k, x, pos, cache):
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
         slopes, off = self.slopes, k.size(2) - q.size(2)  # query i is key off + i
         return lambda b, h, i, j: -slopes[h] * (off + i - j)
 
@@ -641,7 +643,7 @@ class T5Bias(PositionEncoding):
         far = (cls.EXACT + (far * (cls.BUCKETS - cls.EXACT)).long()).clamp_max(cls.BUCKETS - 1)
         return torch.where(n < cls.EXACT, n, far)
 
-    def score_bias(self, layer, q, k, x, pos, cache):
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
         table, off = self.relative_attention_bias, k.size(2) - q.size(2)
         dt = torch.promote_types(table.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
         return lambda b, h, i, j: table[self.bucket(off + i - j), h].to(dt)
@@ -653,8 +655,10 @@ class FIRE(PositionEncoding):
     for query position i and key position j, f_theta an MLP 1 -> 32 -> H (ReLU), c (init 0.1) and the threshold
     L = |l| * 512 (l init 1) learned: progressive interpolation normalises positions below L as if at L. One
     module shared by all layers, PyTorch's default Linear init, as the paper's listing. Not shift invariant: i is
-    the query's absolute position. The MLP is written as a sum over its hidden units so that it stays pointwise
-    (a FlexAttention score_mod); the paper adds eps = 1e-6 to the normaliser, as here."""
+    the query's absolute position. The paper adds eps = 1e-6 to the normaliser, as here. The bias is one
+    (H, T, Tk) fp32 table per forward, shared by the layers (prepare), read with one index per score: the
+    MLP's 32 hidden units per score pair run once, not once per layer, and FlexAttention's backward (one
+    index per captured tensor) takes it."""
 
     WIDTH, C_INIT, L_INIT, EPS = 32, 0.1, 512.0, 1e-6
     relative = False  # the normaliser reads the query's absolute position: generate recomputes a full window
@@ -665,17 +669,27 @@ class FIRE(PositionEncoding):
         self.c = nn.Parameter(torch.tensor(self.C_INIT))
         self.L_multiplier = nn.Parameter(torch.tensor(1.0))
 
-    def score_bias(self, layer, q, k, x, pos, cache):
-        dt = torch.promote_types(self.c.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
-        w1, b1 = self.mlp[0].weight[:, 0].to(dt), self.mlp[0].bias.to(dt)  # (32,), (32,)
-        w2, b2 = self.mlp[2].weight.to(dt), self.mlp[2].bias.to(dt)  # (H, 32), (H,)
-        c, L, off = self.c.to(dt).abs(), (self.L_multiplier.to(dt) * self.L_INIT).abs(), k.size(2) - q.size(2)
+    def table(self, qpos, kpos):
+        """b(i, j) for queries at qpos (T,) and keys at kpos (Tk,), int64 -> (H, T, Tk), fp32 (fp64 in a float64
+        model), outside autocast. The MLP as a sum over its hidden units: under no_grad (evaluation at long T)
+        it holds one (T, Tk) slice at a time, where nn.Sequential would hold all 32."""
+        dt = self.c.dtype  # the MLP's too: _apply keeps this encoding's parameters at >= fp32
+        c, L = self.c.abs(), (self.L_multiplier * self.L_INIT).abs()
+        w1, b1, w2, b2 = self.mlp[0].weight[:, 0], self.mlp[0].bias, self.mlp[2].weight, self.mlp[2].bias
+        with torch.autocast(device_type=qpos.device.type, enabled=False):
+            psi = lambda n: torch.log(c * n.to(dt) + 1)
+            u = psi((qpos[:, None] - kpos).abs()) / (psi(torch.maximum(qpos.to(dt), L))[:, None] + self.EPS)
+            return b2.view(-1, 1, 1) + sum(w2[:, n, None, None] * torch.relu(w1[n] * u + b1[n])
+                                           for n in range(self.WIDTH))  # (H, T, Tk)
 
-        def bias(b, h, i, j):  # i, j: indices; pos[i] the query's position, off + i - j the distance
-            u = torch.log(c * (off + i - j).abs() + 1) / (torch.log(c * torch.maximum(pos[i].to(dt), L) + 1)
-                                                           + self.EPS)
-            return b2[h] + sum(w2[h, n] * torch.relu(w1[n] * u + b1[n]) for n in range(self.WIDTH))
-        return bias
+    def prepare(self, x, pos):
+        return self.table(pos, pos)  # training and evaluation: the keys are the queries
+
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
+        # KV-cached decoding: the new queries against every key so far, at pos[0] - (Tk - T) .. pos[-1]
+        t = shared if cache is None else self.table(pos, torch.arange(k.size(2), device=pos.device)
+                                                    + pos[0] - (k.size(2) - q.size(2)))
+        return lambda b, h, i, j: t[h, i, j]
 
 
 class CoPE(PositionEncoding):
@@ -692,7 +706,7 @@ class CoPE(PositionEncoding):
         self.npos_max = config.cope_npos_max
         self.pos_emb = nn.Parameter(torch.zeros(config.n_layer, config.n_embd // config.n_head, self.npos_max))
 
-    def score_bias(self, layer, q, k, x, pos, cache):
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
         T, Tk = q.size(2), k.size(2)
         with torch.autocast(device_type=q.device.type, enabled=False):  # gates, counts and bias in fp32
             dt = torch.promote_types(q.dtype, torch.float32)
