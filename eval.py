@@ -8,6 +8,7 @@ $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512
 $ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py --report=report.md  # train, then compare
 $ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 seeds, marks vs rope
 $ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension rows
+$ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True  # + a HellaSwag table
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
 PNG plots go to --plots (default: next to the report) when matplotlib is installed.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import hellaswag as hellaswag_py  # hellaswag.py: `hellaswag` is this script's on/off key
 import prepare_data
 from model import (find_checkpoint, held_run, load_checkpoint, rebuild_encoding, setup_device,
                    unwritable)
@@ -54,11 +56,16 @@ baseline = ''  # the row '*' compares with: a row label or its part in (), e.g. 
 # (rope, crope, ...) gets, besides its row as trained, a row per method listed, run with that method
 rope_scaling = ''  # comma list of none, linear, ntk, dynamic, yarn; '' = as trained only
 rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / L) at each length T, L = the trained length
+# HellaSwag (hellaswag.py, arXiv:1905.07830): acc and acc_norm of each text row, a table of its own
+hellaswag = False
+hellaswag_path = ''  # the val file; '' = <data_root>/hellaswag/hellaswag_val.jsonl, fetched once
+# (data_root '': train.py's default data/: one file for every row, found before any loading)
+hellaswag_limit = 0  # 0 = all 10,042 examples; n = the first n, a quick look (not comparable)
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
 _ranges = {'eval_tokens': '[0, inf)', 'batch_size': '[1, inf)', 'eval_sequences': '[1, inf)',
-           'rope_scaling_factor': '[0, inf)'}
+           'rope_scaling_factor': '[0, inf)', 'hellaswag_limit': '[0, inf)'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
@@ -206,6 +213,8 @@ if 0 < rope_scaling_factor < 1:
          f"max(1, T / L) at each eval length T (L: the length RoPE was trained at)")
 if 'rope_scaling_factor' in _config_given and not scalings:
     fail("--rope_scaling_factor needs --rope_scaling, the methods to add rows for (e.g. yarn)")
+if not hellaswag and (needs := {'hellaswag_path', 'hellaswag_limit'} & _config_given):
+    fail(f"--{min(needs)} needs --hellaswag=True, the HellaSwag table it sets up")
 for key, path, is_dir in [('--report', report, False), ('--plots', plots, True),
                           ('--sweep_out', sweep_runs[0][2] if sweep else '', True)]:
     if path and (why := unwritable(path, is_dir)):  # before any work, not after it
@@ -214,6 +223,13 @@ for _, _, out in sweep_runs:  # before training any: never into, or mixed with, 
     if held_run(out):
         fail(f"{out} already holds a run; compare it with --out_dirs={out}, or use another "
              f"--sweep_out (or delete it)")
+if hellaswag:  # the file now: a missing one (or no network) fails before any training or loading
+    try:
+        hellaswag_file = hellaswag_py.ensure_file(hellaswag_path, data_root or os.path.join(
+            prepare_data.HERE, 'data'))
+    except prepare_data.DataError as e:
+        fail(str(e))
+    hellaswag_total = sum(1 for _ in hellaswag_py.iterate_examples(hellaswag_file))
 for pe, s, out in sweep_runs:  # the sweep: same config, one run per encoding and seed
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), sweep_config,
            f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
@@ -252,6 +268,7 @@ for d in dirs:
                max_len_why=model.pe.max_len_why, scaling=trained, note=note, dataset=config['dataset'],
                data_root=data_root or config['data_root'], seed=config['seed'], config=config,
                model_args=ckpt['model_args'], content_hash=ckpt['meta'].get('content_hash'),
+               tokenizer=ckpt['meta'].get('tokenizer'),
                train_eval_tokens=config['eval_iters'] * eval_batch * config['block_size'])
     runs.append(row)
     for method in scalings if trained else []:  # one more row per method, sharing the weights
@@ -361,6 +378,11 @@ synthetic = [r for r in runs if r['dataset'] in prepare_data.SYNTHETIC_TASKS]
 runs = [r for r in runs if r['dataset'] not in prepare_data.SYNTHETIC_TASKS]
 text_rows = compared[0]
 task_rows = [g for g in groups if dataset_of(g) in prepare_data.SYNTHETIC_TASKS]
+if hellaswag:  # each text row's tokenizer (tiktoken may need a download) before any evaluation
+    try:
+        encoders = {t: prepare_data.get_tokenizer(t)[0] for t in {r['tokenizer'] for r in runs}}
+    except prepare_data.DataError as e:
+        fail(str(e))
 
 # the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of the val split
 data = {}  # (data_root, dataset) -> (tokens, meta)
@@ -438,6 +460,14 @@ for r in synthetic:
                      if fits(r, T) else None
                      for T in lengths}
     print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
+
+# HellaSwag: each text row's model as at its training length (hellaswag.py crops a context to it)
+for r in runs if hellaswag else []:
+    t0 = time.time()
+    r['hellaswag'] = hellaswag_py.evaluate(at_length(r, r['block_size']), hellaswag_file,
+                                           encoders[r['tokenizer']], device, ctx,
+                                           limit=hellaswag_limit)
+    print(f"HellaSwag of {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # tables: a row per group of seeds (text_rows, task_rows), its cells the mean ± sd over them
@@ -532,6 +562,30 @@ if runs:
     sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
         first + ['eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows)
         + '\n\n' + seed_note(text_rows))
+if hellaswag:  # a row per text row; every checkpoint scores the same examples
+    hs = ["### HellaSwag (Zellers et al. 2019, arXiv:1905.07830)"]
+    if runs:
+        n_examples = runs[0]['hellaswag']['n']
+        hs.append(f"{n_examples:,} examples of {hellaswag_file}, scored completion style "
+                  f"(hellaswag.py): acc, the ending of lowest summed loss is right; acc_norm, the "
+                  f"ending of lowest mean loss per token.")
+        if n_examples < hellaswag_total:
+            hs.append(f"**A subset**: the first {n_examples:,} of the file's {hellaswag_total:,} "
+                      f"examples (--hellaswag_limit={hellaswag_limit}), for a quick look: not "
+                      f"comparable with published numbers, which are over all of them.")
+        hs.append(md_table(
+            ['checkpoint', *n_col(text_rows), 'train T', 'acc', 'acc_norm', 'examples'],
+            [head(g, text_rows, train_T(g))
+             + [stat(g, 'hellaswag', k, lambda r: r['hellaswag'][k]) for k in ('acc', 'acc_norm')]
+             + [str(g['runs'][0]['hellaswag']['n'])] for g in text_rows])
+            + '\n\n' + seed_note(text_rows))
+        hs.append("Reference, acc_norm over all 10,042 examples: OpenAI GPT-2 124M 0.2945, "
+                  "GPT-3 Small (125M) 0.337 (arXiv:2005.14165, Appendix H, zero-shot); "
+                  "random chance 0.25.")
+    if task_rows:
+        hs.append(f"Not scored: {'; '.join(g['label'] for g in task_rows)}: synthetic-task "
+                  f"checkpoints do not read English.")
+    sections.append('\n\n'.join(hs))
 if synthetic:
     sections.append(f"### Answer accuracy on synthetic tasks by context length\n\n{eval_sequences} fixed sequences "
                     f"per length from each task's eval set; accuracy: argmax == answer, mean over answer tokens.\n\n"
@@ -551,6 +605,8 @@ row_keys = lambda r: {'out_dir': r['out_dir'], 'label': r['label'], 'pos_emb': r
                       'rope_scaling': list(r['scaling']) if r['scaling'] else None,
                       'seed': r['seed'], 'row': r['row']}  # row: the label of its row of seeds
 results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets,
+           **({'hellaswag': {'path': hellaswag_file, 'limit': hellaswag_limit,
+                             'examples_in_file': hellaswag_total}} if hellaswag else {}),
            # a row per group of seeds: each cell's {mean, sd, beyond_noise}; per seed: checkpoints
            'rows': [{'label': g['label'], 'seeds': g['seeds'], 'baseline': g['baseline'],
                      'out_dirs': [r['out_dir'] for r in g['runs']], **g['stats']}
@@ -558,7 +614,8 @@ results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': 
            'checkpoints': [
     {**row_keys(r), 'loss': {str(T): v for T, v in r['loss'].items()},
      'offset_loss': {str(s): v for s, v in r['offset'].items()},
-     'loss_by_position': r['by_pos'].tolist()} for r in runs] + [
+     'loss_by_position': r['by_pos'].tolist(),
+     **({'hellaswag': r['hellaswag']} if hellaswag else {})} for r in runs] + [
     {**row_keys(r), 'task': r['dataset'], 'accuracy': {str(T): v for T, v in r['accuracy'].items()}}
     for r in synthetic]}
 if report:

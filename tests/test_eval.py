@@ -165,16 +165,19 @@ def test_impossible_requests_and_bad_out_dirs_fail_clearly(evaluated, tmp_path):
 # -------------------------------------------------------------- seeds: rows of mean ± sd, marks
 @pytest.fixture(scope='module')
 def seeded(tmp_path_factory, data_root):
-    """--pos_embs=rope,none --seeds=1,2: each encoding trained once per seed (4 steps each)."""
+    """--pos_embs=rope,none --seeds=1,2: each encoding trained once per seed (4 steps each); with
+    a HellaSwag table on a made-up file (write_hellaswag)."""
     tmp = tmp_path_factory.mktemp('seeded')
     sweep_args = ' '.join([*TINY, f'--data_root={data_root}', '--max_iters=4', '--lr_decay_iters=4',
                            '--eval_interval=2'])
     report = tmp / 'report' / 'report.md'
+    hellaswag_path = write_hellaswag(tmp / 'hellaswag_val.jsonl')
     p = run('eval.py', '--pos_embs=rope,none', '--seeds=1,2', '--sweep_config=config/quickstart.py',
             f'--sweep_args={sweep_args}', f'--sweep_out={tmp / "sw"}', '--eval_block_sizes=32,64',
-            f'--report={report}', '--device=cpu')
+            f'--report={report}', '--device=cpu', '--hellaswag=True',
+            f'--hellaswag_path={hellaswag_path}')
     assert p.returncode == 0, p.stderr[-3000:]
-    return dict(tmp=tmp, sweep_args=sweep_args, report=report,
+    return dict(tmp=tmp, sweep_args=sweep_args, report=report, hellaswag_path=hellaswag_path,
                 text=report.read_text(encoding='utf-8'),
                 results=json.loads(report.with_suffix('.json').read_text()))
 
@@ -655,3 +658,130 @@ def test_sample_py_rope_scaling_overrides(evaluated, tmp_path):
             '--rope_scaling=yarn', '--rope_scaling_factor=2')
     assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
     assert "pos_emb='learned'" in errors(p)[0], p.stderr
+
+
+# ------------------------------------------------------------------- HellaSwag (hellaswag.py)
+# the seeded fixture's sweep ran with --hellaswag=True; the tests below run eval.py on the
+# checkpoints trained above
+
+def write_hellaswag(path, n=48):
+    """n made-up examples in the val file's format, drawn with a fixed seed: contexts of 4-16 words
+    (longer than a 32-byte block_size: cropped); endings 0 and 1 shuffle the letters of one string,
+    2 and 3 of it and a few more. A shuffle has its string's unigram loss, so between two of them
+    only the context counts, which a 4-step model barely reads: its seed picks."""
+    import random
+    rng = random.Random(0)
+    words = 'the a man dog she it runs jumps into water and then on field ball def return'.split()
+    shuffled = lambda text: ''.join(rng.sample(text, len(text)))
+    with open(path, 'w') as f:
+        for i in range(n):
+            ctx = ' '.join(rng.choices(words, k=rng.randint(4, 16)))
+            short = ' '.join(rng.choices(words, k=rng.randint(1, 4)))
+            long = short + ' ' + ' '.join(rng.choices(words, k=rng.randint(1, 2)))
+            endings = [shuffled(short), shuffled(short), shuffled(long), shuffled(long)]
+            f.write(json.dumps({'ind': i, 'ctx': ctx, 'label': rng.randrange(4),
+                                'endings': endings}) + '\n')
+    return str(path)
+
+
+def hellaswag_direct(out_dir, path, limit=0):
+    """hellaswag.evaluate on the checkpoint eval.py reads (best.pt), called directly."""
+    import hellaswag
+    from model import find_checkpoint
+    from prepare_data import get_tokenizer
+    ckpt = torch.load(find_checkpoint(out_dir)[0], weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    encode = get_tokenizer(ckpt['meta']['tokenizer'])[0]
+    return hellaswag.evaluate(model, path, encode, 'cpu', limit=limit)
+
+
+@pytest.mark.usefixtures('one_thread')  # the references on one thread, as the subprocess
+def test_hellaswag_table_is_mean_sd_of_hellaswag_evaluate(seeded):
+    """Each checkpoint's acc and acc_norm in report.json equal hellaswag.evaluate on it; each row's
+    cells are their mean ± sd over the two seeds by hand, '*' as the paired t-test says."""
+    results, text = seeded['results'], seeded['text']
+    per_seed = {}
+    for c in results['checkpoints']:
+        ref = hellaswag_direct(c['out_dir'], seeded['hellaswag_path'])
+        assert c['hellaswag'] == ref and ref['n'] == 48
+        per_seed[c['row'], c['seed']] = ref
+    assert results['hellaswag'] == {'path': seeded['hellaswag_path'], 'limit': 0,
+                                    'examples_in_file': 48}
+    rows = table(text, 'HellaSwag')
+    assert list(rows) == ['sw-rope (rope)', 'sw-none (none)']
+    stats = {r['label']: r for r in results['rows']}
+    sds = []
+    for label, cells in rows.items():
+        assert [cells['n'], cells['train T'], cells['examples']] == ['2', '32', '48']
+        for k in ('acc', 'acc_norm'):
+            x = [per_seed[label, s][k] for s in (1, 2)]
+            base = [per_seed['sw-rope (rope)', s][k] for s in (1, 2)]
+            m, sd = mean_sd(x)
+            mark = label != 'sw-rope (rope)' and paired_mark(x, base, 12.706)  # t_{0.975,1}
+            assert cells[k] == f"{m:.4f} ± {sd:.4f}" + ' *' * mark
+            got = stats[label]['hellaswag'][k]
+            assert got['mean'] == pytest.approx(m, abs=1e-12)
+            assert got['sd'] == pytest.approx(sd, abs=1e-12) and got['beyond_noise'] == mark
+            sds.append(sd)
+    assert max(sds) > 0  # the seeds score differently: the sd is not trivially 0
+    hs = section(text, 'HellaSwag')
+    assert '48 examples of' in hs and 'subset' not in hs.lower() and 'Not scored' not in hs
+    assert "OpenAI GPT-2 124M 0.2945, GPT-3 Small (125M) 0.337" in hs and 'chance 0.25' in hs
+    assert "* : differs from its baseline row (sw-rope (rope))" in hs
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_hellaswag_limit_says_subset_and_skips_synthetic_rows(evaluated, tmp_path):
+    """--hellaswag_limit=7: the first 7 examples (hellaswag.evaluate's limit), a note that the
+    numbers are of a subset; a synthetic-task checkpoint gets no row, a note instead; `learned`
+    (32 positions) reads the contexts cropped."""
+    path = write_hellaswag(tmp_path / 'hs.jsonl')
+    task = reseeded(evaluated['dirs']['rope'], tmp_path / 'task', 1, 'copy')
+    report = tmp_path / 'r.md'
+    dirs = [evaluated['dirs']['rope'], evaluated['dirs']['learned'], task]
+    p = run('eval.py', f"--out_dirs={','.join(dirs)}",
+            '--eval_block_sizes=32', '--pos_offsets=0', '--eval_sequences=8', '--hellaswag=True',
+            f'--hellaswag_path={path}', '--hellaswag_limit=7', f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = report.read_text(encoding='utf-8')
+    hs = section(text, 'HellaSwag')
+    assert "**A subset**: the first 7 of the file's 48 examples (--hellaswag_limit=7)" in hs
+    assert "Not scored: task (rope): synthetic-task checkpoints do not read English." in hs
+    rows = table(text, 'HellaSwag')
+    assert list(rows) == ['out-rope (rope)', 'out-learned (learned)']
+    results = json.loads(report.with_suffix('.json').read_text())
+    res = {c['label']: c for c in results['checkpoints']}
+    for label, cells in rows.items():
+        ref = hellaswag_direct(res[label]['out_dir'], path, limit=7)
+        assert res[label]['hellaswag'] == ref and ref['n'] == 7
+        assert [cells['acc'], cells['acc_norm'], cells['examples']] == \
+            [f"{ref['acc']:.4f}", f"{ref['acc_norm']:.4f}", '7']  # one seed: no spread, no mark
+    assert 'hellaswag' not in res['task (rope)']
+
+
+def test_hellaswag_without_the_file_fails_before_anything(evaluated, tmp_path):
+    """A missing file (before a sweep trains), no network (before a checkpoint loads; the URL
+    unreachable), a bad hellaswag_limit: one line, exit 1 (2: the configurator's range), nothing
+    written: no run, no report, no hellaswag directory."""
+    report = tmp_path / 'r.md'
+    p = run('eval.py', '--pos_embs=rope', f'--sweep_out={tmp_path / "never"}', '--hellaswag=True',
+            f'--hellaswag_path={tmp_path / "missing.jsonl"}', f'--report={report}', '--device=cpu')
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    assert errors(p)[0].startswith('eval.py: HellaSwag file') and 'missing.jsonl' in errors(p)[0]
+    assert 'training:' not in p.stderr and not list(tmp_path.glob('never*'))
+    offline = ("import runpy, sys; import hellaswag; "
+               "hellaswag.URL = 'http://127.0.0.1:9/hellaswag_val.jsonl'; "
+               "sys.argv = ['eval.py'] + sys.argv[1:]; "
+               "runpy.run_path('eval.py', run_name='__main__')")
+    root = tmp_path / 'root'
+    p = run('-c', offline, f"--out_dirs={evaluated['dirs']['rope']}", '--hellaswag=True',
+            f'--data_root={root}', f'--report={report}', '--device=cpu')
+    assert p.returncode == 1 and len(errors(p)) == 1 and 'loaded ' not in p.stderr, p.stderr
+    assert 'cannot download HellaSwag' in errors(p)[0] and 'hellaswag_path' in errors(p)[0]
+    assert not root.exists() and not list(tmp_path.glob('r.*'))
+    for args, rc, words in [(['--hellaswag=True', '--hellaswag_limit=-1'], 2, 'valid: [0, inf)'),
+                            (['--hellaswag_limit=5'], 1, 'needs --hellaswag=True')]:
+        p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", *args, f'--report={report}')
+        assert p.returncode == rc and len(errors(p)) == 1 and words in errors(p)[0], p.stderr
+        assert 'loaded ' not in p.stderr and not report.exists()

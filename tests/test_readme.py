@@ -53,6 +53,9 @@ COMMANDS = {
     'python sample.py --out_dir=out-quickstart --max_new_tokens=600 --extrapolate=True': 'run',
     'python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md':
         'run',
+    # no network: the HellaSwag file's download, one line naming --hellaswag_path
+    'python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True --report=report.md':
+        ('error', 'cannot download HellaSwag .*hellaswag_path'),
     'python train.py config/synthetic_copy.py && python eval.py --out_dirs=out-synthetic-copy': 'run',
     'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,selective,alibi,t5,fire,'
     'cope,xpos,pope '
