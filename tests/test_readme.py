@@ -85,6 +85,9 @@ COMMANDS = {
     'python sample.py --out_dir=out-quickstart --max_new_tokens=600 --extrapolate=True '
     '--rope_scaling=yarn --rope_scaling_factor=4': 'run',
     'python bench.py --preset=gpt2 --compile=True': ('error', 'sized for a GPU'),
+    'git clone https://github.com/karpathy/nanoGPT ../nanoGPT': ('skip', "network: clones nanoGPT"),
+    # no checkout beside the scratch copy: the one-line error that names it (tests/test_bench.py runs a stand-in)
+    'python bench.py --pos_embs=learned,rope --peer=../nanoGPT': ('error', 'nanoGPT checkout'),
 }
 
 
