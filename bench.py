@@ -253,5 +253,6 @@ for i in range(rounds - 1):  # the later rounds interleave the encodings: machin
 # min, not mean or median: machine noise (other jobs, clocks) only ever adds time, so the fastest round is the
 # best estimate of the encoding's own cost
 print('', table(names), sep='\n')
+write_report(names)  # the final table, in the order asked for
 if not runs:
     sys.exit("bench.py: every encoding failed (errors above)")
