@@ -1,5 +1,20 @@
+import os
+import sys
+
 import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory):
+    """The embedded dataset, built once per test session for every module that trains."""
+    sys.path.insert(0, REPO)
+    from prepare_data import ensure_dataset
+    root = tmp_path_factory.mktemp('data')
+    ensure_dataset(str(root), 'embedded')
+    return str(root)
 
 
 @pytest.fixture(scope='module')

@@ -14,20 +14,13 @@ from torch.nn import functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from model import GPT, GPTConfig  # noqa: E402
-from prepare_data import SYNTHETIC_TASKS, ensure_dataset, eval_tokens  # noqa: E402
+from prepare_data import SYNTHETIC_TASKS, eval_tokens  # noqa: E402
 
 DASH = '\u2013'
 TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2', '--n_embd=32',
         '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
         '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4',
         '--max_iters=10', '--lr_decay_iters=10', '--eval_interval=10']  # as tests/test_train.py, 10 steps
-
-
-@pytest.fixture(scope='session')
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    ensure_dataset(str(root), 'embedded')
-    return str(root)
 
 
 def run(script, *args, env_extra=None):
@@ -122,12 +115,16 @@ def test_offset_sweep_rope_shift_invariant_learned_dash(evaluated):
     assert np.isfinite(float(learned['offset 0'])) and learned['offset 100'] == learned['offset 1000'] == DASH
 
 
-def test_plots_are_pngs(evaluated):
+def assert_plots_are_pngs(directory):
     plt = pytest.importorskip('matplotlib.pyplot')
     for name in ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'):
-        path = evaluated['report'].parent / name
+        path = directory / name
         assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
         assert plt.imread(str(path)).ndim == 3
+
+
+def test_plots_are_pngs(evaluated):
+    assert_plots_are_pngs(evaluated['report'].parent)
 
 
 def test_without_matplotlib_tables_still_written(evaluated, tmp_path):
@@ -473,11 +470,7 @@ def test_learning_curves_from_log_jsonl(tmp_path, seeded):
 
 
 def test_seed_plots_are_pngs(seeded):
-    plt = pytest.importorskip('matplotlib.pyplot')
-    for name in ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'):
-        path = seeded['report'].parent / name
-        assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-        assert plt.imread(str(path)).ndim == 3
+    assert_plots_are_pngs(seeded['report'].parent)
 
 
 def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):

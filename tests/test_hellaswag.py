@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import hellaswag  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from prepare_data import DataError, ensure_dataset  # noqa: E402
+from prepare_data import DataError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
@@ -234,15 +234,8 @@ def test_downloads_once_atomically_and_a_failed_download_leaves_nothing(tmp_path
 
 # ----------------------------------------------------------------------------- train.py
 
-@pytest.fixture(scope='session')
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    ensure_dataset(str(root), 'embedded')
-    return str(root)
-
-
-def run(*args, launcher=(sys.executable, 'train.py')):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+def run(*args, launcher=(sys.executable, 'train.py'), env_extra=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', **(env_extra or {}))
     env.setdefault('OMP_NUM_THREADS', '1')
     return subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -18,15 +18,6 @@ TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', 
         '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4']
 
 
-@pytest.fixture(scope='session')
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    sys.path.insert(0, REPO)
-    from prepare_data import ensure_dataset
-    ensure_dataset(str(root), 'embedded')
-    return str(root)
-
-
 def env():
     e = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
     e.setdefault('OMP_NUM_THREADS', '1')

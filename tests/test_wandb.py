@@ -5,14 +5,13 @@ tested in wandb's offline mode, and skipped where wandb is not installed."""
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from prepare_data import ensure_dataset  # noqa: E402
+from test_hellaswag import errors, run  # noqa: E402  (train.py as a subprocess, its error lines)
 
 TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
         '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2',
@@ -21,24 +20,6 @@ TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', 
 # train.py in an interpreter where `import wandb` fails, as where it is not installed
 WITHOUT_WANDB = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = ['train.py'] + "
                  "sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
-
-
-@pytest.fixture(scope='session')
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    ensure_dataset(str(root), 'embedded')
-    return str(root)
-
-
-def run(*args, launcher=(sys.executable, 'train.py'), env_extra=None):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', **(env_extra or {}))
-    env.setdefault('OMP_NUM_THREADS', '1')
-    return subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-def errors(p):
-    return [line for line in p.stderr.splitlines() if not line.startswith('Overriding')]
 
 
 def test_wandb_log_without_wandb_is_one_line_and_writes_nothing(tmp_path, data_root):
