@@ -373,7 +373,8 @@ def estimate_loss():
             total += torch.stack([loss.double() * n, n])
         if ddp:
             dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item() if total[1] > 0 else float('nan')
+        loss_sum, n = total.tolist()  # one wait for the device per split
+        out[split] = loss_sum / n if n > 0 else float('nan')
     raw_model.train()
     return out
 
