@@ -1,15 +1,18 @@
 """
 Every position encoding of nanoRoPE, one class each, selected by GPTConfig.pos_emb.
 
-The GPT calls four hooks of its encoding (see PositionEncoding); a variant overrides only what it needs:
-    embed(x, pos)                         once per forward, on the token embeddings  (learned, sinusoidal)
-    prepare(x, pos)                       once per forward, tables shared by layers  (rope's cos/sin)
-    rotate(layer, q, k, x, shared, cache) in every attention layer, on q and k        (every rotary variant)
-    score_bias(layer, q, k, x, pos, shared, cache)  in every attention layer, an additive score term
-                                          bias(b, h, i, j), run by model.biased_attention  (alibi, t5, fire, cope)
+The GPT calls four hooks of its encoding (see PositionEncoding); a variant overrides only what it
+needs:
+    embed(x, pos)    once per forward, on the token embeddings  (learned, sinusoidal)
+    prepare(x, pos)  once per forward, tables shared by layers  (rope's cos/sin)
+    rotate(layer, q, k, x, shared, cache)
+                     in every attention layer, on q and k       (every rotary variant)
+    score_bias(layer, q, k, x, pos, shared, cache)
+                     in every attention layer, an additive score term bias(b, h, i, j), run by
+                     model.biased_attention                     (alibi, t5, fire, cope)
 Conventions: adjacent pairs (2p, 2p+1) inside each head (RoFormer arXiv:2104.09864 eq. 34; CRoPE's
-complex structure and ComRoPE's blocks are defined on them); angles, phases and biases in fp32 from int64
-positions; fixed tables are non-persistent buffers that stay fp32 under any module cast
+complex structure and ComRoPE's blocks are defined on them); angles, phases and biases in fp32 from
+int64 positions; fixed tables are non-persistent buffers that stay fp32 under any module cast
 (PositionEncoding._apply); V is never rotated.
 """
 import math
@@ -31,31 +34,37 @@ def rope_frequencies(head_dim, base, dtype=torch.float32):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate each adjacent pair (x_2p, x_2p+1) of x by the angle whose cos/sin are given (RoFormer eq. 34):
-    (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), i.e. x~_p * exp(i angle) with x~_p = x_2p + i x_2p+1.
-    x: (B, nh, T, hs) in any dtype; cos, sin: fp32, broadcastable to (B, nh, T, hs/2). Returns x's dtype.
-    The one rotation every diagonal rotary variant shares; it is computed in fp32."""
-    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel (it does not fuse complex ops)
-        # in q's memory order (B, T, nh, hs), that of the qkv projection: inductor lays a new tensor out in the
-        # order it is indexed in, and (B, nh, T, hs) would make attention's output need a copy to re-join heads
+    """Rotate each adjacent pair (x_2p, x_2p+1) of x by the angle whose cos/sin are given (RoFormer
+    eq. 34): (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), i.e. x~_p * exp(i angle) with
+    x~_p = x_2p + i x_2p+1. x: (B, nh, T, hs) in any dtype; cos, sin: fp32, broadcastable to
+    (B, nh, T, hs/2). Returns x's dtype. The one rotation every diagonal rotary variant shares; it
+    is computed in fp32."""
+    if torch.compiler.is_compiling():
+        # inductor fuses the real form into one kernel (not complex ops). In q's memory order
+        # (B, T, nh, hs), the qkv projection's: inductor lays a new tensor out in the order it is
+        # indexed in; (B, nh, T, hs) would make attention's output need a copy to re-join heads
         cos, sin = (t.reshape((1,) * (4 - t.dim()) + t.shape).transpose(1, 2) for t in (cos, sin))
         x0, x1 = x.transpose(1, 2).unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, nh, hs/2) each, views
         y = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
         return y.type_as(x).transpose(1, 2)  # (B, nh, T, hs)
-    # eager: one complex multiply reads and writes x once, where the real form takes ~7 passes forward and back
+    # eager: one complex multiply reads and writes x once (the real form: ~7 passes fwd and bwd)
     xf = x.to(torch.promote_types(x.dtype, cos.dtype))  # fp32 (fp64 in a float64 model)
-    if xf.stride(-1) != 1 or any(s % 2 for s in xf.stride()[:-1]):  # view_as_complex needs (re, im) adjacent
+    # view_as_complex needs (re, im) adjacent
+    if xf.stride(-1) != 1 or any(s % 2 for s in xf.stride()[:-1]):
         xf = xf.contiguous()
     x_complex = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (B, nh, T, hs/2) complex, a view
-    return torch.view_as_real(x_complex * torch.complex(cos, sin).to(x_complex.dtype)).flatten(-2).type_as(x)
+    return torch.view_as_real(
+        x_complex * torch.complex(cos, sin).to(x_complex.dtype)).flatten(-2).type_as(x)
 
 
 class RotateByAngle(torch.autograd.Function):
-    """(q, k, angle) -> apply_rotary of q and of k by cos/sin(angle), for learned angles (CARoPE's phases, Selective
-    RoPE's cumulative angles; fp32, broadcastable to (B, nh, T, hs/2)), with the backward written out. q's gradient is g rotated back (apply_rotary with -sin); as
-    d(R_a x)/da = J R_a x (J: +90 degrees on each pair), the angle's gradient is g_1 o_0 - g_0 o_1 per pair of the
-    rotated output o, summed over q and k. Autograd through cos/sin keeps q, k, angle, cos and sin for backward and
-    makes about 3x the elementwise passes (for Selective RoPE: 1.13x -> 1.08x the step time of rope on CPU)."""
+    """(q, k, angle) -> apply_rotary of q and of k by cos/sin(angle), for learned angles (CARoPE's
+    phases, Selective RoPE's cumulative angles; fp32, broadcastable to (B, nh, T, hs/2)), with the
+    backward written out. q's gradient is g rotated back (apply_rotary with -sin); as
+    d(R_a x)/da = J R_a x (J: +90 degrees on each pair), the angle's gradient is g_1 o_0 - g_0 o_1
+    per pair of the rotated output o, summed over q and k. Autograd through cos/sin keeps q, k,
+    angle, cos and sin for backward and makes about 3x the elementwise passes (for Selective RoPE:
+    1.13x -> 1.08x the step time of rope on CPU)."""
 
     @staticmethod
     def forward(ctx, q, k, angle):
@@ -79,18 +88,20 @@ class RotateByAngle(torch.autograd.Function):
 
 
 def rotate_blocks(R, y):
-    """R (nh, T, nb, b, b) applied to each block of y (B, nh, T, nb * b): out_j = R_j y_j, in R's dtype. The
-    output is laid out as (B, T, nh, hs) in memory like the q, k of the other encodings (views of the qkv
-    projection), so that attention's output needs no copy to re-assemble the heads."""
+    """R (nh, T, nb, b, b) applied to each block of y (B, nh, T, nb * b): out_j = R_j y_j, in R's
+    dtype. The output is laid out as (B, T, nh, hs) in memory like the q, k of the other encodings
+    (views of the qkv projection), so that attention's output needs no copy to re-assemble the
+    heads."""
     y = y.transpose(1, 2).unflatten(-1, (R.size(-3), -1)).to(R.dtype)  # (B, T, nh, nb, b)
     return torch.einsum('htjab,zthjb->zthja', R, y).contiguous().flatten(-2).transpose(1, 2)
 
 
 class RotateByMatrix(torch.autograd.Function):
-    """(q, k, R) -> (R q, R k) blockwise (rotate_blocks), cast to q's dtype, for ComRoPE's orthogonal R. Backward
-    keeps R and the rotated q and k (which attention saves anyway), where autograd through the einsum kept a
-    permuted copy of each input (ComRoPE's saved activations: 1.23x rope's -> 1.08x on CPU). Gradients: q's is
-    R^T g; R's is sum_batch g q^T = (sum_batch g o^T) R per block, as q = R^T o (R^T R = 1). Under bf16 autocast
+    """(q, k, R) -> (R q, R k) blockwise (rotate_blocks), cast to q's dtype, for ComRoPE's
+    orthogonal R. Backward keeps R and the rotated q and k (which attention saves anyway), where
+    autograd through the einsum kept a permuted copy of each input (ComRoPE's saved activations:
+    1.23x rope's -> 1.08x on CPU). Gradients: q's is R^T g; R's is
+    sum_batch g q^T = (sum_batch g o^T) R per block, as q = R^T o (R^T R = 1). Under bf16 autocast
     o is the bf16 output, so R's gradient sees q within bf16 rounding (q was bf16 already)."""
 
     @staticmethod
@@ -105,19 +116,21 @@ class RotateByMatrix(torch.autograd.Function):
         R, qo, ko = ctx.saved_tensors
         gR = None
         if ctx.needs_input_grad[2]:
-            blocks = lambda t: t.transpose(1, 2).unflatten(-1, (R.size(-3), -1)).to(R.dtype)  # (B, T, nh, nb, b)
-            outer = lambda g, o: torch.einsum('zthja,zthjc->htjac', blocks(g), blocks(o))  # (nh, T, nb, b, b)
+            # blocks: (B, T, nh, nb, b); outer: (nh, T, nb, b, b)
+            blocks = lambda t: t.transpose(1, 2).unflatten(-1, (R.size(-3), -1)).to(R.dtype)
+            outer = lambda g, o: torch.einsum('zthja,zthjc->htjac', blocks(g), blocks(o))
             gR = (outer(gq, qo) + outer(gk, ko)) @ R
         Rt = R.transpose(-1, -2)
         return rotate_blocks(Rt, gq).to(gq.dtype), rotate_blocks(Rt, gk).to(gk.dtype), gR
 
 
 def conv_time(x, weight, groups):
-    """F.conv2d along time of x (B, T, C), read as the channels-last (B, C, 1, T) view it already is in memory, so no
-    transposed copy is made either way (mkldnn and cuDNN run channels-last natively; as an einsum, Selective RoPE's
-    per-head projection made permuted copies and took 2x longer on CPU). weight: (C_out, C / groups, 1, k).
-    Returns (B, T - k + 1, C_out)."""
-    return F.conv2d(x.transpose(1, 2).unsqueeze(2), weight, groups=groups).squeeze(2).transpose(1, 2)
+    """F.conv2d along time of x (B, T, C), read as the channels-last (B, C, 1, T) view it already is
+    in memory, so no transposed copy is made either way (mkldnn and cuDNN run channels-last
+    natively; as an einsum, Selective RoPE's per-head projection made permuted copies and took 2x
+    longer on CPU). weight: (C_out, C / groups, 1, k). Returns (B, T - k + 1, C_out)."""
+    return (F.conv2d(x.transpose(1, 2).unsqueeze(2), weight, groups=groups)
+            .squeeze(2).transpose(1, 2))
 
 
 class PositionEncoding(nn.Module):
@@ -133,44 +146,48 @@ class PositionEncoding(nn.Module):
     def __init__(self, config):
         super().__init__()
         # the keys of RoPE's frequency table (p-RoPE, context extension) mean nothing to the others
-        off = {'rope_fraction': 1.0, 'rope_scaling': 'none', 'rope_scaling_factor': 1.0, 'rope_scaling_length': 0}
+        off = {'rope_fraction': 1.0, 'rope_scaling': 'none', 'rope_scaling_factor': 1.0,
+               'rope_scaling_length': 0}
         keys = [f"{k}={getattr(config, k)!r}" for k, v in off.items() if getattr(config, k) != v]
         if keys and not isinstance(self, RoPE):
             takes = ', '.join(ROPE_FAMILY)
-            raise ValueError(f"{', '.join(keys)}: only the encodings built on RoPE's frequency table "
-                             f"take it ({takes}), not pos_emb={config.pos_emb!r}; leave it at its "
-                             f"default or use one of those")
+            raise ValueError(f"{', '.join(keys)}: only the encodings built on RoPE's frequency "
+                             f"table take it ({takes}), not pos_emb={config.pos_emb!r}; leave it "
+                             f"at its default or use one of those")
 
     def embed(self, x, pos):  # x: (B, T, C) token embeddings, pos: (T,) int64
         return x
 
-    def prepare(self, x, pos):  # x: (B, T, C) input embeddings -> whatever every layer's rotate() shares
+    def prepare(self, x, pos):  # x: (B, T, C) input embeddings -> what all layers' rotate() share
         return None
 
     def rotate(self, layer, q, k, x, shared, cache):
-        # q, k: (B, nh, T, hs); x: (B, T, C) the attention's (normalised) input; cache: this layer's dict or None
+        # q, k: (B, nh, T, hs); x: (B, T, C) the attention's (normalised) input;
+        # cache: this layer's dict or None
         return q, k
 
     def score_bias(self, layer, q, k, x, pos, shared, cache):
-        # None, or bias(b, h, i, j) -> the fp32 term added to the score of query i (of q's T) on key j (of k's Tk,
-        # cached ones included; query i is key Tk - T + i); pos: (T,) int64, the queries' positions; shared: what
-        # prepare() returned. FlexAttention's backward allows one index into each captured tensor that needs a
-        # gradient: bias(b, h, i, j) must index each such tensor at most once
+        # None, or bias(b, h, i, j) -> the fp32 term added to the score of query i (of q's T) on
+        # key j (of k's Tk, cached ones included; query i is key Tk - T + i); pos: (T,) int64, the
+        # queries' positions; shared: what prepare() returned. FlexAttention's backward allows one
+        # index into each captured tensor needing a gradient: bias must index each at most once
         return None
 
-    def qkv_projection(self, config):  # the attention's input projection d -> 3d (CRoPE replaces it)
+    def qkv_projection(self, config):  # attention's input projection d -> 3d (CRoPE replaces it)
         return nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
 
     def _apply(self, fn, recurse=True):
-        """Every module cast or move (.to, .half, .bfloat16, .double, .cuda, ...) passes through here.
-        The tensors that set angles or biases follow the device but never drop below fp32: the fixed
-        tables (buffers) and every parameter of an encoding that rotates q and k or biases the scores
-        (ComRoPE's generators, CARoPE's and Selective RoPE's projections, T5's table, FIRE's MLP). In
-        bf16, theta_1 = 0.7498942 (hd = 64) is 0.75 and the angles at m = 4095 are off by up to 1.8 rad;
-        their math runs in fp32 anyway, so a bf16 copy saves nothing. .double() takes them to fp64 with the rest (a float64 model computes angles in fp64).
+        """Every module cast or move (.to, .half, .bfloat16, .double, .cuda, ...) passes through
+        here. The tensors that set angles or biases follow the device but never drop below fp32: the
+        fixed tables (buffers) and every parameter of an encoding that rotates q and k or biases the
+        scores (ComRoPE's generators, CARoPE's and Selective RoPE's projections, T5's table, FIRE's
+        MLP). In bf16, theta_1 = 0.7498942 (hd = 64) is 0.75 and the angles at m = 4095 are off by
+        up to 1.8 rad; their math runs in fp32 anyway, so a bf16 copy saves nothing. .double() takes
+        them to fp64 with the rest (a float64 model computes angles in fp64).
         Learned's table is added to the embeddings: it keeps the model's dtype."""
         hooks = PositionEncoding.rotate, PositionEncoding.score_bias
-        params = list(self.parameters()) if (type(self).rotate, type(self).score_bias) != hooks else []
+        params = (list(self.parameters())
+                  if (type(self).rotate, type(self).score_bias) != hooks else [])
         grads = [p.grad for p in params if p.grad is not None]
         keep = {id(t) for t in [*self.buffers(), *params, *grads]}
 
@@ -185,8 +202,9 @@ class PositionEncoding(nn.Module):
 
 
 class Learned(PositionEncoding):
-    """`learned`: GPT-2's trained absolute table wpe (Radford et al. 2019), added to the token embeddings.
-    It has exactly block_size positions: asking for more is an error, never a silent crop."""
+    """`learned`: GPT-2's trained absolute table wpe (Radford et al. 2019), added to the token
+    embeddings. It has exactly block_size positions: asking for more is an error, never a silent
+    crop."""
 
     relative = False  # absolute positions: generate recomputes a full window
 
@@ -202,41 +220,48 @@ class Learned(PositionEncoding):
 
 
 class Sinusoidal(PositionEncoding):
-    """`sinusoidal`: the fixed table of Vaswani et al. 2017 (section 3.5), added to the token embeddings:
-    PE(m, 2i) = sin(m * base^(-2i/d)), PE(m, 2i+1) = cos(m * base^(-2i/d)). Computed from the positions,
-    so any length works. As in the paper (section 3.4) the token embeddings are first multiplied by sqrt(d): with
-    GPT-2's 0.02 init the unit-amplitude table would otherwise drown them (rms 0.71 against 0.02)."""
+    """`sinusoidal`: the fixed table of Vaswani et al. 2017 (section 3.5), added to the token
+    embeddings: PE(m, 2i) = sin(m * base^(-2i/d)), PE(m, 2i+1) = cos(m * base^(-2i/d)). Computed
+    from the positions, so any length works. As in the paper (section 3.4) the token embeddings are
+    first multiplied by sqrt(d): with GPT-2's 0.02 init the unit-amplitude table would otherwise
+    drown them (rms 0.71 against 0.02)."""
 
     relative = False  # absolute positions: generate recomputes a full window
 
     def __init__(self, config):
         super().__init__(config)
         if config.n_embd % 2:
-            raise ValueError(f"pos_emb='sinusoidal' needs an even n_embd (sin/cos pairs), got {config.n_embd}")
-        self.register_buffer('inv_freq', rope_frequencies(config.n_embd, config.rope_base), persistent=False)
+            raise ValueError(f"pos_emb='sinusoidal' needs an even n_embd (sin/cos pairs), "
+                             f"got {config.n_embd}")
+        self.register_buffer('inv_freq', rope_frequencies(config.n_embd, config.rope_base),
+                             persistent=False)
 
     def embed(self, x, pos):
         angle = pos.float()[:, None] * self.inv_freq  # (T, C/2) fp32
-        pe = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)  # (T, C), interleaved sin/cos
-        return x * math.sqrt(x.size(-1)) + pe.to(x.dtype)  # section 3.4: embeddings times sqrt(d_model)
+        # (T, C), interleaved sin/cos
+        pe = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)
+        return x * math.sqrt(x.size(-1)) + pe.to(x.dtype)  # section 3.4: embeddings * sqrt(d_model)
 
 
 ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic', 'yarn')  # GPTConfig.rope_scaling (see RoPE)
 
 
 class RoPE(PositionEncoding):
-    """`rope`: RoFormer (arXiv:2104.09864) eq. 34. Position m rotates pair p of q and k by m * theta_p,
-    theta_p = rope_base^(-2p/hd), so <R_m q, R_n k> = <q, R_{n-m} k> depends on n - m only.
-    cos/sin are computed once per forward (prepare) and shared by every layer. Two changes of the
-    frequency table, inherited by every subclass (crope, xpos), README "Context extension":
-    p-RoPE (rope_fraction = p, arXiv:2410.06205): only the round(p hd/2) highest-frequency pairs rotate.
-    rope_scaling, factor s >= 1, L = rope_scaling_length or block_size (the length RoPE was trained at):
+    """`rope`: RoFormer (arXiv:2104.09864) eq. 34. Position m rotates pair p of q and k by
+    m * theta_p, theta_p = rope_base^(-2p/hd), so <R_m q, R_n k> = <q, R_{n-m} k> depends on n - m
+    only. cos/sin are computed once per forward (prepare) and shared by every layer. Two changes of
+    the frequency table, inherited by every subclass (crope, xpos), README "Context extension":
+    p-RoPE (rope_fraction = p, arXiv:2410.06205): only the round(p hd/2) highest-frequency pairs
+      rotate.
+    rope_scaling, factor s >= 1, L = rope_scaling_length or block_size (the length RoPE was trained
+      at):
       linear   PI (arXiv:2306.15595): theta_p / s
       ntk      base * s^(hd/(hd-2))
       dynamic  base * (s Lc/L - (s-1))^(hd/(hd-2)) for a forward whose length Lc exceeds L (as HF);
                generate() recomputes its window (relative = False): past L it would switch on
-      yarn     (arXiv:2309.00071 sec. 3.2-3.4) theta_p ((1 - gamma_p)/s + gamma_p), gamma_p the ramp of
-               r_p = L theta_p / 2pi from alpha = 1 to beta = 32; cos, sin times 0.1 ln s + 1
+      yarn     (arXiv:2309.00071 sec. 3.2-3.4) theta_p ((1 - gamma_p)/s + gamma_p), gamma_p the
+               ramp of r_p = L theta_p / 2pi from alpha = 1 to beta = 32;
+               cos, sin times 0.1 ln s + 1
     s = 1 changes nothing for every method. Tables in fp64, rounded once to fp32."""
 
     YARN_ALPHA, YARN_BETA = 1.0, 32.0  # section 3.2's, for Llama (HF's beta_slow, beta_fast)
@@ -254,10 +279,12 @@ class RoPE(PositionEncoding):
                              f"choose a rope_scaling ({', '.join(ROPE_SCALINGS[1:])}) or leave it "
                              f"at 1")
         self.head_dim, self.base, self.factor = hd, config.rope_base, s
-        self.train_len = config.rope_scaling_length or config.block_size  # L (fine-tuned longer: the old one)
-        self.scaling = 'none' if s == 1 else config.rope_scaling  # s = 1: the plain table, bit for bit
+        # L (fine-tuned longer: the old one)
+        self.train_len = config.rope_scaling_length or config.block_size
+        self.scaling = 'none' if s == 1 else config.rope_scaling  # s = 1: plain table, bit for bit
         self.rotated = round(p * hd / 2)  # p-RoPE: pairs 0..rotated-1 rotate
-        # ntk, dynamic: base^(-2p/hd) -> (base c^e)^(-2p/hd), e = hd/(hd-2); hd = 2: theta_0 = 1 only
+        # ntk, dynamic: base^(-2p/hd) -> (base c^e)^(-2p/hd), e = hd/(hd-2);
+        # hd = 2: theta_0 = 1 only
         self.ntk_exponent = hd / (hd - 2) if hd > 2 else 0.0
         base = self.base * s ** self.ntk_exponent if self.scaling == 'ntk' else self.base
         self.register_buffer('inv_freq', self.frequencies(base), persistent=False)
@@ -301,59 +328,70 @@ class RoPE(PositionEncoding):
 
 
 class ComRoPE_AP(PositionEncoding):
-    """`comrope_ap`: ComRoPE with axial partition (arXiv:2506.03737, eq. 8). Per layer and head the angle
-    matrix is block-diagonal, A = blockdiag(B_1..B_nb) with skew-symmetric b x b blocks B_j = P_j - P_j^T
-    (P_j trainable, b = comrope_block), and position t (the integer token index; text has one axis) maps
-    block j of q and k to exp(t B_j) q_j. Blocks of one matrix commute, so R(s)^T R(t) = R(t - s)
-    (Theorem 1) and scores depend on relative positions only.
-    Fast path (exact): exp(tB) = exp(B)^t, so prepare() takes one matrix_exp per (layer, head, block) and
-    builds every position's R by doubling, R[n:2n] = R[0:n] exp(nB) (log2(T) batched b x b matmuls, all layers
-    at once); the first position's exp(start B) seeds the doubling. No dense hd x hd matrix is ever formed.
-    rotate() applies R blockwise with one einsum per tensor, q viewed as (B, nh, T, nb, b)."""
+    """`comrope_ap`: ComRoPE with axial partition (arXiv:2506.03737, eq. 8). Per layer and head the
+    angle matrix is block-diagonal, A = blockdiag(B_1..B_nb) with skew-symmetric b x b blocks
+    B_j = P_j - P_j^T (P_j trainable, b = comrope_block), and position t (the integer token index;
+    text has one axis) maps block j of q and k to exp(t B_j) q_j. Blocks of one matrix commute, so
+    R(s)^T R(t) = R(t - s) (Theorem 1) and scores depend on relative positions only.
+    Fast path (exact): exp(tB) = exp(B)^t, so prepare() takes one matrix_exp per (layer, head,
+    block) and builds every position's R by doubling, R[n:2n] = R[0:n] exp(nB) (log2(T) batched
+    b x b matmuls, all layers at once); the first position's exp(start B) seeds the doubling. No
+    dense hd x hd matrix is ever formed. rotate() applies R blockwise with one einsum per tensor, q
+    viewed as (B, nh, T, nb, b)."""
 
     def __init__(self, config):
         super().__init__(config)
         hd, b = config.n_embd // config.n_head, config.comrope_block
         if b < 2 or hd % b:
-            raise ValueError(f"comrope_block={b} must be >= 2 and divide the head dim n_embd/n_head={hd}; "
-                             f"set comrope_block to a divisor of {hd} (the paper uses 8)")
-        shape = (config.n_layer, config.n_head, hd // b, b, b)  # (L, nh, nb, b, b): one P_j per layer, head, block
-        if config.comrope_init == 'rope':  # theta_p [[0,-1],[1,0]] on pair p, P = G/2 so P - P^T = G: exactly rope
+            raise ValueError(f"comrope_block={b} must be >= 2 and divide the head dim "
+                             f"n_embd/n_head={hd}; set comrope_block to a divisor of {hd} "
+                             f"(the paper uses 8)")
+        # (L, nh, nb, b, b): one P_j per layer, head, block
+        shape = (config.n_layer, config.n_head, hd // b, b, b)
+        if config.comrope_init == 'rope':
+            # theta_p [[0,-1],[1,0]] on pair p, P = G/2 so P - P^T = G: exactly rope
             if b % 2:
-                raise ValueError(f"comrope_init='rope' needs an even comrope_block (RoPE pairs must not straddle "
-                                 f"blocks), got {b}")
-            theta = rope_frequencies(hd, config.rope_base).view(hd // b, b // 2)  # (nb, b/2), global pair index
+                raise ValueError(f"comrope_init='rope' needs an even comrope_block (RoPE pairs "
+                                 f"must not straddle blocks), got {b}")
+            # (nb, b/2), global pair index
+            theta = rope_frequencies(hd, config.rope_base).view(hd // b, b // 2)
             i = torch.arange(0, b, 2)
             P = torch.zeros(shape)
             P[..., i + 1, i], P[..., i, i + 1] = theta / 2, -theta / 2
         elif config.comrope_init == 'random':
-            # the official code draws P ~ N(0, 1) for positions scaled to [0, 1]; with raw token indices
-            # up to thousands that would spin every block by ~t radians per token, hence a small std
+            # the official code draws P ~ N(0, 1) for positions scaled to [0, 1]; with raw token
+            # indices up to thousands that would spin each block ~t rad per token, hence a small std
             P = torch.randn(shape) * config.comrope_init_std
         else:
-            raise ValueError(f"comrope_init={config.comrope_init!r} is not valid; valid: 'rope', 'random'")
+            raise ValueError(f"comrope_init={config.comrope_init!r} is not valid; "
+                             f"valid: 'rope', 'random'")
         self.P = nn.Parameter(P)
-        self.P.no_weight_decay = True  # decay would shrink the generators towards 0, i.e. towards NoPE
+        self.P.no_weight_decay = True  # decay would shrink the generators towards 0, i.e. NoPE
 
     def generator(self, dtype):
-        """Every layer's blocks B_j = P_j - P_j^T (eq. 8): (L, nh, nb, b, b), skew-symmetric, formed in dtype."""
+        """Every layer's blocks B_j = P_j - P_j^T (eq. 8): (L, nh, nb, b, b), skew-symmetric, formed
+        in dtype."""
         P = self.P.to(dtype)
         return P - P.transpose(-1, -2)
 
     def prepare(self, x, pos):
         dtype = torch.promote_types(self.P.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
-        # exp(start B) and the powers exp(2^k B) in fp64 (tiny: L*nh*nb matrices of b x b), each then rounded once
-        # to fp32: R(t) is a product of <= log2(T) + 1 of them, error ~ log2(T) eps. Powers of an fp32 exp(B)
-        # would carry t * eps (~1e-3 at t = 4096; a fp32 matrix_exp(tB) is no better). MPS has no float64.
+        # exp(start B) and the powers exp(2^k B) in fp64 (tiny: L*nh*nb matrices of b x b), each
+        # rounded once to fp32: R(t) is a product of <= log2(T) + 1 of them, error ~ log2(T) eps.
+        # Powers of an fp32 exp(B) would carry t * eps (~1e-3 at t = 4096; a fp32 matrix_exp(tB) is
+        # no better). MPS has no float64.
         exact = torch.float32 if x.device.type == 'mps' else torch.float64
         with torch.autocast(device_type=x.device.type, enabled=False):
-            A = self.generator(exact).unsqueeze(2)  # (L, nh, 1, nb, b, b); fp64 also keeps P - P^T unrounded
-            S, E = torch.linalg.matrix_exp(torch.stack((pos[0].to(exact) * A, A)))  # exp(start B), exp(B)
-            R = S.to(dtype)  # (L, nh, n, nb, b, b): R(start + i) for i < n, laid out as rotate() reads it
+            # A: (L, nh, 1, nb, b, b); fp64 also keeps P - P^T unrounded. S, E: exp(start B), exp(B)
+            A = self.generator(exact).unsqueeze(2)
+            S, E = torch.linalg.matrix_exp(torch.stack((pos[0].to(exact) * A, A)))
+            R = S.to(dtype)  # (L, nh, n, nb, b, b): R(start + i) for i < n, in rotate()'s layout
             while R.size(2) < pos.size(0):
-                R = torch.cat((R, R @ E.to(dtype)), 2)  # R(start + n + i) = R(start + i) exp(nB): blocks commute
+                # R(start + n + i) = R(start + i) exp(nB): blocks commute
+                R = torch.cat((R, R @ E.to(dtype)), 2)
                 E = E @ E  # exp(2nB)
-            return R[:, :, :pos.size(0)].unbind(0)  # L x (nh, T, nb, b, b); unbind: one stack in backward
+            # L x (nh, T, nb, b, b); unbind: one stack in backward
+            return R[:, :, :pos.size(0)].unbind(0)
 
     def rotate(self, layer, q, k, x, shared, cache):
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -361,40 +399,48 @@ class ComRoPE_AP(PositionEncoding):
 
 
 class ComRoPE_LD(ComRoPE_AP):
-    """`comrope_ld`: ComRoPE, linearly dependent (arXiv:2506.03737, eq. 10): B_j = s_j (P_j - P_j^T) with a
-    trainable scale s per axis and block, shared by the heads of a layer (as in the official code). s starts
-    at 1 (the official code draws N(0, 1), which would break the RoPE-exact init), so both inits are those of
-    comrope_ap. With text's single axis this reparameterises AP (the same matrices are reachable); it
-    differs in how training moves them."""
+    """`comrope_ld`: ComRoPE, linearly dependent (arXiv:2506.03737, eq. 10): B_j = s_j (P_j - P_j^T)
+    with a trainable scale s per axis and block, shared by the heads of a layer (as in the official
+    code). s starts at 1 (the official code draws N(0, 1), which would break the RoPE-exact init),
+    so both inits are those of comrope_ap. With text's single axis this reparameterises AP (the same
+    matrices are reachable); it differs in how training moves them."""
 
     def __init__(self, config):
         super().__init__(config)
         self.s = nn.Parameter(torch.ones(config.n_layer, self.P.size(2)))  # (L, nb)
-        self.s.no_weight_decay = True  # a frequency scale: decay would pull it (and the angles) to 0
+        self.s.no_weight_decay = True  # frequency scale: decay would pull it (and the angles) to 0
 
     def generator(self, dtype):
-        return self.s.to(dtype)[:, None, :, None, None] * super().generator(dtype)  # (L, nh, nb, b, b), eq. 10
+        # (L, nh, nb, b, b), eq. 10
+        return self.s.to(dtype)[:, None, :, None, None] * super().generator(dtype)
+
+
 class ComplexLinear(nn.Module):
-    """A complex-linear map from in_features/2 to out_features/2 complex numbers, stored as the real matrix
-    it is (CRoPE arXiv:2601.02728 eq. 30): every 2x2 block (output pair j, input pair l) is [[a, b], [-b, a]],
-    i.e. y~_j = sum_l (a_jl - i b_jl) x~_l with x~_l = x_2l + i x_2l+1. Equivalently W J = J W, J the
-    90-degree rotation of every adjacent pair. Half the parameters of nn.Linear, the same FLOPs."""
+    """A complex-linear map from in_features/2 to out_features/2 complex numbers, stored as the real
+    matrix it is (CRoPE arXiv:2601.02728 eq. 30): every 2x2 block (output pair j, input pair l) is
+    [[a, b], [-b, a]], i.e. y~_j = sum_l (a_jl - i b_jl) x~_l with x~_l = x_2l + i x_2l+1.
+    Equivalently W J = J W, J the 90-degree rotation of every adjacent pair. Half the parameters of
+    nn.Linear, the same FLOPs."""
 
     def __init__(self, in_features, out_features, bias):
         super().__init__()
         if in_features % 2 or out_features % 2:
-            raise ValueError(f"ComplexLinear needs even feature counts (complex pairs), got {in_features} -> "
-                             f"{out_features}: make n_embd even")
-        # N(0, 0.02^2) on a and b gives each entry of W nanoGPT's usual scale (the paper states no init)
-        self.A = nn.Parameter(torch.randn(out_features // 2, in_features // 2) * 0.02)  # real parts
-        self.B = nn.Parameter(torch.randn(out_features // 2, in_features // 2) * 0.02)  # minus imaginary parts
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None  # a complex bias is out reals anyway
+            raise ValueError(f"ComplexLinear needs even feature counts (complex pairs), got "
+                             f"{in_features} -> {out_features}: make n_embd even")
+        # N(0, 0.02^2) on a and b gives each entry of W nanoGPT's usual scale (the paper states no
+        # init); A: the real parts, B: minus the imaginary parts
+        self.A = nn.Parameter(torch.randn(out_features // 2, in_features // 2) * 0.02)
+        self.B = nn.Parameter(torch.randn(out_features // 2, in_features // 2) * 0.02)
+        # a complex bias is out reals anyway
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @property
     def weight(self):
-        """The effective real (out, in) matrix, built from (A, B) on every call: eq. 30's blocks [[a, b], [-b, a]]."""
+        """The effective real (out, in) matrix, built from (A, B) on every call: eq. 30's blocks
+        [[a, b], [-b, a]]."""
         A, B = self.A, self.B
-        blocks = torch.stack((A, B, -B, A), dim=-1).unflatten(-1, (2, 2))  # (out/2, in/2, 2, 2): [j, l, row, col]
+        # (out/2, in/2, 2, 2): [j, l, row, col]
+        blocks = torch.stack((A, B, -B, A), dim=-1).unflatten(-1, (2, 2))
         return blocks.transpose(1, 2).reshape(2 * A.size(0), 2 * A.size(1))  # row 2j+r, column 2l+c
 
     def forward(self, x):
@@ -403,12 +449,14 @@ class ComplexLinear(nn.Module):
 
 class CRoPE(RoPE):
     """`crope`: CRoPE (arXiv:2601.02728). The Q, K and V projections are complex-linear
-    (ComplexLinear, eq. 30), so q, k, v are genuinely complex vectors on RoPE's adjacent pairs and RoPE's rotation
-    (multiplication by exp(i m theta_p)) acts on them unchanged. Output pair j of the d -> 3d map is pair
-    j mod (hd/2) of head (j mod d/2) // (hd/2) of q, k or v: d and hd are even, so no pair straddles q/k/v or two
-    heads, and the pairs inside each head are exactly the (2p, 2p+1) that apply_rotary rotates.
-    The output projection c_proj stays a full real d x d: the paper's savings (37.5% of attention weights, 12.5%
-    of a block with a 4x MLP) count Q/K/V only. GPT-2 small: 1.5 d^2 L = 10,616,832 fewer."""
+    (ComplexLinear, eq. 30), so q, k, v are genuinely complex vectors on RoPE's adjacent pairs and
+    RoPE's rotation (multiplication by exp(i m theta_p)) acts on them unchanged. Output pair j of
+    the d -> 3d map is pair j mod (hd/2) of head (j mod d/2) // (hd/2) of q, k or v: d and hd are
+    even, so no pair straddles q/k/v or two heads, and the pairs inside each head are exactly the
+    (2p, 2p+1) that apply_rotary rotates.
+    The output projection c_proj stays a full real d x d: the paper's savings (37.5% of attention
+    weights, 12.5% of a block with a 4x MLP) count Q/K/V only. GPT-2 small:
+    1.5 d^2 L = 10,616,832 fewer."""
 
     def qkv_projection(self, config):
         return ComplexLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -418,18 +466,21 @@ class CARoPE(PositionEncoding):
     """`carope`: Context-Aware RoPE (Veisi et al., arXiv:2507.23083, section 2 "Proposed Method").
     RoPE's phase written as an accumulation, phi_p(m) = sum_{t<=m} theta_1^p, with the fixed base
     theta_1 = rope_base^(-2/hd) replaced by a learned, bounded base per token and head:
-        f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H, one pair per layer
+        f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H,
+                                                                 one pair per layer
         phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,          p = 0..hd/2-1
     then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (RoFormer eq. 34).
-    The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it initialises
-    from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and phi_p(m) = (m+1) theta_p, i.e.
-    RoPE with every position shifted by one, so the attention scores are RoPE's.
-    Not shift invariant: the phase between key n and query m is sum_{n<t<=m} f(x_t)^p, it depends on the tokens
-    in between. Phases start at zero before the first token fed, so pos_offset has no effect on CARoPE.
-    KV-cached decoding carries each layer's phase of the last cached token (B, H, P) in cache['carope_phase'].
-    x_t (GPTConfig.carope_source; the paper says "the embedding of the token at position t"): 'block' = the
-    attention's LayerNorm'd input, context-aware in every layer (default); 'embedding' = the input token
-    embeddings (the literal reading), still with W, beta per layer."""
+    The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it
+    initialises from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and
+    phi_p(m) = (m+1) theta_p, i.e. RoPE with every position shifted by one, so the attention scores
+    are RoPE's.
+    Not shift invariant: the phase between key n and query m is sum_{n<t<=m} f(x_t)^p, it depends
+    on the tokens in between. Phases start at zero before the first token fed, so pos_offset has no
+    effect on CARoPE. KV-cached decoding carries each layer's phase of the last cached token
+    (B, H, P) in cache['carope_phase'].
+    x_t (GPTConfig.carope_source; the paper says "the embedding of the token at position t"):
+    'block' = the attention's LayerNorm'd input, context-aware in every layer (default);
+    'embedding' = the input token embeddings (the literal reading), still with W, beta per layer."""
 
     SOURCES = ('block', 'embedding')
 
@@ -440,34 +491,41 @@ class CARoPE(PositionEncoding):
                              f"{', '.join(map(repr, self.SOURCES))}")
         head_dim = config.n_embd // config.n_head
         if head_dim % 2:
-            raise ValueError(f"rotary encodings need an even head dim, got n_embd/n_head = {head_dim}")
+            raise ValueError(f"rotary encodings need an even head dim, "
+                             f"got n_embd/n_head = {head_dim}")
         self.source = config.carope_source
         # exponents p as int64: model.to(dtype) leaves them alone, and log f (fp32) * p stays fp32
         self.register_buffer('p', torch.arange(head_dim // 2), persistent=False)
-        # x_t W + beta for every layer; W is a projection like any other (weight decay on), beta is 1-D (none)
-        self.proj = nn.ModuleList([nn.Linear(config.n_embd, config.n_head) for _ in range(config.n_layer)])
-        y = 1 / config.rope_base ** (-2 / head_dim) - 1  # softplus(beta) = 1/theta_1 - 1 makes f = theta_1
+        # x_t W + beta per layer: W a projection like any other (weight decay on), beta 1-D (none)
+        self.proj = nn.ModuleList([nn.Linear(config.n_embd, config.n_head)
+                                   for _ in range(config.n_layer)])
+        # softplus(beta) = 1/theta_1 - 1 makes f = theta_1
+        y = 1 / config.rope_base ** (-2 / head_dim) - 1
         beta = y + math.log(-math.expm1(-y))  # softplus^-1(y), in fp64, stable for any y > 0
         for proj in self.proj:
             nn.init.zeros_(proj.weight)
             nn.init.constant_(proj.bias, beta)
 
     def log_f(self, layer, x):
-        """log f(x_t) (B, T, H) fp32, strictly negative. -log1p(softplus(z)) never forms 1/(1+s): no overflow
-        or 0/0 for large |z|; softplus is floored at fp32 eps so that f < 1 also where exp(z) underflows."""
+        """log f(x_t) (B, T, H) fp32, strictly negative. -log1p(softplus(z)) never forms 1/(1+s): no
+        overflow or 0/0 for large |z|; softplus is floored at fp32 eps so that f < 1 also where
+        exp(z) underflows."""
         proj = self.proj[layer]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = F.linear(x.float(), proj.weight.float(), proj.bias.float())  # (B, T, H) = x_t W + beta
+            # (B, T, H) = x_t W + beta
+            z = F.linear(x.float(), proj.weight.float(), proj.bias.float())
             return -torch.log1p(F.softplus(z).clamp_min(torch.finfo(torch.float32).eps))
 
     def phase(self, layer, x):
-        """phi^h_p(m) = sum_{t<=m} f(x_t)_h^p, (B, H, T, P) fp32, from zero before x's first token."""
+        """phi^h_p(m) = sum_{t<=m} f(x_t)_h^p, (B, H, T, P) fp32, from zero before x's first
+        token."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             log_f = self.log_f(layer, x).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
-            return torch.exp(log_f * self.p).cumsum(dim=2)  # f^p = exp(p log f) for all pairs at once
+            return torch.exp(log_f * self.p).cumsum(dim=2)  # f^p = exp(p log f), all pairs at once
 
     def prepare(self, x, pos):
-        return x if self.source == 'embedding' else None  # the input embeddings every layer reads x_t from
+        # the input embeddings every layer reads x_t from
+        return x if self.source == 'embedding' else None
 
     def rotate(self, layer, q, k, x, shared, cache):
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -480,54 +538,67 @@ class CARoPE(PositionEncoding):
 
 
 class SelectiveRoPE(PositionEncoding):
-    """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026). Linear
-    attention whose state transition is an input-dependent rotation equals RoPE on q and k with cumulative,
-    input-dependent angles Phi_t = tau * sum_{s<=t} u_s. Transcribed from the released code, authoritative where
-    it differs from the paper's figure (github.com/timurcarstensen/selective-rope, src/selective_rope/modules/
+    """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026). Linear attention
+    whose state transition is an input-dependent rotation equals RoPE on q and k with cumulative,
+    input-dependent angles Phi_t = tau * sum_{s<=t} u_s. Transcribed from the released code,
+    authoritative where it differs from the paper's figure
+    (github.com/timurcarstensen/selective-rope, src/selective_rope/modules/
     rotary.py, class SelectiveRoPE), per layer from the attention's input h_t = x:
       1. split h_t into H chunks of d/H and L2-normalise each chunk
-      2. u_t = chunk_h @ (s_h W_h / ||W_h||_col) per head, W_h: d/H x P (or, selective_rank = r > 0, d -> r -> H*P)
-      3. causal depthwise conv over time on the H*P channels, width selective_conv_width, no bias, optional SiLU
+      2. u_t = chunk_h @ (s_h W_h / ||W_h||_col) per head, W_h: d/H x P
+         (or, selective_rank = r > 0, d -> r -> H*P)
+      3. causal depthwise conv over time on the H*P channels, width selective_conv_width, no bias,
+         optional SiLU
       4. optional u += exp(beta)                     (selective_bias)
-      5. optional u *= sigmoid(Linear_{d->H}(h))     (selective_gate, one gate per head, on the normalised chunks)
-      6. Phi = cumsum_t(u) * tau_p, tau_p = rope_base^(-2p/hd), fixed (the release's temp_type='rope', temp_grad=False)
-      7. rotate pair p of head h of q and k by Phi (adjacent pairs, apply_rotary inside RotateByAngle)
-    With u == 1 (selective_reduce, conv/gate/bias off) Phi_t = (t+1) theta_p: RoPE at positions 1..T.
-    Not shift invariant and blind to pos (and pos_offset): order enters only through the cumsum. KV-cached
-    decoding carries the conv's last width-1 inputs and the running phase in the layer's cache dict.
-    Parameters are stacked over layers (leading dim n_layer), indexed by `layer`. Init follows the released
-    model's: Linear and Conv1d weights N(0, 0.02^2), biases 0, gains 1; so the angles start near zero (NoPE-like).
+      5. optional u *= sigmoid(Linear_{d->H}(h))     (selective_gate, one gate per head, on the
+                                                     normalised chunks)
+      6. Phi = cumsum_t(u) * tau_p, tau_p = rope_base^(-2p/hd), fixed (the release's
+         temp_type='rope', temp_grad=False)
+      7. rotate pair p of head h of q and k by Phi (adjacent pairs, apply_rotary inside
+         RotateByAngle)
+    With u == 1 (selective_reduce, conv/gate/bias off) Phi_t = (t+1) theta_p: RoPE at positions
+    1..T. Not shift invariant and blind to pos (and pos_offset): order enters only through the
+    cumsum. KV-cached decoding carries the conv's last width-1 inputs and the running phase in the
+    layer's cache dict. Parameters are stacked over layers (leading dim n_layer), indexed by
+    `layer`. Init follows the released model's: Linear and Conv1d weights N(0, 0.02^2), biases 0,
+    gains 1; so the angles start near zero (NoPE-like).
     Where this departs from the release, and why: adjacent pairs instead of its half-split pairs
     (the one pairing every encoding here uses; a fixed permutation of q/k dims that the learned
     projections absorb); tau from the shared rope_base instead of its temp_theta=500000 (which its
     RoPE baseline also uses); all of steps 1-6 in fp32, not the model dtype; selective_conv=False is
     the identity (no conv), whereas the release's skip_conv puts a first difference u_t - u_{t-1} in
-    the conv's place, ahead of steps 4-6. Only with bias and gate off does the cumsum undo it, giving
-    Phi_t = tau u_t (not a running sum at all); otherwise Phi_t = tau sum_{s<=t} g_s (u_s - u_{s-1} + b)
-    with g the gate (1 when off) and b = exp(beta) (0 when off)."""
+    the conv's place, ahead of steps 4-6. Only with bias and gate off does the cumsum undo it,
+    giving Phi_t = tau u_t (not a running sum at all); otherwise
+    Phi_t = tau sum_{s<=t} g_s (u_s - u_{s-1} + b) with g the gate (1 when off) and b = exp(beta)
+    (0 when off)."""
 
     def __init__(self, config):
         super().__init__(config)
-        L, d, H, r, W = config.n_layer, config.n_embd, config.n_head, config.selective_rank, config.selective_conv_width
+        L, d, H, r, W = (config.n_layer, config.n_embd, config.n_head, config.selective_rank,
+                         config.selective_conv_width)
         if d % H:
             raise ValueError(f"pos_emb='selective' splits n_embd={d} into n_head={H} chunks: "
                              f"make n_embd a multiple of n_head")
         if r < 0 or W < 1:
-            raise ValueError(f"pos_emb='selective' needs selective_rank >= 0 (0 = per-head projection) and "
-                             f"selective_conv_width >= 1, got {r} and {W}")
+            raise ValueError(f"pos_emb='selective' needs selective_rank >= 0 (0 = per-head "
+                             f"projection) and selective_conv_width >= 1, got {r} and {W}")
         hd = d // H
-        self.register_buffer('tau', rope_frequencies(hd, config.rope_base), persistent=False)  # (P,) step 6
+        # tau: (P,), step 6
+        self.register_buffer('tau', rope_frequencies(hd, config.rope_base), persistent=False)
         self.H, self.P, self.W, self.rank = H, hd // 2, W, r
-        self.conv, self.silu, self.bias, self.gate = (config.selective_conv, config.selective_conv_silu,
-                                                      config.selective_bias, config.selective_gate)
+        self.conv, self.silu, self.bias, self.gate = (
+            config.selective_conv, config.selective_conv_silu, config.selective_bias,
+            config.selective_gate)
         self.reduce = config.selective_reduce
         C = H * self.P  # phase channels, one per (head, pair): d/2
         if self.reduce:
             pass  # u = 1: no projection parameters (unused ones would break DDP)
-        elif r == 0:  # step 2, ChunkedLinear: only W's direction matters (weight norm), the gain s_h sets the scale
+        elif r == 0:
+            # step 2, ChunkedLinear (weight norm): only W's direction matters, s_h sets the scale
             self.w = nn.Parameter(torch.empty(L, H, hd, self.P).uniform_(-1, 1))  # (L, H, d/H, P)
             self.w_gain = nn.Parameter(torch.ones(L, H))
-            self.w_gain.no_weight_decay = True  # a per-head gain (1-D per layer in the release, which exempts it)
+            # a per-head gain (1-D per layer in the release, which exempts it)
+            self.w_gain.no_weight_decay = True
         else:  # step 2, low-rank phi_proj: Linear(d, r) then Linear(r, H*P), no biases
             self.w_down = nn.Parameter(torch.randn(L, d, r) * 0.02)
             self.w_up = nn.Parameter(torch.randn(L, r, C) * 0.02)
@@ -542,42 +613,53 @@ class SelectiveRoPE(PositionEncoding):
             self.gate_bias.no_weight_decay = True  # a bias
 
     def phase(self, layer, x, cache):
-        """Steps 1-6: the angles Phi (B, H, T, P) of layer `layer` from its attention input x (B, T, d), fp32 or fp64.
-        cache: the layer's decoding dict (its conv inputs and running phase are read and updated) or None."""
+        """Steps 1-6: the angles Phi (B, H, T, P) of layer `layer` from its attention input
+        x (B, T, d), fp32 or fp64. cache: the layer's decoding dict (its conv inputs and running
+        phase are read and updated) or None."""
         B, T, d = x.shape
         H, P, W, C = self.H, self.P, self.W, self.H * self.P
-        with torch.autocast(device_type=x.device.type, enabled=False):  # every step feeds an angle: fp32 (or fp64)
+        # every step feeds an angle: fp32 (or fp64)
+        with torch.autocast(device_type=x.device.type, enabled=False):
             dt = torch.promote_types(x.dtype, torch.float32)
             x = x.to(dt)
-            # step 1: 1/||chunk_h|| as the release's l2_norm, (B, T, H, 1). The maps of steps 2 and 5 are linear, so
-            # they read the raw chunks and are scaled by it afterwards: the same numbers without a normalised copy of x
+            # step 1: 1/||chunk_h|| as the release's l2_norm, (B, T, H, 1). The maps of steps 2 and
+            # 5 are linear, so they read the raw chunks and are scaled by it afterwards: the same
+            # numbers without a normalised copy of x
             rn = torch.rsqrt(x.view(B, T, H, d // H).square().sum(-1, keepdim=True) + 1e-6)
-            ws = []  # per-chunk weights (H, d/H, n) of steps 2 and 5, all applied by one grouped 1x1 conv
-            if not self.reduce and self.rank == 0:  # step 2: s_h W_h / ||W_h||_col, so every column has norm s_h
-                ws.append(self.w_gain[layer].to(dt)[:, None, None] * F.normalize(self.w[layer].to(dt), dim=1))
-            elif not self.reduce:  # step 2, low-rank: h @ w_down is a sum over the chunks of chunk_h @ (its rows)
+            ws = []  # per-chunk weights (H, d/H, n) of steps 2, 5, applied by one grouped 1x1 conv
+            if not self.reduce and self.rank == 0:
+                # step 2: s_h W_h / ||W_h||_col, so every column has norm s_h
+                ws.append(self.w_gain[layer].to(dt)[:, None, None]
+                          * F.normalize(self.w[layer].to(dt), dim=1))
+            elif not self.reduce:
+                # step 2, low-rank: h @ w_down is a sum over the chunks of chunk_h @ (its rows)
                 ws.append(self.w_down[layer].to(dt).view(H, d // H, -1))
             n_gate = H if self.gate else 0
             if self.gate:  # step 5's Linear(d, H), also a sum over the chunks
                 ws.append(self.gate_weight[layer].to(dt).view(H, d // H, H))
             if ws:
                 w = torch.cat(ws, -1)  # (H, d/H, n)
-                proj = conv_time(x, w.transpose(1, 2).reshape(-1, d // H, 1, 1), groups=H).reshape(B, T, H, -1) * rn
-                proj, gate_logit = proj.split([w.size(-1) - n_gate, n_gate], dim=-1)  # per chunk: projection, gate
+                proj = (conv_time(x, w.transpose(1, 2).reshape(-1, d // H, 1, 1), groups=H)
+                        .reshape(B, T, H, -1) * rn)
+                # per chunk: projection, gate
+                proj, gate_logit = proj.split([w.size(-1) - n_gate, n_gate], dim=-1)
             if self.reduce:  # test hook: u_t = 1
                 u = x.new_ones(B, T, C)
             elif self.rank == 0:
                 u = proj.reshape(B, T, C)  # (B, T, C), channel h*P + p
             else:
                 u = proj.sum(2) @ self.w_up[layer].to(dt)  # (B, T, r) @ (r, C)
-            if self.conv:  # step 3: v_t = sum_j w_j u_{t-W+1+j} (Conv1d's cross-correlation), zeros before t = 0
+            # step 3: v_t = sum_j w_j u_{t-W+1+j} (Conv1d's cross-correlation), zeros before t = 0
+            if self.conv:
                 prev = cache.get('selective_conv') if cache is not None else None
                 if prev is None:
                     prev = u.new_zeros(B, W - 1, C)
-                u = torch.cat((prev, u), dim=1)  # (B, W-1+T, C): the left context, so causal by construction
+                # (B, W-1+T, C): the left context, so causal by construction
+                u = torch.cat((prev, u), dim=1)
                 if cache is not None:
-                    cache['selective_conv'] = u[:, T:]  # the last W-1 inputs, for the next decoding step
-                u = conv_time(u, self.conv_weight[layer].to(dt)[:, None, None], groups=C)  # depthwise, (B, T, C)
+                    cache['selective_conv'] = u[:, T:]  # last W-1 inputs, for the next decode step
+                # depthwise, (B, T, C)
+                u = conv_time(u, self.conv_weight[layer].to(dt)[:, None, None], groups=C)
                 if self.silu:
                     u = F.silu(u)
             if self.bias:  # step 4
@@ -590,7 +672,8 @@ class SelectiveRoPE(PositionEncoding):
                 if 'selective_phase' in cache:
                     phi = phi + cache['selective_phase'].view(B, 1, C)
                 cache['selective_phase'] = phi[:, -1].view(B, H, P)  # the running phase
-            return phi.view(B, T, H, P).transpose(1, 2) * self.tau  # (B, H, T, P), laid out like q and k in memory
+            # (B, H, T, P), laid out like q and k in memory
+            return phi.view(B, T, H, P).transpose(1, 2) * self.tau
 
     def rotate(self, layer, q, k, x, shared, cache):
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -598,9 +681,10 @@ class SelectiveRoPE(PositionEncoding):
 
 
 def alibi_slopes(n_head):
-    """ALiBi's head slopes m_h (arXiv:2108.12409 section 3), fp32 (n_head,): for H a power of two the geometric
-    sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8); otherwise the H' = 2^floor(log2 H) slopes of H', then every other
-    slope of 2H' (its first, third, ...) until there are H, as the paper's code does."""
+    """ALiBi's head slopes m_h (arXiv:2108.12409 section 3), fp32 (n_head,): for H a power of two
+    the geometric sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8); otherwise the H' = 2^floor(log2 H)
+    slopes of H', then every other slope of 2H' (its first, third, ...) until there are H, as the
+    paper's code does."""
     def geometric(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
     p = 2 ** int(math.log2(n_head))
@@ -608,9 +692,10 @@ def alibi_slopes(n_head):
 
 
 class ALiBi(PositionEncoding):
-    """`alibi`: Attention with Linear Biases (Press et al., ICLR 2022, arXiv:2108.12409 section 3). No
-    position embedding; head h adds -m_h (i - j) to the score of query i on key j (m: alibi_slopes). No
-    parameters. The bias is added to the scaled score q.k/sqrt(hs), as in the paper's code."""
+    """`alibi`: Attention with Linear Biases (Press et al., ICLR 2022, arXiv:2108.12409 section 3).
+    No position embedding; head h adds -m_h (i - j) to the score of query i on key j
+    (m: alibi_slopes). No parameters. The bias is added to the scaled score q.k/sqrt(hs), as in the
+    paper's code."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -622,24 +707,29 @@ class ALiBi(PositionEncoding):
 
 
 class T5Bias(PositionEncoding):
-    """`t5`: T5's relative attention bias (Raffel et al., JMLR 2020, arXiv:1910.10683 section 2.1): one learned
-    scalar per (bucket, head), shared by all layers, added to the score of query i on key j. Causal buckets of
-    n = i - j (the released code's _relative_position_bucket, bidirectional=False): n for n < 16, else
-    16 + floor(16 ln(n/16) / ln(128/16)), at most 31; i.e. 32 buckets, 16 exact, the rest log-spaced up to
-    distance 128 and the last for everything beyond. Table init N(0, 1/n_embd) as HF transformers' T5.
-    Departure: T5 leaves q.k unscaled (its init absorbs 1/sqrt(hs)); here the bias meets the scaled score."""
+    """`t5`: T5's relative attention bias (Raffel et al., JMLR 2020, arXiv:1910.10683 section 2.1):
+    one learned scalar per (bucket, head), shared by all layers, added to the score of query i on
+    key j. Causal buckets of n = i - j (the released code's _relative_position_bucket,
+    bidirectional=False): n for n < 16, else 16 + floor(16 ln(n/16) / ln(128/16)), at most 31;
+    i.e. 32 buckets, 16 exact, the rest log-spaced up to distance 128 and the last for everything
+    beyond. Table init N(0, 1/n_embd) as HF transformers' T5.
+    Departure: T5 leaves q.k unscaled (its init absorbs 1/sqrt(hs)); here the bias meets the
+    scaled score."""
 
     BUCKETS, EXACT, MAX_DISTANCE = 32, 16, 128
 
     def __init__(self, config):
         super().__init__(config)
-        self.relative_attention_bias = nn.Parameter(torch.randn(self.BUCKETS, config.n_head) * config.n_embd ** -0.5)
+        self.relative_attention_bias = nn.Parameter(
+            torch.randn(self.BUCKETS, config.n_head) * config.n_embd ** -0.5)
 
     @classmethod
     def bucket(cls, n):
-        """Bucket (int64) of each distance n = i - j (int64; negative ones, masked anyway, go to bucket 0)."""
+        """Bucket (int64) of each distance n = i - j (int64; negative ones, masked anyway, go to
+        bucket 0)."""
         n = n.clamp_min(0)
-        far = torch.log(n.clamp_min(cls.EXACT).float() / cls.EXACT) / math.log(cls.MAX_DISTANCE / cls.EXACT)
+        far = (torch.log(n.clamp_min(cls.EXACT).float() / cls.EXACT)
+               / math.log(cls.MAX_DISTANCE / cls.EXACT))
         far = (cls.EXACT + (far * (cls.BUCKETS - cls.EXACT)).long()).clamp_max(cls.BUCKETS - 1)
         return torch.where(n < cls.EXACT, n, far)
 
@@ -650,35 +740,42 @@ class T5Bias(PositionEncoding):
 
 
 class FIRE(PositionEncoding):
-    """`fire`: Functional Interpolation for Relative Positions (Li et al., ICLR 2024, arXiv:2310.04418 section 3):
+    """`fire`: Functional Interpolation for Relative Positions (Li et al., ICLR 2024,
+    arXiv:2310.04418 section 3):
         b(i, j) = f_theta(psi(i - j) / psi(max(L, i))),   psi(x) = log(|c| x + 1)
-    for query position i and key position j, f_theta an MLP 1 -> 32 -> H (ReLU), c (init 0.1) and the threshold
-    L = |l| * 512 (l init 1) learned: progressive interpolation normalises positions below L as if at L. One
-    module shared by all layers, PyTorch's default Linear init, as the paper's listing. Not shift invariant: i is
-    the query's absolute position. The paper adds eps = 1e-6 to the normaliser, as here. The bias is one
-    (H, T, Tk) fp32 table per forward, shared by the layers (prepare), read with one index per score: the
-    MLP's 32 hidden units per score pair run once, not once per layer, and FlexAttention's backward (one
-    index per captured tensor) takes it."""
+    for query position i and key position j, f_theta an MLP 1 -> 32 -> H (ReLU), c (init 0.1) and
+    the threshold L = |l| * 512 (l init 1) learned: progressive interpolation normalises positions
+    below L as if at L. One module shared by all layers, PyTorch's default Linear init, as the
+    paper's listing. Not shift invariant: i is the query's absolute position. The paper adds
+    eps = 1e-6 to the normaliser, as here. The bias is one (H, T, Tk) fp32 table per forward, shared
+    by the layers (prepare), read with one index per score: the MLP's 32 hidden units per score pair
+    run once, not once per layer, and FlexAttention's backward (one index per captured tensor)
+    takes it."""
 
     WIDTH, C_INIT, L_INIT, EPS = 32, 0.1, 512.0, 1e-6
-    relative = False  # the normaliser reads the query's absolute position: generate recomputes a full window
+    # the normaliser reads the query's absolute position: generate recomputes a full window
+    relative = False
 
     def __init__(self, config):
         super().__init__(config)
-        self.mlp = nn.Sequential(nn.Linear(1, self.WIDTH), nn.ReLU(), nn.Linear(self.WIDTH, config.n_head))
+        self.mlp = nn.Sequential(nn.Linear(1, self.WIDTH), nn.ReLU(),
+                                 nn.Linear(self.WIDTH, config.n_head))
         self.c = nn.Parameter(torch.tensor(self.C_INIT))
         self.L_multiplier = nn.Parameter(torch.tensor(1.0))
 
     def table(self, qpos, kpos):
-        """b(i, j) for queries at qpos (T,) and keys at kpos (Tk,), int64 -> (H, T, Tk), fp32 (fp64 in a float64
-        model), outside autocast. The MLP as a sum over its hidden units: under no_grad (evaluation at long T)
-        it holds one (T, Tk) slice at a time, where nn.Sequential would hold all 32."""
+        """b(i, j) for queries at qpos (T,) and keys at kpos (Tk,), int64 -> (H, T, Tk), fp32 (fp64
+        in a float64 model), outside autocast. The MLP as a sum over its hidden units: under no_grad
+        (evaluation at long T) it holds one (T, Tk) slice at a time, where nn.Sequential would hold
+        all 32."""
         dt = self.c.dtype  # the MLP's too: _apply keeps this encoding's parameters at >= fp32
         c, L = self.c.abs(), (self.L_multiplier * self.L_INIT).abs()
-        w1, b1, w2, b2 = self.mlp[0].weight[:, 0], self.mlp[0].bias, self.mlp[2].weight, self.mlp[2].bias
+        w1, b1, w2, b2 = (self.mlp[0].weight[:, 0], self.mlp[0].bias,
+                          self.mlp[2].weight, self.mlp[2].bias)
         with torch.autocast(device_type=qpos.device.type, enabled=False):
             psi = lambda n: torch.log(c * n.to(dt) + 1)
-            u = psi((qpos[:, None] - kpos).abs()) / (psi(torch.maximum(qpos.to(dt), L))[:, None] + self.EPS)
+            u = (psi((qpos[:, None] - kpos).abs())
+                 / (psi(torch.maximum(qpos.to(dt), L))[:, None] + self.EPS))
             return b2.view(-1, 1, 1) + sum(w2[:, n, None, None] * torch.relu(w1[n] * u + b1[n])
                                            for n in range(self.WIDTH))  # (H, T, Tk)
 
@@ -686,40 +783,43 @@ class FIRE(PositionEncoding):
         return self.table(pos, pos)  # training and evaluation: the keys are the queries
 
     def score_bias(self, layer, q, k, x, pos, shared, cache):
-        # KV-cached decoding: the new queries against every key so far, at pos[0] - (Tk - T) .. pos[-1]
+        # KV-cached decoding: new queries against every key so far, at pos[0] - (Tk - T) .. pos[-1]
         t = shared if cache is None else self.table(pos, torch.arange(k.size(2), device=pos.device)
                                                     + pos[0] - (k.size(2) - q.size(2)))
         return lambda b, h, i, j: t[h, i, j]
 
 
 class CoPE(PositionEncoding):
-    """`cope`: Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719 section 3). Positions count
-    the keys a query's gates open: g_ij = sigmoid(q_i.k_j), p_ij = sum_{t=j..i} g_it, and the score of key j gains
-    q_i.e[p_ij], e[p] interpolated between the learned e[floor p] and e[ceil p], p clamped to npos_max - 1
-    (cope_npos_max). As the paper's code: q_i.e[n] is formed for the integer n (T x npos_max) and two of them
-    gathered per (i, j), not a T x T x hs tensor; e: (hs, npos_max) per layer, shared by heads, init 0 (CoPE
-    starts as NoPE); the gates read the scaled score q.k/sqrt(hs) the attention uses. Content-dependent: the
-    gates are T x T per head on every device (FlexAttention reads the finished bias). Shift invariant."""
+    """`cope`: Contextual Position Encoding (Golovneva et al. 2024, arXiv:2405.18719 section 3).
+    Positions count the keys a query's gates open: g_ij = sigmoid(q_i.k_j),
+    p_ij = sum_{t=j..i} g_it, and the score of key j gains q_i.e[p_ij], e[p] interpolated between
+    the learned e[floor p] and e[ceil p], p clamped to npos_max - 1 (cope_npos_max). As the paper's
+    code: q_i.e[n] is formed for the integer n (T x npos_max) and two of them gathered per (i, j),
+    not a T x T x hs tensor; e: (hs, npos_max) per layer, shared by heads, init 0 (CoPE starts as
+    NoPE); the gates read the scaled score q.k/sqrt(hs) the attention uses. Content-dependent: the
+    gates are T x T per head on every device (FlexAttention reads the finished bias). Shift
+    invariant."""
 
     def __init__(self, config):
         super().__init__(config)
         self.npos_max = config.cope_npos_max
-        self.pos_emb = nn.Parameter(torch.zeros(config.n_layer, config.n_embd // config.n_head, self.npos_max))
+        self.pos_emb = nn.Parameter(
+            torch.zeros(config.n_layer, config.n_embd // config.n_head, self.npos_max))
 
     def score_bias(self, layer, q, k, x, pos, shared, cache):
         T, Tk = q.size(2), k.size(2)
-        with torch.autocast(device_type=q.device.type, enabled=False):  # gates, counts and bias in fp32
+        with torch.autocast(device_type=q.device.type, enabled=False):  # gates, counts, bias: fp32
             dt = torch.promote_types(q.dtype, torch.float32)
             qf, kf = q.to(dt), k.to(dt)
             causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
-            g = torch.sigmoid(qf @ kf.transpose(-1, -2) / math.sqrt(q.size(-1))) * causal  # (B, nh, T, Tk)
-            p = g.flip(-1).cumsum(-1).flip(-1).clamp_max(self.npos_max - 1)  # sum_{t >= j} g_it, t <= i by g
+            # g: (B, nh, T, Tk); p: sum_{t >= j} g_it, t <= i by g
+            g = torch.sigmoid(qf @ kf.transpose(-1, -2) / math.sqrt(q.size(-1))) * causal
+            p = g.flip(-1).cumsum(-1).flip(-1).clamp_max(self.npos_max - 1)
             z = qf @ self.pos_emb[layer].to(dt)  # (B, nh, T, npos_max): q_i . e[n]
             w = p - p.floor()
-            bias = z.gather(-1, p.ceil().long()) * w + z.gather(-1, p.floor().long()) * (1 - w)  # (B, nh, T, Tk)
+            bias = (z.gather(-1, p.ceil().long()) * w
+                    + z.gather(-1, p.floor().long()) * (1 - w))  # (B, nh, T, Tk)
         return lambda b, h, i, j: bias[b, h, i, j]
-
-
 
 
 class XPos(RoPE):
@@ -727,12 +827,12 @@ class XPos(RoPE):
     RoPE times a per-pair scale zeta_p = (2p/hd + gamma) / (1 + gamma), gamma = 0.4, p = 0..hd/2-1.
     q at position n is rotated as in RoPE and scaled by zeta_p^(n/s), k at m by zeta_p^(-m/s),
     s = 512 (the scale base), so pair p of q.k carries zeta_p^((n-m)/s): relative, and decaying with
-    distance. apply_rotary is linear in (cos, sin): (cos, sin) * zeta^(n/s) rotates and scales in one
-    pass. prepare() returns those tables for q and for k, each (T, hs/2), fp32 (fp64 in a float64
-    model) from int64 positions, outside autocast. Departure: the paper's code centres the positions
-    of each forward; here they are not (a cached key keeps the scale it was given), which bounds the
-    range: zeta_0^(n/512) = (0.4/1.4)^(n/512) leaves fp32's (and bf16's) normal range near n = 36k,
-    fp16's near n = 4k. No parameters."""
+    distance. apply_rotary is linear in (cos, sin): (cos, sin) * zeta^(n/s) rotates and scales in
+    one pass. prepare() returns those tables for q and for k, each (T, hs/2), fp32 (fp64 in a
+    float64 model) from int64 positions, outside autocast. Departure: the paper's code centres the
+    positions of each forward; here they are not (a cached key keeps the scale it was given), which
+    bounds the range: zeta_0^(n/512) = (0.4/1.4)^(n/512) leaves fp32's (and bf16's) normal range
+    near n = 36k, fp16's near n = 4k. No parameters."""
 
     GAMMA, SCALE_BASE = 0.4, 512
     max_len, max_len_why = 35_000, "(fp32's range of zeta^(n/512)); positions are not centred"
@@ -757,22 +857,23 @@ class XPos(RoPE):
 
 class PoPE(PositionEncoding):
     """`pope`: Polar Coordinate Position Embeddings (Gopalakrishnan et al. 2025, arXiv:2509.10534).
-    Each of the hd dims of q and k becomes a complex number: content its magnitude, position its phase,
-    q~_c = softplus(q_c) e^{i n theta_c}, k~_c = softplus(k_c) e^{i (m theta_c + delta_c)},
+    Each of the hd dims of q and k becomes a complex number: content its magnitude, position its
+    phase, q~_c = softplus(q_c) e^{i n theta_c}, k~_c = softplus(k_c) e^{i (m theta_c + delta_c)},
     theta_c = rope_base^(-c/hd), c = 0..hd-1 (hd frequencies where RoPE has hd/2); the score is
-        Re(sum_c q~_c conj(k~_c)) = sum_c softplus(q_c) softplus(k_c) cos((n - m) theta_c - delta_c).
-    delta (L, nh, hd): a learned phase per layer, head and frequency, 0 at init, clamped to [-2pi, 0].
-    rotate() returns q~, k~ as real (B, nh, T, 2 hs) tensors, (Re, Im) in adjacent pairs, so that
-    q'.k' is the score and SDPA takes them as they are (v keeps hs; the KV cache holds k'). SDPA
-    divides by sqrt(2 hs), q''s width; the score is a sum of hs terms, divided by sqrt(hs) as in
-    x-transformers and PoPE-pytorch: q' carries a factor sqrt(2). All of it in fp32 (fp64 in a
+      Re(sum_c q~_c conj(k~_c)) = sum_c softplus(q_c) softplus(k_c) cos((n - m) theta_c - delta_c).
+    delta (L, nh, hd): a learned phase per layer, head and frequency, 0 at init, clamped to
+    [-2pi, 0]. rotate() returns q~, k~ as real (B, nh, T, 2 hs) tensors, (Re, Im) in adjacent pairs,
+    so that q'.k' is the score and SDPA takes them as they are (v keeps hs; the KV cache holds k').
+    SDPA divides by sqrt(2 hs), q''s width; the score is a sum of hs terms, divided by sqrt(hs) as
+    in x-transformers and PoPE-pytorch: q' carries a factor sqrt(2). All of it in fp32 (fp64 in a
     float64 model), outside autocast."""
 
     def __init__(self, config):
         super().__init__(config)
         hd = config.n_embd // config.n_head
         # base^(-2c/(2 hd)) = base^(-c/hd), c = 0..hd-1
-        self.register_buffer('inv_freq', rope_frequencies(2 * hd, config.rope_base), persistent=False)
+        self.register_buffer('inv_freq', rope_frequencies(2 * hd, config.rope_base),
+                             persistent=False)
         self.delta = nn.Parameter(torch.zeros(config.n_layer, config.n_head, hd))
         self.delta.no_weight_decay = True  # a phase, not a weight: decay would pull it to 0
 
@@ -807,7 +908,8 @@ ENCODINGS = {
     'xpos': XPos,
     'pope': PoPE,
 }
-ROPE_FAMILY = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]  # take the RoPE-table keys
+# the encodings that take the RoPE-table keys
+ROPE_FAMILY = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]
 
 
 def build_position_encoding(config):
