@@ -1,13 +1,15 @@
 """
 nanoGPT's "poor man's configurator", made strict. A script runs it with
     exec(open('configurator.py').read())
-after setting its defaults as module-level names. Arguments are config files and --key=value overrides:
+after setting its defaults as module-level names. Arguments are config files and --key=value
+overrides:
     $ python train.py config/quickstart.py --batch_size=32 --pos_emb=carope
-A config file is plain Python whose top-level names override the defaults. A script may declare, beside its
-defaults, `_choices` (key -> valid values) and `_ranges` (key -> interval such as '[1, inf)', '(0, 1]').
-An unknown key, a value of the wrong type (an int where a float is expected is fine), a value outside its
-choices or range, or a missing config file ends the run with a one-line message and exit status 2, before
-anything is written. Only the first process of a torchrun job (RANK 0) prints what was overridden.
+A config file is plain Python whose top-level names override the defaults. A script may declare,
+beside its defaults, `_choices` (key -> valid values) and `_ranges` (key -> interval such as
+'[1, inf)', '(0, 1]'). An unknown key, a value of the wrong type (an int where a float is expected
+is fine), a value outside its choices or range, or a missing config file ends the run with a
+one-line message and exit status 2, before anything is written. Only the first process of a
+torchrun job (RANK 0) prints what was overridden.
 """
 import builtins as _builtins
 import difflib as _difflib
@@ -31,7 +33,8 @@ _config_given = set()  # the keys a config file or flag set, even to their defau
 
 
 def _in_range(value, interval):
-    """Is value inside interval, written '[lo, hi)' etc. ('inf' for no bound; [ ] closed, ( ) open)?"""
+    """Is value inside interval, written '[lo, hi)' etc.
+    ('inf' for no bound; [ ] closed, ( ) open)?"""
     lo, hi = (float(v) for v in interval[1:-1].split(','))
     return (lo <= value if interval[0] == '[' else lo < value) and \
         (value <= hi if interval[-1] == ']' else value < hi)
@@ -47,8 +50,8 @@ def _config_set(key, value, source):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(default):
-        _config_fail(f"'{key}' in {source} must be {type(default).__name__} (like the default {default!r}), "
-                     f"got {type(value).__name__} {value!r}")
+        _config_fail(f"'{key}' in {source} must be {type(default).__name__} "
+                     f"(like the default {default!r}), got {type(value).__name__} {value!r}")
     choices = globals().get('_choices', {}).get(key)
     if choices is not None and value not in choices:
         _config_fail(f"'{key}' in {source} is {value!r}; valid: {', '.join(map(str, choices))}")
@@ -59,7 +62,8 @@ def _config_set(key, value, source):
     _config_given.add(key)
 
 
-if '_ranges' in globals():  # a script that declares ranges declares one, holding its default, per numeric key
+# a script that declares ranges declares one, holding its default, per numeric key
+if '_ranges' in globals():
     for _key, _default in _config_defaults.items():
         if type(_default) in (int, float):
             assert _key in _ranges, f"{_key} has no declared range in _ranges"
@@ -69,7 +73,8 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
     if not _arg.startswith('--'):  # a config file
         if not _os.path.isfile(_arg):
             _available = sorted(_glob.glob(_os.path.join('config', '*.py')))
-            _config_fail(f"config file '{_arg}' not found; available: {', '.join(_available) or 'none'}")
+            _config_fail(f"config file '{_arg}' not found; "
+                         f"available: {', '.join(_available) or 'none'}")
         _namespace = {"__file__": _os.path.abspath(_arg)}  # so a config can build on another
         try:
             # _builtins.compile: train.py's `compile` key shadows the builtin in this namespace
@@ -78,10 +83,12 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
             _tb = _traceback.extract_tb(_e.__traceback__)
             _line = getattr(_e, 'lineno', None) or \
                 next((f.lineno for f in _tb[::-1] if f.filename == _arg), '?')
-            _config_fail(f"config file '{_arg}' line {_line}: {type(_e).__name__}: {getattr(_e, 'msg', _e)}")
+            _config_fail(f"config file '{_arg}' line {_line}: "
+                         f"{type(_e).__name__}: {getattr(_e, 'msg', _e)}")
         _set = []
         for _key, _value in _namespace.items():
-            if not _key.startswith('_') and not callable(_value) and not hasattr(_value, '__spec__'):
+            if (not _key.startswith('_') and not callable(_value)
+                    and not hasattr(_value, '__spec__')):
                 _config_set(_key, _value, _arg)
                 _set.append(f"{_key}={globals()[_key]!r}")
         if _config_verbose:  # stdout stays the program's output

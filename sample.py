@@ -19,8 +19,10 @@ from rope import ROPE_SCALINGS
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's directory
-checkpoint = 'best'  # 'best' = best.pt (the weights of the best val loss), 'latest' = ckpt.pt (the last state)
-start = "\n"  # prompt, or "FILE:path" to read it from a file; an empty prompt starts from <|endoftext|>
+# 'best' = best.pt (the weights of the best val loss), 'latest' = ckpt.pt (the last state)
+checkpoint = 'best'
+# prompt, or "FILE:path" to read it from a file; an empty prompt starts from <|endoftext|>
+start = "\n"
 num_samples = 3
 max_new_tokens = 500
 temperature = 0.8  # 1.0 = the model's distribution; lower is more conservative; 0 = greedy
@@ -30,8 +32,9 @@ device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 use_cache = True  # KV-cached decoding; False recomputes the last block_size tokens every token
 extrapolate = False  # True: never crop the context to block_size (length extrapolation)
-# context extension of an encoding built on RoPE's frequencies (rope, crope, ...); each, when given,
-# replaces the checkpoint's: e.g. --rope_scaling=yarn --rope_scaling_factor=4 with --extrapolate=True
+# context extension of an encoding built on RoPE's frequencies (rope, crope, ...); each, when
+# given, replaces the checkpoint's: e.g. --rope_scaling=yarn --rope_scaling_factor=4 with
+# --extrapolate=True
 rope_scaling = 'none'  # 'none', 'linear', 'ntk', 'dynamic' or 'yarn' (see rope.RoPE)
 rope_scaling_factor = 1.0  # its factor s over the length the checkpoint's RoPE was trained at
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest'],

@@ -1,5 +1,6 @@
-# GPT-2 small (124M) with CARoPE on FineWeb-Edu 10B: the CARoPE paper's recipe (arXiv:2507.23083, section 3.2):
-# T=512, 524,288 tokens per step, 19k steps, LR 6e-4 with 750 warmup steps and cosine decay to 6e-5, vocab 50304.
+# GPT-2 small (124M) with CARoPE on FineWeb-Edu 10B: the CARoPE paper's recipe (arXiv:2507.23083,
+# section 3.2): T=512, 524,288 tokens per step, 19k steps, LR 6e-4 with 750 warmup steps and cosine
+# decay to 6e-5, vocab 50304.
 # $ python prepare_data.py --dataset=fineweb_edu
 # $ torchrun --standalone --nproc_per_node=8 train.py config/carope.py
 # 32 x 512 tokens x 4 micro-steps x 8 GPUs = 524,288 tokens per step; 19,000 steps = 9.96B tokens.
@@ -10,10 +11,12 @@ import os
 
 exec(open(os.path.join(os.path.dirname(__file__), 'gpt2_rope.py')).read())
 pos_emb = 'carope'
-carope_source = 'block'  # x_t = each attention's LayerNorm'd input; 'embedding' = the token embeddings
+# x_t = each attention's LayerNorm'd input; 'embedding' = the token embeddings
+carope_source = 'block'
 out_dir = 'out-gpt2-carope'
 
-n_layer = 12  # the paper's text says "12 layers, 10 heads", but 768 is not divisible by 10: 12 heads, as GPT-2
+# the paper's text says "12 layers, 10 heads", but 768 is not divisible by 10: 12 heads, as GPT-2
+n_layer = 12
 n_head = 12
 n_embd = 768
 block_size = 512  # train and evaluate at 512 (eval_block_size = 0 means block_size)
@@ -27,4 +30,5 @@ warmup_iters = 750
 max_iters = 19000
 lr_decay_iters = 19000
 
-eval_iters = 20  # 20 * 32 * 512 = 327,680 fixed val tokens (at eval_block_size=1024 the same tokens, 2x longer windows)
+# 20 * 32 * 512 = 327,680 fixed val tokens (eval_block_size=1024: same tokens, 2x longer windows)
+eval_iters = 20

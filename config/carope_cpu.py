@@ -1,4 +1,5 @@
-# The quick-start model (4 layers, 4 heads, 128 wide, T=256) with CARoPE, on the embedded dataset, on a CPU:
+# The quick-start model (4 layers, 4 heads, 128 wide, T=256) with CARoPE, on the embedded dataset,
+# on a CPU:
 # $ python train.py config/carope_cpu.py && python sample.py --out_dir=out-carope-cpu
 import os
 

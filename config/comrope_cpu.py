@@ -1,4 +1,5 @@
-# The CPU quick-start (config/quickstart.py: embedded dataset, 4 layers, d=128, T=256) with ComRoPE-AP.
+# The CPU quick-start (config/quickstart.py: embedded dataset, 4 layers, d=128, T=256) with
+# ComRoPE-AP.
 # $ python train.py config/comrope_cpu.py            (ComRoPE-LD: add --pos_emb=comrope_ld)
 import os
 

@@ -1,8 +1,9 @@
 # GPT-2 small (124M) on FineWeb-Edu 10B with RoPE: the build-nanogpt recipe.
 # $ python prepare_data.py --dataset=fineweb_edu
 # $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py
-# 16 x 1024 tokens x 4 micro-steps x 8 GPUs = 524,288 tokens per step (~0.5M); 19,073 steps = 10B tokens.
-# On fewer GPUs gradient accumulation keeps the same global batch (it is divided by the process count).
+# 16 x 1024 tokens x 4 micro-steps x 8 GPUs = 524,288 tokens per step (~0.5M); 19,073 steps = 10B
+# tokens. On fewer GPUs gradient accumulation keeps the same global batch (it is divided by the
+# process count).
 out_dir = 'out-gpt2-rope'
 dataset = 'fineweb_edu'
 pos_emb = 'rope'

@@ -1,5 +1,6 @@
-# Copy at T=64: a random string of 32 symbols, a separator, then the string again; loss on the copy only.
-# Generated on the fly from the seed (no files); a tiny model copies perfectly after ~250 steps on a CPU:
+# Copy at T=64: a random string of 32 symbols, a separator, then the string again; loss on the copy
+# only. Generated on the fly from the seed (no files); a tiny model copies perfectly after ~250
+# steps on a CPU:
 # $ python train.py config/synthetic_copy.py && python eval.py --out_dirs=out-synthetic-copy
 # (eval.py reports answer accuracy at 64, 128 and 256: strings of 32, 64 and 128 symbols)
 out_dir = 'out-synthetic-copy'
