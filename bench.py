@@ -1,15 +1,16 @@
 """
-Step time, tokens/s and memory of every position encoding relative to a baseline, at one config, in one run.
-Performance is only measured here, never asserted in tests.
+Step time, tokens/s and memory of every position encoding relative to a baseline, at one config,
+in one run. Performance is only measured here, never asserted in tests.
 $ python bench.py                                            # the CPU quick-start model, every encoding
 $ python bench.py --preset=gpt2 --compile=True               # GPT-2 small on a GPU
 $ python bench.py --pos_embs=rope,learned --report=bench.md  # some encodings; the table also to a file
 $ python bench.py --pos_embs=learned,rope --peer=../nanoGPT    # against nanoGPT's own model.py, same size
-Each encoding's row is printed (and the report rewritten) as soon as its first round is timed, so a run cut short
-keeps what it measured; the final table takes the fastest of all rounds.
-Every GPTConfig field is a key too (e.g. --rope_base=500000.0), so later encodings' options can be benchmarked.
-On a CPU shared with another job, OMP_NUM_THREADS=1 avoids oversubscribed threads (many times slower, and
-worst for encodings with many small elementwise ops, which skews the ratios).
+Each encoding's row is printed (and the report rewritten) as soon as its first round is timed, so a
+run cut short keeps what it measured; the final table takes the fastest of all rounds.
+Every GPTConfig field is a key too (e.g. --rope_base=500000.0), so later encodings' options can be
+benchmarked.
+On a CPU shared with another job, OMP_NUM_THREADS=1 avoids oversubscribed threads (many times
+slower, and worst for encodings with many small elementwise ops, which skews the ratios).
 """
 import contextlib
 import dataclasses
@@ -28,7 +29,8 @@ from rope import ENCODINGS
 # -----------------------------------------------------------------------------
 pos_embs = 'all'  # comma list of rope.ENCODINGS keys, or 'all'
 baseline = 'rope'  # the encoding every ratio is relative to (always benchmarked)
-preset = ''  # 'gpt2' = 12 layers, 12 heads, 768 wide, T=1024, vocab 50304, batch 16 (keys left at their default)
+preset = ''  # 'gpt2' = 12 layers, 12 heads, 768 wide, T=1024, vocab 50304, batch 16
+# (keys left at their default)
 n_layer = 4
 n_head = 4
 n_embd = 128
@@ -39,36 +41,44 @@ bias = False
 dropout = 0.0
 device = 'auto'  # 'auto' = cuda if available, else cpu
 dtype = 'auto'  # 'auto' = bfloat16 autocast on CUDA where supported, else float16; float32 on CPU
-compile = False  # torch.compile(fullgraph=True): a graph break fails that encoding's row, not the run
+compile = False  # torch.compile(fullgraph=True): a graph break fails only that encoding's row
 warmup = 3  # untimed steps per encoding before the first round (compilation happens here)
 steps = 10  # timed steps per encoding per round
 rounds = 3  # rounds interleave the encodings so that machine noise hits all of them alike
 seed = 1337
 report = ''  # also write the table to this Markdown file
-peer = ''  # a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): its model.py runs as row 'nanoGPT'
-# pos_emb is left out: pos_embs picks the encodings, and --pos_emb gets a "did you mean 'pos_embs'?" hint
-globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in globals() and f.name != 'pos_emb'})
-_choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'], 'dtype': ['auto', 'float32', 'bfloat16', 'float16'],
-            'baseline': list(ENCODINGS)}
-_ranges = {**CONFIG_RANGES, 'batch_size': '[1, inf)', 'warmup': '[0, inf)', 'steps': '[1, inf)', 'rounds': '[1, inf)',
-           'seed': '[0, 4294967295]'}
+peer = ''  # a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): its model.py runs
+# as row 'nanoGPT'
+# pos_emb is left out: pos_embs picks the encodings, and --pos_emb gets a "did you mean
+# 'pos_embs'?" hint
+globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig)
+                  if f.name not in globals() and f.name != 'pos_emb'})
+_choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'],
+            'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'baseline': list(ENCODINGS)}
+_ranges = {**CONFIG_RANGES, 'batch_size': '[1, inf)', 'warmup': '[0, inf)', 'steps': '[1, inf)',
+           'rounds': '[1, inf)', 'seed': '[0, 4294967295]'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-if preset == 'gpt2':  # a preset fills the keys not given: explicit overrides win, even ones equal to a default
-    for k, v in dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=16).items():
+# a preset fills the keys not given: explicit overrides win, even ones equal to a default
+if preset == 'gpt2':
+    for k, v in dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                     batch_size=16).items():
         if k not in _config_given:
             globals()[k] = v
-names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.split(',') if n.strip()]
-names = list(ENCODINGS) if pos_embs == 'all' else [n.strip() for n in pos_embs.split(',') if n.strip()]
+names = list(ENCODINGS) if pos_embs == 'all' else \
+    [n.strip() for n in pos_embs.split(',') if n.strip()]
+names = list(ENCODINGS) if pos_embs == 'all' else \
+    [n.strip() for n in pos_embs.split(',') if n.strip()]
 names = list(dict.fromkeys(names))  # once each
 if unknown := [n for n in names if n not in ENCODINGS]:
-    sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} or 'all'")
+    sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} "
+             f"or 'all'")
 names = [baseline] * (baseline not in names) + names
 if peer:  # nanoGPT's model.py, imported under its own name: ours is also called model
     peer_file = os.path.join(os.path.expanduser(peer), 'model.py')
     if not os.path.isfile(peer_file):
-        sys.exit(f"bench.py: --peer={peer} has no model.py; give the directory of a nanoGPT checkout "
-                 f"(git clone https://github.com/karpathy/nanoGPT)")
+        sys.exit(f"bench.py: --peer={peer} has no model.py; give the directory of a nanoGPT "
+                 f"checkout (git clone https://github.com/karpathy/nanoGPT)")
     try:
         spec = importlib.util.spec_from_file_location('peer_model', peer_file)
         peer_model = importlib.util.module_from_spec(spec)
@@ -84,15 +94,19 @@ try:
 except ValueError as e:
     sys.exit(f"bench.py: {e}")
 if preset == 'gpt2' and device_type == 'cpu' and auto_device:  # no GPU found, and none asked for
-    sys.exit("bench.py: --preset=gpt2 is GPT-2 small at T=1024, sized for a GPU: on this CPU it would run for "
-             "hours; pass --device=cpu to run it anyway, or drop --preset for the CPU model")
+    sys.exit("bench.py: --preset=gpt2 is GPT-2 small at T=1024, sized for a GPU: on this CPU it "
+             "would run for hours; pass --device=cpu to run it anyway, or drop --preset for the "
+             "CPU model")
 cuda = device_type == 'cuda'
-if compile:  # one GPT.forward code object, a graph per encoding (importing dynamo costs seconds: only if needed)
+# one GPT.forward code object, a graph per encoding (importing dynamo costs seconds: only if needed)
+if compile:
     torch._dynamo.config.recompile_limit = max(8, 2 * len(names))
-model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'pos_emb'}
+model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig)
+              if f.name != 'pos_emb'}
 g = torch.Generator().manual_seed(seed)
 data = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g).to(device)
-X, Y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # one fixed batch: the data cannot favour an encoding
+# one fixed batch: the data cannot favour an encoding
+X, Y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 peak_flops = device_peak_flops(device, dtype)  # None on CPU and unknown GPUs: no MFU column then
 
@@ -105,19 +119,22 @@ def build(name):
         opt = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
         return raw, opt, sum(p.numel() for p in raw.parameters()), \
             sum(p.numel() for p in raw.pe.parameters()), raw.flops_per_token(block_size)
-    cfg = peer_model.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                               n_embd=n_embd, dropout=dropout, bias=bias)
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count and optimizer groups
+    cfg = peer_model.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+                               n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
+    # it prints its parameter count and optimizer groups
+    with contextlib.redirect_stdout(io.StringIO()):
         raw = peer_model.GPT(cfg).to(device)
         opt = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
     # nanoGPT's own estimate_mfu formula (PaLM appendix B): 6N (N without wpe) + 12 L H Q T
     flops = 6 * raw.get_num_params() + 12 * n_layer * n_embd * block_size
-    return raw, opt, sum(p.numel() for p in raw.parameters()), raw.transformer.wpe.weight.numel(), flops
+    return raw, opt, sum(p.numel() for p in raw.parameters()), \
+        raw.transformer.wpe.weight.numel(), flops
 
 
 def saved_activation_bytes(model):
-    """Bytes kept alive for backward by one eager forward: each saved tensor's storage counted once, parameters
-    left out (a saved view keeps its whole storage alive, so storages, not views, are what memory holds)."""
+    """Bytes kept alive for backward by one eager forward: each saved tensor's storage counted once,
+    parameters left out (a saved view keeps its whole storage alive, so storages, not views, are
+    what memory holds)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -161,20 +178,22 @@ def time_round(name):
 
 mem_col = 'peak CUDA MiB' if cuda else 'saved activations MiB'
 where = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-extra = ' '.join(f"{k}={v}" for k, v in model_args.items() if k not in ('n_layer', 'n_head', 'n_embd', 'block_size',
-                                                                       'vocab_size', 'bias', 'dropout'))
-header = [f"device {where} | dtype {dtype} | compile {compile} | n_layer={n_layer} n_head={n_head} n_embd={n_embd} "
-          f"vocab={vocab_size} bias={bias} dropout={dropout} {extra} | batch {batch_size} x T {block_size} | "
-          f"torch {torch.__version__} | {datetime.now():%Y-%m-%d %H:%M}",
-          f"ms/step: min over {rounds} interleaved rounds of the mean of {steps} steps (fwd+bwd+AdamW), after "
-          f"{warmup} warmup steps; spread: (slowest - fastest round) / fastest, a noise gauge; "
-          + (f"MFU: model FLOPs (model.py's flops_per_token) / {peak_flops / 1e12:.0f} TFLOP/s, the device's dense "
-             f"{dtype} peak; " if peak_flops else '') + f"{mem_col}: "
-          + ("max_memory_allocated over the warmup steps minus what was allocated before the model was built "
-             "(model + grads + AdamW state + activations)" if cuda else
+extra = ' '.join(f"{k}={v}" for k, v in model_args.items() if k not in
+                 ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias', 'dropout'))
+header = [f"device {where} | dtype {dtype} | compile {compile} | n_layer={n_layer} n_head={n_head} "
+          f"n_embd={n_embd} vocab={vocab_size} bias={bias} dropout={dropout} {extra} | batch "
+          f"{batch_size} x T {block_size} | torch {torch.__version__} | "
+          f"{datetime.now():%Y-%m-%d %H:%M}",
+          f"ms/step: min over {rounds} interleaved rounds of the mean of {steps} steps "
+          f"(fwd+bwd+AdamW), after {warmup} warmup steps; spread: (slowest - fastest round) / "
+          f"fastest, a noise gauge; "
+          + (f"MFU: model FLOPs (model.py's flops_per_token) / {peak_flops / 1e12:.0f} TFLOP/s, "
+             f"the device's dense {dtype} peak; " if peak_flops else '') + f"{mem_col}: "
+          + ("max_memory_allocated over the warmup steps minus what was allocated before the "
+             "model was built (model + grads + AdamW state + activations)" if cuda else
              "tensor storages saved for backward by one eager forward, parameters excluded"), '',
-          f"| pos_emb | params | pe params | ms/step | spread | tokens/s |{' MFU |' * bool(peak_flops)} "
-          f"time vs {baseline} | {mem_col} | memory vs {baseline} |",
+          f"| pos_emb | params | pe params | ms/step | spread | tokens/s "
+          f"|{' MFU |' * bool(peak_flops)} time vs {baseline} | {mem_col} | memory vs {baseline} |",
           '|---|---:|---:|---:|---:|---:|' + '---:|' * bool(peak_flops) + '---:|---:|---:|']
 
 
@@ -184,11 +203,13 @@ def row(n):
     r, base = runs[n], runs.get(baseline)
     ms = min(r['times']) * 1000
     base_ms = min(base['times']) * 1000 if base and base['times'] else None
-    mfu = f" {r['flops'] * batch_size * block_size / (ms / 1000) / peak_flops:.1%} |" if peak_flops else ''
+    mfu = (f" {r['flops'] * batch_size * block_size / (ms / 1000) / peak_flops:.1%} |"
+           if peak_flops else '')
     time_ratio = f"{ms / base_ms:.3f}x" if base_ms else 'n/a'
     mem_ratio = f"{r['mem'] / base['mem']:.3f}x" if base else 'n/a'
     return (f"| {n} | {r['params']:,} | {r['pe_params']:,} | {ms:.2f} | "
-            f"{(max(r['times']) - min(r['times'])) * 1000 / ms:.0%} | {batch_size * block_size / ms * 1000:,.0f} |"
+            f"{(max(r['times']) - min(r['times'])) * 1000 / ms:.0%} | "
+            f"{batch_size * block_size / ms * 1000:,.0f} |"
             f"{mfu} {time_ratio} | {r['mem'] / 2**20:.1f} | {mem_ratio} |")
 
 
@@ -196,7 +217,8 @@ def table(done):
     lines = header + [row(n) for n in done]
     if 'nanoGPT' in runs and runs['nanoGPT']['times']:  # the comparison the peer row is for
         t = {n: min(r['times']) for n, r in runs.items() if r['times']}
-        lines += [''] + [f"{n} vs nanoGPT: {t[n] / t['nanoGPT']:.3f}x" for n in ('learned', 'rope') if n in t]
+        lines += [''] + [f"{n} vs nanoGPT: {t[n] / t['nanoGPT']:.3f}x" for n in ('learned', 'rope')
+                         if n in t]
     return '\n'.join(lines)
 
 
@@ -206,18 +228,20 @@ def write_report(done):
             f.write(table(done) + '\n')
 
 
-if cuda:  # cuBLAS keeps a workspace from its first matmul on: allocate it now, not inside the first model's peak
+# cuBLAS keeps a workspace from its first matmul on: allocate it now, not in the first model's peak
+if cuda:
     w = torch.ones(64, 64, device=device, requires_grad=True)
     with ctx:
         (w @ w).sum().backward()
     del w
 
-# build, warm up and time one encoding at a time (the baseline first, for the ratios), printing its row at once:
-# on CUDA its peak is measured over what was allocated before it, so the other (resting) models never count; all
-# stay alive for the later rounds
-runs, errors, done = {}, {}, []  # name -> dict(model, opt, scaler, params, pe_params, flops, mem, times)
-print('\n'.join(header[:-2]) + "rows as each encoding's first round ends; the final table after all rounds\n",
-      *header[-2:], sep='\n', flush=True)
+# build, warm up and time one encoding at a time (the baseline first, for the ratios), printing its
+# row at once: on CUDA its peak is measured over what was allocated before it, so the other
+# (resting) models never count; all stay alive for the later rounds
+# runs: name -> dict(model, opt, scaler, params, pe_params, flops, mem, times)
+runs, errors, done = {}, {}, []
+print('\n'.join(header[:-2]) + "rows as each encoding's first round ends; the final table after "
+      "all rounds\n", *header[-2:], sep='\n', flush=True)
 for name in [baseline] + [n for n in names if n != baseline]:
     try:
         sync()
@@ -226,12 +250,14 @@ for name in [baseline] + [n for n in names if n != baseline]:
             torch.cuda.reset_peak_memory_stats(device)
         raw, opt, n_params, pe_params, flops = build(name)
         model = torch.compile(raw, fullgraph=True) if compile else raw
-        r = runs[name] = dict(model=model, opt=opt, scaler=torch.amp.GradScaler(device_type, enabled=dtype == 'float16'),
+        r = runs[name] = dict(model=model, opt=opt,
+                              scaler=torch.amp.GradScaler(device_type, enabled=dtype == 'float16'),
                               params=n_params, pe_params=pe_params, flops=flops, times=[])
         for _ in range(warmup):
             step(r)
         sync()
-        r['mem'] = torch.cuda.max_memory_allocated(device) - mem0 if cuda else saved_activation_bytes(raw)
+        r['mem'] = (torch.cuda.max_memory_allocated(device) - mem0 if cuda
+                    else saved_activation_bytes(raw))
     except Exception as e:  # a compile error or OOM fails this encoding's row, not the run
         runs.pop(name, None)
         errors[name] = short(e)
@@ -244,14 +270,15 @@ for name in [baseline] + [n for n in names if n != baseline]:
     done.append(name)
     print(row(name), flush=True)
     write_report(done)
-for i in range(rounds - 1):  # the later rounds interleave the encodings: machine noise hits all of them alike
+# the later rounds interleave the encodings: machine noise hits all of them alike
+for i in range(rounds - 1):
     for name in list(runs):
         time_round(name)
     print(f"round {i + 2}/{rounds} done", flush=True)
     write_report(done)
 
-# min, not mean or median: machine noise (other jobs, clocks) only ever adds time, so the fastest round is the
-# best estimate of the encoding's own cost
+# min, not mean or median: machine noise (other jobs, clocks) only ever adds time, so the fastest
+# round is the best estimate of the encoding's own cost
 print('', table(names), sep='\n')
 write_report(names)  # the final table, in the order asked for
 if not runs:

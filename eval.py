@@ -1,7 +1,8 @@
 """
-Compare trained checkpoints on the same fixed val tokens: perplexity at several context lengths (length
-extrapolation), loss by token position, and robustness to a global position offset. Checkpoints trained on a
-synthetic task (mqar, copy, parity) get answer accuracy at each context length instead.
+Compare trained checkpoints on the same fixed val tokens: perplexity at several context lengths
+(length extrapolation), loss by token position, and robustness to a global position offset.
+Checkpoints trained on a synthetic task (mqar, copy, parity) get answer accuracy at each context
+length instead.
 Checkpoints that differ only in their seed are one row: mean ± sd over the seeds, '*' where the
 row differs from the baseline row by more than the seed noise (a paired t-test over the seeds).
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
@@ -9,8 +10,8 @@ $ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart
 $ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 seeds, marks vs rope
 $ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension rows
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True  # + a HellaSwag table
-Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json beside it);
-PNG plots go to --plots (default: next to the report) when matplotlib is installed.
+Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json
+beside it); PNG plots go to --plots (default: next to the report) when matplotlib is installed.
 """
 import json
 import math
@@ -32,18 +33,21 @@ from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, RoPE
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
-eval_block_sizes = ''  # comma list of context lengths; '' = 1x, 2x, 4x each checkpoint's training block_size
-eval_tokens = 0  # number of fixed val tokens (the first of the val split); 0 = train.py's eval set (eval_iters x
-# batch_size x block_size of the checkpoints' config, the largest), rounded down to a multiple of every eval block
-# size, so that each length sees exactly the same tokens (and at the training length train.py's val loss)
-checkpoint = 'best'  # 'best' = best.pt (the weights of the best val loss), 'latest' = ckpt.pt (the last state)
+eval_block_sizes = ''  # comma list of context lengths; '' = 1x, 2x, 4x each checkpoint's
+# training block_size
+eval_tokens = 0  # number of fixed val tokens (the first of the val split); 0 = train.py's eval set
+# (eval_iters x batch_size x block_size of the checkpoints' config, the largest), rounded down to a
+# multiple of every eval block size, so that each length sees exactly the same tokens (and at the
+# training length train.py's val loss)
+checkpoint = 'best'  # 'best' = best.pt (the weights of the best val loss), 'latest' = ckpt.pt
+# (the last state)
 data_root = ''  # '' = the data_root each checkpoint was trained with
 batch_size = 8  # windows per forward
-eval_sequences = 256  # synthetic-task checkpoints: fixed sequences of the task's eval set per length
-pos_offsets = '0,100,1000'  # comma list of global position offsets, evaluated at the training block_size
+eval_sequences = 256  # synthetic-task checkpoints: fixed task eval-set sequences per length
+pos_offsets = '0,100,1000'  # comma list of global position offsets, each at the training block_size
 report = ''  # Markdown file to write the tables to ('' = stdout only)
 plots = ''  # directory for the PNGs; '' = next to the report, or none without a report
-# sweep: train one config once per encoding, then compare them (these out_dirs are added to out_dirs)
+# sweep: train one config once per encoding, then compare (these out_dirs are added to out_dirs)
 pos_embs = ''  # comma list of pos_emb values to train, e.g. rope,carope,learned ('' = no training)
 sweep_config = 'config/quickstart.py'  # the train.py config every encoding is trained with
 sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
@@ -55,7 +59,8 @@ baseline = ''  # the row '*' compares with: a row label or its part in (), e.g. 
 # context extension (rope.RoPE): each checkpoint whose encoding is built on RoPE's frequencies
 # (rope, crope, ...) gets, besides its row as trained, a row per method listed, run with that method
 rope_scaling = ''  # comma list of none, linear, ntk, dynamic, yarn; '' = as trained only
-rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / L) at each length T, L = the trained length
+rope_scaling_factor = 0.0  # those rows' factor s >= 1; 0 = max(1, T / L) at each length T,
+# L = the trained length
 # HellaSwag (hellaswag.py, arXiv:1905.07830): acc and acc_norm of each text row, a table of its own
 hellaswag = False
 hellaswag_path = ''  # the val file; '' = <data_root>/hellaswag/hellaswag_val.jsonl, fetched once
@@ -175,7 +180,8 @@ if unknown := [p for p in sweep if p not in ENCODINGS]:
     fail(f"--pos_embs: unknown pos_emb {', '.join(unknown)}; valid: {', '.join(ENCODINGS)}")
 if not dirs and not sweep:
     fail("--out_dirs or --pos_embs is required: a comma list of training out_dirs "
-         "(e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope) or of encodings to train and compare (--pos_embs=rope,carope)")
+         "(e.g. --out_dirs=out-gpt2-rope,out-gpt2-carope) or of encodings to train and compare "
+         "(--pos_embs=rope,carope)")
 seed_list = int_list('seeds', seeds, '1337,1,2')
 if len(set(seed_list)) < len(seed_list):
     fail(f"--seeds={seeds!r} repeats a seed; give each seed once, e.g. --seeds=1337,1,2")
@@ -231,19 +237,21 @@ if hellaswag:  # the file now: a missing one (or no network) fails before any tr
         fail(str(e))
     hellaswag_total = sum(1 for _ in hellaswag_py.iterate_examples(hellaswag_file))
 for pe, s, out in sweep_runs:  # the sweep: same config, one run per encoding and seed
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'), sweep_config,
-           f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'),
+           sweep_config, f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
     cmd += [] if s is None else [f'--seed={s}']
     print(f"training: {' '.join(cmd[1:])}", file=sys.stderr)
     t0 = time.time()
-    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:  # training logs to stderr: stdout is the tables
+    # training logs to stderr: stdout is the tables
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
         fail(f"training pos_emb={pe} failed (command above); fix it or leave it out of --pos_embs")
     print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
     dirs.append(out)
 
 
 def scaling_note(method, factor):
-    """A row label's note of its context extension: ' +yarn x4', ' +yarn xT/L' (factor 0), ' +none'."""
+    """A row label's note of its context extension: ' +yarn x4', ' +yarn xT/L' (factor 0),
+    ' +none'."""
     return f" +{method}" + ('' if method == 'none' else ' xT/L' if factor == 0 else f" x{factor:g}")
 
 
@@ -255,7 +263,8 @@ for d in dirs:
         config = ckpt['config']
     except (ValueError, KeyError) as err:
         fail(str(err))
-    print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}", file=sys.stderr)
+    print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}",
+          file=sys.stderr)
     model.eval().to(device)
     pos_emb, block = model.config.pos_emb, model.config.block_size
     pos_emb += ' + forget gate' if model.config.forget_gate else ''
@@ -265,8 +274,9 @@ for d in dirs:
     note = '' if trained in (None, ('none', 1.0)) else scaling_note(*trained)
     eval_batch = config.get('eval_batch_size', config['batch_size'])
     row = dict(out_dir=d, model=model, pos_emb=pos_emb, block_size=block, max_len=model.pe.max_len,
-               max_len_why=model.pe.max_len_why, scaling=trained, note=note, dataset=config['dataset'],
-               data_root=data_root or config['data_root'], seed=config['seed'], config=config,
+               max_len_why=model.pe.max_len_why, scaling=trained, note=note,
+               dataset=config['dataset'], data_root=data_root or config['data_root'],
+               seed=config['seed'], config=config,
                model_args=ckpt['model_args'], content_hash=ckpt['meta'].get('content_hash'),
                tokenizer=ckpt['meta'].get('tokenizer'),
                train_eval_tokens=config['eval_iters'] * eval_batch * config['block_size'])
@@ -275,11 +285,12 @@ for d in dirs:
         scaling = (method, 1.0 if method == 'none' else rope_scaling_factor)
         if scaling != trained:
             runs.append({**row, 'scaling': scaling, 'note': scaling_note(*scaling)})
-if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):  # 'none' alone: every row as trained
+# 'none' alone: every row as trained
+if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):
     takes = ', '.join(ROPE_FAMILY)
     fail(f"--rope_scaling={rope_scaling}: no checkpoint's encoding "
-         f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only those "
-         f"built on RoPE's frequencies do ({takes})")
+         f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only "
+         f"those built on RoPE's frequencies do ({takes})")
 # rows: checkpoints that differ only in their seed are one row, their numbers its samples. The key
 # is what was trained (model args, config, data) less how a run was launched; a seed already in a
 # row starts another
@@ -338,13 +349,14 @@ step = math.lcm(*lengths)
 asked = eval_tokens or max(r['train_eval_tokens'] for r in runs)
 n_tokens = asked // step * step
 if n_tokens <= 0:
-    fail(f"--eval_tokens={asked} is fewer than {step}, the least multiple of every eval block size; "
-         f"raise --eval_tokens")
+    fail(f"--eval_tokens={asked} is fewer than {step}, the least multiple of every eval block "
+         f"size; raise --eval_tokens")
 
 
 def at_length(run, T):
-    """The row's model with the row's encoding at eval length T (the rows of one checkpoint share its
-    weights and differ only in the context extension, whose tables rebuild_encoding makes anew)."""
+    """The row's model with the row's encoding at eval length T (the rows of one checkpoint share
+    its weights and differ only in the context extension, whose tables rebuild_encoding makes
+    anew)."""
     model = run['model']
     if run['scaling'] is not None:
         method, factor = run['scaling']
@@ -356,7 +368,8 @@ def at_length(run, T):
 
 
 def fits(run, end):
-    """Can the checkpoint's encoding represent positions 0..end-1? (`learned` has only block_size of them.)"""
+    """Can the checkpoint's encoding represent positions 0..end-1? (`learned` has only block_size
+    of them.)"""
     try:
         run['model'].check_length(end)
         return True
@@ -368,12 +381,14 @@ def fits(run, end):
 for r in runs:
     why = f"pos_emb={r['pos_emb']!r} has only {r['max_len']} positions {r['max_len_why']}"
     if not any(fits(r, T) for T in lengths):
-        fail(f"{r['out_dir']}: {why}: none of eval_block_sizes={','.join(map(str, lengths))} can be evaluated; "
-             f"ask for lengths <= {r['max_len']}")
+        fail(f"{r['out_dir']}: {why}: none of eval_block_sizes={','.join(map(str, lengths))} can "
+             f"be evaluated; ask for lengths <= {r['max_len']}")
     if not any(fits(r, s + r['block_size']) for s in offsets):
-        fail(f"{r['out_dir']}: {why}: no offset in pos_offsets={pos_offsets} fits at its block_size; include 0")
+        fail(f"{r['out_dir']}: {why}: no offset in pos_offsets={pos_offsets} fits at its "
+             f"block_size; include 0")
 
-# synthetic-task checkpoints are scored apart (answer accuracy); everything below on val tokens is for the others
+# synthetic-task checkpoints are scored apart (answer accuracy); everything below on val tokens is
+# for the others
 synthetic = [r for r in runs if r['dataset'] in prepare_data.SYNTHETIC_TASKS]
 runs = [r for r in runs if r['dataset'] not in prepare_data.SYNTHETIC_TASKS]
 text_rows = compared[0]
@@ -384,41 +399,49 @@ if hellaswag:  # each text row's tokenizer (tiktoken may need a download) before
     except prepare_data.DataError as e:
         fail(str(e))
 
-# the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of the val split
+# the same tokens for every length and checkpoint: the first n_tokens (+1 for the last target) of
+# the val split
 data = {}  # (data_root, dataset) -> (tokens, meta)
 for r in runs:
     key = (r['data_root'], r['dataset'])
     if key not in data:
         try:
             data_dir = prepare_data.ensure_dataset(*key)
-            data[key] = prepare_data.eval_tokens(data_dir, 'val', n_tokens), prepare_data.load_meta(data_dir)
+            data[key] = (prepare_data.eval_tokens(data_dir, 'val', n_tokens),
+                         prepare_data.load_meta(data_dir))
         except prepare_data.DataError as e:
             fail(str(e))
-        if len(data[key][0]) - 1 < n_tokens:  # never a silent crop: the header says how many tokens were used
-            fail(f"dataset {key[1]!r} has only {len(data[key][0]) - 1} val tokens to predict, fewer than the "
-                 f"{n_tokens} asked for; use a smaller --eval_tokens (a multiple of {step})")
+        # never a silent crop: the header says how many tokens were used
+        if len(data[key][0]) - 1 < n_tokens:
+            fail(f"dataset {key[1]!r} has only {len(data[key][0]) - 1} val tokens to predict, "
+                 f"fewer than the {n_tokens} asked for; use a smaller --eval_tokens (a multiple of "
+                 f"{step})")
     r['tokens'], meta = data[key]
     if r['content_hash'] and meta.get('content_hash') != r['content_hash']:
-        print(f"eval.py: warning: {r['out_dir']} was trained on other {r['dataset']!r} data than {key[0]} holds "
-              f"(content hash {r['content_hash']} vs {meta.get('content_hash')}); its numbers are not comparable",
-              file=sys.stderr)
+        print(f"eval.py: warning: {r['out_dir']} was trained on other {r['dataset']!r} data than "
+              f"{key[0]} holds (content hash {r['content_hash']} vs {meta.get('content_hash')}); "
+              f"its numbers are not comparable", file=sys.stderr)
 if len({(r['dataset'], r['content_hash']) for r in runs}) > len({r['dataset'] for r in runs}):
-    print("eval.py: warning: these checkpoints were trained on different data (content hashes differ): "
-          + ', '.join(f"{r['out_dir']} {r['content_hash']}" for r in runs), file=sys.stderr)
+    print("eval.py: warning: these checkpoints were trained on different data (content hashes "
+          "differ): " + ', '.join(f"{r['out_dir']} {r['content_hash']}" for r in runs),
+          file=sys.stderr)
 
 
 @torch.no_grad()
 def token_losses(model, tokens, T, pos_offset=0):
-    """Per-token cross entropy (n_windows, T) over the non-overlapping windows of length T of tokens."""
+    """Per-token cross entropy (n_windows, T) over the non-overlapping windows of length T of
+    tokens."""
     n = (len(tokens) - 1) // T
     out = []
     for i in range(0, n, batch_size):
         starts = range(i, min(i + batch_size, n))
         x = torch.from_numpy(np.stack([tokens[s * T:(s + 1) * T] for s in starts])).to(device)
-        y = torch.from_numpy(np.stack([tokens[s * T + 1:(s + 1) * T + 1] for s in starts])).to(device)
+        y = torch.from_numpy(
+            np.stack([tokens[s * T + 1:(s + 1) * T + 1] for s in starts])).to(device)
         with ctx:
             logits, _ = model(x, y, pos_offset=pos_offset)  # with targets: logits of every position
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction='none')
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                               reduction='none')
         out.append(loss.view(len(starts), T).double().cpu())
     return torch.cat(out)
 
@@ -430,7 +453,8 @@ for r in runs:
         if fits(r, T):
             losses = token_losses(at_length(r, T), r['tokens'], T)
             r['loss'][T] = losses.mean().item()
-            r['by_pos'] = losses.mean(dim=0).numpy()  # (T,) mean over windows of each position's loss
+            # (T,) mean over windows of each position's loss
+            r['by_pos'] = losses.mean(dim=0).numpy()
         else:
             r['loss'][T] = None
     T = r['block_size']
@@ -441,8 +465,9 @@ for r in runs:
 
 @torch.no_grad()
 def answer_accuracy(model, task, T, seed):
-    """Fraction of answer tokens (y != -1) whose argmax prediction is the answer, over the task's fixed eval set
-    of length T (the set train.py's val loss uses at that length, with the checkpoint's seed)."""
+    """Fraction of answer tokens (y != -1) whose argmax prediction is the answer, over the task's
+    fixed eval set of length T (the set train.py's val loss uses at that length, with the
+    checkpoint's seed)."""
     X, Y = prepare_data.synthetic_eval_set(task, eval_sequences, T, seed)
     hits, total = 0, 0
     for x, y in zip(X.split(batch_size), Y.split(batch_size)):
@@ -511,11 +536,13 @@ def seed_note(gs):
 
 
 footnotes = sorted({f"{DASH} : {r['pos_emb']} has only {r['max_len']} positions {r['max_len_why']}"
-                    for r in runs + synthetic if None in [*r.get('loss', {}).values(), *r.get('offset', {}).values(),
-                                                          *r.get('accuracy', {}).values()]})
+                    for r in runs + synthetic
+                    if None in [*r.get('loss', {}).values(), *r.get('offset', {}).values(),
+                                *r.get('accuracy', {}).values()]})
 if any(r['scaling'] and r['scaling'][1] == 0 for r in runs + synthetic):
-    footnotes.append("xT/L : the context extension's factor is max(1, T / L) at each eval length T, "
-                     "L the length the checkpoint's RoPE was trained at (rope_scaling_length, else its block_size)")
+    footnotes.append("xT/L : the context extension's factor is max(1, T / L) at each eval length "
+                     "T, L the length the checkpoint's RoPE was trained at (rope_scaling_length, "
+                     "else its block_size)")
 sections = []
 train_T = lambda g: str(g['runs'][0]['block_size'])  # a row's training length, as a cell
 if runs:
@@ -535,14 +562,16 @@ if runs:
          + [stat(g, 'loss', T, lambda r: r['loss'][T]) for T in lengths] for g in text_rows])
         + '\n\n' + seed_note(text_rows))
 
-    sections.append("### Val loss at the training block size under a global position offset\n\n" + md_table(
+    sections.append("### Val loss at the training block size under a global position offset\n\n"
+                    + md_table(
         first + ['train T'] + [f"offset {s}" for s in offsets],
         [head(g, text_rows, train_T(g))
          + [stat(g, 'offset_loss', s, lambda r: r['offset'][s]) for s in offsets]
          for g in text_rows])
         + '\n\n' + seed_note(text_rows))
 
-    # loss by position, averaged over buckets in multiples of each checkpoint's training length: 0-1x, 1x-2x, 2x-4x...
+    # loss by position, averaged over buckets in multiples of each checkpoint's training length:
+    # 0-1x, 1x-2x, 2x-4x...
     edges = [0, 1]
     while edges[-1] * min(r['block_size'] for r in runs) < max(lengths):
         edges.append(edges[-1] * 2)
@@ -552,14 +581,16 @@ if runs:
         r0 = g['runs'][0]  # its seeds share the lengths, so the curve's length n
         n, B = len(r0['by_pos']), r0['block_size']
         cells = []
-        for a, b in buckets:  # a dash where the encoding cannot go; blank where it can but no length went that far
+        # a dash where the encoding cannot go; blank where it can but no length went that far
+        for a, b in buckets:
             if b * B <= n:
                 bucket = lambda r: float(r['by_pos'][a * B:b * B].mean())
                 cells.append(stat(g, 'loss_by_bucket', f"{a}x-{b}x", bucket))
             else:
                 cells.append(DASH if r0['max_len'] is not None and b * B > r0['max_len'] else '')
         bucket_rows.append(head(g, text_rows, str(n)) + cells)
-    sections.append("### Val loss by token position (buckets in multiples of the training block size)\n\n" + md_table(
+    sections.append("### Val loss by token position (buckets in multiples of the training block "
+                    "size)\n\n" + md_table(
         first + ['eval T'] + [f"{a}x{DASH}{b}x" for a, b in buckets], bucket_rows)
         + '\n\n' + seed_note(text_rows))
 if hellaswag:  # a row per text row; every checkpoint scores the same examples
@@ -587,8 +618,9 @@ if hellaswag:  # a row per text row; every checkpoint scores the same examples
                   f"checkpoints do not read English.")
     sections.append('\n\n'.join(hs))
 if synthetic:
-    sections.append(f"### Answer accuracy on synthetic tasks by context length\n\n{eval_sequences} fixed sequences "
-                    f"per length from each task's eval set; accuracy: argmax == answer, mean over answer tokens.\n\n"
+    sections.append(f"### Answer accuracy on synthetic tasks by context length\n\n{eval_sequences} "
+                    f"fixed sequences per length from each task's eval set; accuracy: argmax == "
+                    f"answer, mean over answer tokens.\n\n"
                     + md_table(
         ['checkpoint', *n_col(task_rows), 'task', 'train T'] + [f"acc @{T}" for T in lengths],
         [head(g, task_rows, dataset_of(g), train_T(g))
@@ -601,7 +633,8 @@ text = '\n\n'.join(sections) + '\n'
 print(text)
 
 row_keys = lambda r: {'out_dir': r['out_dir'], 'label': r['label'], 'pos_emb': r['pos_emb'],
-                      'block_size': r['block_size'],  # rope_scaling: [method, factor (0: T/L)] or None
+                      'block_size': r['block_size'],
+                      # rope_scaling: [method, factor (0: T/L)] or None
                       'rope_scaling': list(r['scaling']) if r['scaling'] else None,
                       'seed': r['seed'], 'row': r['row']}  # row: the label of its row of seeds
 results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': offsets,
@@ -636,7 +669,8 @@ if plot_dir:
         import matplotlib.pyplot as plt
     except ImportError:
         plt = None
-        print("eval.py: matplotlib is not installed; no plots (pip install matplotlib)", file=sys.stderr)
+        print("eval.py: matplotlib is not installed; no plots (pip install matplotlib)",
+              file=sys.stderr)
 
 
 def band(ax, x, ys, st, label, **kw):
@@ -665,7 +699,8 @@ if plot_dir and plt is not None and runs:  # the plots are of val loss: text che
     ax.set_xscale('log', base=2)
     ax.set_xticks(lengths, [str(T) for T in lengths])
     ax.minorticks_off()
-    ax.set(xlabel='context length (dashed: training length)', ylabel='val loss', title='Loss vs context length')
+    ax.set(xlabel='context length (dashed: training length)', ylabel='val loss',
+           title='Loss vs context length')
     ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(os.path.join(plot_dir, 'loss_vs_length.png'), dpi=120)

@@ -42,7 +42,8 @@ class DataError(Exception):
 
 def _prepare_cmd(data_dir):
     root, name = os.path.split(os.path.normpath(os.path.abspath(data_dir)))
-    where = '' if root == os.path.join(HERE, 'data') else f" --out_root={root}"  # the data_root that was used
+    # the data_root that was used
+    where = '' if root == os.path.join(HERE, 'data') else f" --out_root={root}"
     return f"`python prepare_data.py --dataset={name}{where}`"
 
 
@@ -61,8 +62,8 @@ def _write_json(path, obj):
 def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise DataError(f"{path}: token ids {tokens.min()}..{tokens.max()} do not fit uint16 (0..65535); "
-                        f"use a tokenizer with a vocab of at most 65536")
+        raise DataError(f"{path}: token ids {tokens.min()}..{tokens.max()} do not fit uint16 "
+                        f"(0..65535); use a tokenizer with a vocab of at most 65536")
     header = np.zeros(HEADER_INTS, dtype='<i4')
     header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
     tmp = path + '.tmp'
@@ -72,7 +73,8 @@ def write_shard(path, tokens):
             f.write(tokens.astype('<u2').tobytes())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a crash leaves the old shard or the new one, never half of one
+        # atomic: a crash leaves the old shard or the new one, never half of one
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -86,11 +88,14 @@ def read_shard(path):
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype='<i4', count=HEADER_INTS)
     if len(header) < HEADER_INTS:
-        raise DataError(f"{path}: only {size} bytes, shorter than the {HEADER_BYTES}-byte header; {fix}")
+        raise DataError(f"{path}: only {size} bytes, shorter than the {HEADER_BYTES}-byte header; "
+                        f"{fix}")
     if header[0] != MAGIC:
-        raise DataError(f"{path}: bad magic {header[0]}, expected {MAGIC} - not a nanoRoPE/llm.c shard; {fix}")
+        raise DataError(f"{path}: bad magic {header[0]}, expected {MAGIC} - not a nanoRoPE/llm.c "
+                        f"shard; {fix}")
     if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported version {header[1]}, expected {VERSION} (uint16 tokens); {fix}")
+        raise DataError(f"{path}: unsupported version {header[1]}, expected {VERSION} (uint16 "
+                        f"tokens); {fix}")
     ntok = int(header[2])
     if ntok < 0 or size != HEADER_BYTES + 2 * ntok:
         raise DataError(f"{path}: file is {size} bytes but the header promises {ntok} tokens "
@@ -98,7 +103,8 @@ def read_shard(path):
     return np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_BYTES, shape=(ntok,))
 
 # -----------------------------------------------------------------------------
-# dataset dirs: <root>/<dataset>/{meta.json, <dataset>_val_000000.bin, <dataset>_train_000001.bin, ...}
+# dataset dirs: <root>/<dataset>/{meta.json, <dataset>_val_000000.bin,
+#                                 <dataset>_train_000001.bin, ...}
 
 def shard_name(dataset, i):
     return f"{dataset}_{'val' if i == 0 else 'train'}_{i:06d}.bin"
@@ -114,9 +120,11 @@ def shard_paths(data_dir, split):
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        what = 'no meta.json (preparation never finished)' if os.path.isdir(data_dir) else 'no such dataset dir'
+        what = ('no meta.json (preparation never finished)' if os.path.isdir(data_dir)
+                else 'no such dataset dir')
         root, name = os.path.split(os.path.normpath(data_dir))
-        known = ['embedded', 'fineweb_edu', *SYNTHETIC_TASKS] + (os.listdir(root) if os.path.isdir(root) else [])
+        known = ['embedded', 'fineweb_edu', *SYNTHETIC_TASKS] + \
+            (os.listdir(root) if os.path.isdir(root) else [])
         close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.8)
         hint = f" (or did you mean --dataset={close[0]}?)" if close else ''
         raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}{hint}")
@@ -129,12 +137,13 @@ def load_meta(data_dir):
 
 def get_tokenizer(name):
     if name == 'synthetic':
-        raise DataError("a synthetic task (mqar, copy, parity) has no text tokenizer; evaluate it with eval.py "
-                        "(answer accuracy), not sample.py")
+        raise DataError("a synthetic task (mqar, copy, parity) has no text tokenizer; evaluate it "
+                        "with eval.py (answer accuracy), not sample.py")
     if name == 'bytes':
         encode = lambda s: list(s.encode('utf-8'))
-        # ids >= 256 are EOT (or garbage a model sampled); a byte string cut mid-character still decodes
-        decode = lambda ids: bytes(int(i) for i in ids if int(i) < 256).decode('utf-8', errors='replace')
+        # ids >= 256 are EOT (or garbage a model sampled); bytes cut mid-character still decode
+        decode = lambda ids: \
+            bytes(int(i) for i in ids if int(i) < 256).decode('utf-8', errors='replace')
         return encode, decode
     enc = get_encoding(name)
     return enc.encode_ordinary, enc.decode
@@ -145,14 +154,15 @@ def get_encoding(name):
         return tiktoken.get_encoding(name)
     except Exception as e:  # an unknown name, or no network for tiktoken's one-time download
         why = str(e).splitlines()[0] if isinstance(e, ValueError) else \
-            f"{type(e).__name__}; tiktoken downloads its files on first use: connect once, or point " \
-            f"TIKTOKEN_CACHE_DIR at a directory that holds them"
+            f"{type(e).__name__}; tiktoken downloads its files on first use: connect once, or " \
+            f"point TIKTOKEN_CACHE_DIR at a directory that holds them"
         raise DataError(f"tokenizer {name!r} could not be loaded ({why})")
 
 
 def unigram_loss(val_tokens, train_counts):
     # the loss of a model that ignores context: what training must beat to have learned anything
-    p = (train_counts + 1) / (train_counts.sum() + len(train_counts))  # add-one smoothing: no log(0)
+    # add-one smoothing: no log(0)
+    p = (train_counts + 1) / (train_counts.sum() + len(train_counts))
     val_counts = np.bincount(val_tokens, minlength=len(train_counts))
     return float(-(val_counts * np.log(p)).sum() / val_counts.sum())
 
@@ -225,8 +235,10 @@ def embedded_files():
     stdlib = sysconfig.get_paths()['stdlib']
     rel = []
     for d, dirs, files in os.walk(stdlib):
-        dirs[:] = [x for x in dirs if x not in EMBEDDED_SKIP]  # prune: site-packages alone can hold 10k+ files
-        rel += [os.path.relpath(os.path.join(d, f), stdlib).replace(os.sep, '/') for f in files if f.endswith('.py')]
+        # prune: site-packages alone can hold 10k+ files
+        dirs[:] = [x for x in dirs if x not in EMBEDDED_SKIP]
+        rel += [os.path.relpath(os.path.join(d, f), stdlib).replace(os.sep, '/')
+                for f in files if f.endswith('.py')]
     return stdlib, sorted(rel)  # sorted relative posix paths: the same order on every machine
 
 
@@ -246,7 +258,8 @@ def prepare_embedded(data_dir):
     version = platform.python_version()
     source = f"{platform.python_implementation()} {version} stdlib, {len(files)} files"
     meta = write_meta(data_dir, {'tokenizer': 'bytes', 'vocab_size': eot + 1, 'eot': eot,
-                                 'source': source, 'python_version': version, 'n_files': len(files)})
+                                 'source': source, 'python_version': version,
+                                 'n_files': len(files)})
     print(f"embedded: {source} -> {len(val):,} val + {len(train):,} train tokens, "
           f"{meta['content_hash']}")
 
@@ -307,18 +320,21 @@ def _read(docs, source):
 
 def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='text', settings=None,
                source='documents'):
-    """Tokenize docs (strings, or dict rows holding text_column) into shards of exactly shard_size tokens.
+    """Tokenize docs (strings, or dict rows holding text_column) into shards of exactly shard_size
+    tokens.
 
     docs may also be a function returning them, called only if work is left: a finished rerun
     needs neither the network nor the download. progress.json records where every finished shard
     started (doc index, tokens of that doc already in the previous shard), so a rerun skips finished
     work and still writes byte-identical shards; it also redoes any finished shard that went missing
     or corrupt.
-    settings: whatever else decides the output (the data source); a resume with other settings is refused.
+    settings: whatever else decides the output (the data source); a resume with other settings
+    is refused.
     source: names the data in meta.json and in errors.
     """
     if encoding.n_vocab > 2**16:
-        raise DataError(f"tokenizer {encoding.name}: vocab {encoding.n_vocab} does not fit uint16 shards")
+        raise DataError(f"tokenizer {encoding.name}: vocab {encoding.n_vocab} does not fit uint16 "
+                        f"shards")
     dataset = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
     settings = {**(settings or {}), 'tokenizer': encoding.name, 'shard_size': shard_size}
     progress_path = os.path.join(out_dir, 'progress.json')
@@ -334,7 +350,8 @@ def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='tex
     if os.path.exists(meta_path):  # a repair, or an older meta.json: incomplete until rewritten
         os.remove(meta_path)
     if starts:
-        print(f"{out_dir}: resuming after {len(starts)} finished shards, at document {next_start[0]:,}")
+        print(f"{out_dir}: resuming after {len(starts)} finished shards, at document "
+              f"{next_start[0]:,}")
 
     doc_i, skip = next_start
     n_docs = len(docs) if hasattr(docs, '__len__') else None  # unknown while streaming
@@ -351,7 +368,8 @@ def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='tex
     bar = None
     with Pool(num_proc, initializer=_init_worker, initargs=(encoding,)) as pool:
         for tokens in pool.imap(_tokenize, texts, chunksize=16):
-            done = skip  # tokens of this doc already in earlier shards (only the straddling doc on resume)
+            # tokens of this doc already in earlier shards (only the straddling doc on resume)
+            done = skip
             skip = 0
             while done < len(tokens):
                 if bar is None:
@@ -364,7 +382,8 @@ def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='tex
                     write_shard(os.path.join(out_dir, shard_name(dataset, len(starts))), buf)
                     starts.append(next_start)
                     next_start = [doc_i, done] if done < len(tokens) else [doc_i + 1, 0]
-                    _write_json(progress_path, {'settings': settings, 'starts': starts, 'next': next_start})
+                    _write_json(progress_path,
+                                {'settings': settings, 'starts': starts, 'next': next_start})
                     bar.close()
                     fill, bar = 0, None
             doc_i += 1
@@ -374,8 +393,9 @@ def prepare_hf(out_dir, docs, encoding, shard_size, num_proc=1, text_column='tex
         _write_json(progress_path, {'settings': settings, 'starts': starts, 'next': [doc_i, 0]})
         bar.close()
     if len(starts) < 2:
-        raise DataError(f"{out_dir}: the data fills only {len(starts)} shard(s), but training needs a val shard "
-                        f"and a train shard; delete {out_dir} and use a smaller --shard_size")
+        raise DataError(f"{out_dir}: the data fills only {len(starts)} shard(s), but training "
+                        f"needs a val shard and a train shard; delete {out_dir} and use a smaller "
+                        f"--shard_size")
     meta = write_meta(out_dir, {'tokenizer': encoding.name, 'vocab_size': encoding.n_vocab,
                                 'eot': encoding.eot_token, 'source': source})
     print(f"{out_dir}: {len(starts)} shards ({len(starts) - 1} train), unigram baseline "
@@ -415,13 +435,14 @@ def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=Fal
     import datasets  # slow to import; only preparation needs it
     if data_files:
         if '://' not in data_files and not glob.glob(data_files, recursive=True):
-            raise DataError(f"--data_files={data_files} matches no file; give the path or glob of the "
-                            f"downloaded files, e.g. --data_files='sample/10BT/*.parquet'")
+            raise DataError(f"--data_files={data_files} matches no file; give the path or glob of "
+                            f"the downloaded files, e.g. --data_files='sample/10BT/*.parquet'")
         # a local file or glob, e.g. an already downloaded parquet; the extension picks the builder
         ext = data_files
         for z in ('.gz', '.bz2', '.xz', '.zst'):
             ext = ext.removesuffix(z)
-        builders = {'parquet': 'parquet', 'json': 'json', 'jsonl': 'json', 'csv': 'csv', 'txt': 'text'}
+        builders = {'parquet': 'parquet', 'json': 'json', 'jsonl': 'json', 'csv': 'csv',
+                    'txt': 'text'}
         builder = builders.get(ext.rsplit('.', 1)[-1])
         if builder is None:
             raise DataError(f"{data_files}: unknown file type; use one of .{', .'.join(builders)}")
@@ -439,31 +460,35 @@ def load_docs(hf_path, hf_name, data_files='', text_column='text', streaming=Fal
 # training loader
 
 class ShardLoader:
-    """Random non-overlapping windows of T+1 tokens from all shards of a split, reshuffled every epoch.
+    """Random non-overlapping windows of T+1 tokens from all shards of a split, reshuffled every
+    epoch.
 
-    All ranks share one stream of batches that does not depend on world_size: from a start (epoch 0, window 0,
-    or wherever a resumed state says) batch g is the g-th run of B consecutive windows of the epochs'
-    permutations, a new epoch beginning where fewer than B are left, and rank r's call m reads batch
-    m*world_size + r. So DDP ranks and a single process with gradient accumulation see exactly the same data,
-    across epoch boundaries too (which is why a step may straddle one: rank 0 ends epoch e
-    while rank 1 starts e+1, instead of every rank jumping to index 0).
+    All ranks share one stream of batches that does not depend on world_size: from a start
+    (epoch 0, window 0, or wherever a resumed state says) batch g is the g-th run of B consecutive
+    windows of the epochs' permutations, a new epoch beginning where fewer than B are left, and
+    rank r's call m reads batch m*world_size + r. So DDP ranks and a single process with gradient
+    accumulation see exactly the same data, across epoch boundaries too (which is why a step may
+    straddle one: rank 0 ends epoch e while rank 1 starts e+1, instead of every rank jumping to
+    index 0).
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
         self.paths = shard_paths(data_dir, split)
         self.B, self.T = batch_size, block_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        # window i of a shard is tokens [i*T, i*T + T + 1): stride T, so every token is a target once
+        # window i of a shard is tokens [i*T, i*T + T + 1): stride T, so each token is a target once
         counts = [max(0, (len(read_shard(p)) - 1) // block_size) for p in self.paths]
         self.first = np.cumsum([0] + counts)  # global index of each shard's first window
         self.n_windows = int(self.first[-1])
         if self.n_windows < world_size * batch_size:
-            raise DataError(f"{data_dir}: the {split} split has only {self.n_windows} windows of {block_size + 1} "
-                            f"tokens, fewer than one batch ({world_size} x {batch_size}); "
-                            f"lower batch_size/block_size or prepare more data")
-        self.per_epoch = self.n_windows // batch_size  # whole batches; the ragged tail is dropped each epoch
+            raise DataError(f"{data_dir}: the {split} split has only {self.n_windows} windows of "
+                            f"{block_size + 1} tokens, fewer than one batch ({world_size} x "
+                            f"{batch_size}); lower batch_size/block_size or prepare more data")
+        # whole batches; the ragged tail is dropped each epoch
+        self.per_epoch = self.n_windows // batch_size
         self.start = (0, 0)  # (epoch, index into its permutation) of the stream's first window
-        self.batch = 0  # the global batch number, counted from start, this process's next step starts at
+        # the global batch number, counted from start, this process's next step starts at
+        self.batch = 0
         self._perm, self._perm_epoch = None, None
 
     def _locate(self, g):
@@ -485,7 +510,8 @@ class ShardLoader:
         shard = np.searchsorted(self.first, ids, side='right') - 1
         buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
         for s in np.unique(shard):
-            tokens = read_shard(self.paths[s])  # a fresh memmap per batch: a long-lived one leaks RAM (nanoGPT #428)
+            # a fresh memmap per batch: a long-lived one leaks RAM (nanoGPT #428)
+            tokens = read_shard(self.paths[s])
             for row in np.nonzero(shard == s)[0]:
                 pos = (ids[row] - self.first[s]) * self.T
                 buf[row] = tokens[pos:pos + self.T + 1]
@@ -494,7 +520,8 @@ class ShardLoader:
         return x, y
 
     def state_dict(self):
-        # the next window, as an index into its epoch's permutation: exact for any new batch_size or world size
+        # the next window, as an index into its epoch's permutation: exact for any new batch_size
+        # or world size
         epoch, index = self._locate(self.batch)
         return {'epoch': int(epoch), 'index': int(index)}
 
@@ -506,20 +533,23 @@ def eval_tokens(data_dir, split, n_tokens):
     path = shard_paths(data_dir, split)[0]
     tokens = read_shard(path)[:n_tokens + 1]  # always the same prefix: evals comparable across runs
     if len(tokens) < 2:
-        raise DataError(f"{path}: {len(tokens)} tokens, need at least 2 to evaluate; re-run {_prepare_cmd(data_dir)}")
+        raise DataError(f"{path}: {len(tokens)} tokens, need at least 2 to evaluate; re-run "
+                        f"{_prepare_cmd(data_dir)}")
     return np.array(tokens, dtype=np.int64)
 
 # -----------------------------------------------------------------------------
-# synthetic tasks: generated on the fly from a seed, no files. Each generator maps (rng, B, T) to int64 (x, y)
-# of shape (B, T) with y = -1 except at the answer positions, so the loss (ignore_index=-1) is on answers only.
+# synthetic tasks: generated on the fly from a seed, no files. Each generator maps (rng, B, T) to
+# int64 (x, y) of shape (B, T) with y = -1 except at the answer positions, so the loss
+# (ignore_index=-1) is on answers only.
 
 MQAR_KEYS = 63  # keys are tokens 1..63, values 64..127, 0 is the filler between queries
 
 
 def mqar_batch(rng, B, T):
-    """Multi-query associative recall (Zoology): T//8 key-value pairs k1 v1 k2 v2 ..., then every key queried
-    once, in random order, at random positions of the rest (filler 0 between); the answer at a query is its
-    value. Longer sequences hold more pairs and longer gaps (up to the 63 keys the vocab has)."""
+    """Multi-query associative recall (Zoology): T//8 key-value pairs k1 v1 k2 v2 ..., then every
+    key queried once, in random order, at random positions of the rest (filler 0 between); the
+    answer at a query is its value. Longer sequences hold more pairs and longer gaps (up to the 63
+    keys the vocab has)."""
     n = min(T // 8, MQAR_KEYS)
     if n < 1:
         raise DataError(f"mqar needs block_size >= 8 (one key-value pair and its query), got {T}")
@@ -536,13 +566,15 @@ def mqar_batch(rng, B, T):
 
 
 def copy_batch(rng, B, T):
-    """A random string of T//2 symbols (tokens 2..63), the separator 1, then the string again: the answers
-    are the copy (predicting each copied symbol from the ones before it). An odd T ends with a filler 0."""
+    """A random string of T//2 symbols (tokens 2..63), the separator 1, then the string again: the
+    answers are the copy (predicting each copied symbol from the ones before it). An odd T ends
+    with a filler 0."""
     L = T // 2
     if L < 1:
         raise DataError(f"copy needs block_size >= 2, got {T}")
     s = rng.integers(2, 64, (B, L))
-    seq = np.concatenate([s, np.ones((B, 1), dtype=np.int64), s, np.zeros((B, T - 2 * L), dtype=np.int64)], 1)
+    seq = np.concatenate([s, np.ones((B, 1), dtype=np.int64), s,
+                          np.zeros((B, T - 2 * L), dtype=np.int64)], 1)
     x, y = seq[:, :-1].copy(), seq[:, 1:].copy()
     y[:, :L] = -1  # the string itself is random: nothing to learn there
     y[:, 2 * L:] = -1  # the filler
@@ -550,10 +582,10 @@ def copy_batch(rng, B, T):
 
 
 def parity_batch(rng, B, T):
-    """Running parity (state tracking): the start token 2 (the state "even" before any bit), then random bits
-    (tokens 0, 1); the answer at every bit is the parity of the bits so far (2 = even, 3 = odd). Softmax attention
-    carries no running state; an input-dependent rotation can (Selective RoPE: pi per 1-bit, read off against the
-    start token)."""
+    """Running parity (state tracking): the start token 2 (the state "even" before any bit), then
+    random bits (tokens 0, 1); the answer at every bit is the parity of the bits so far (2 = even,
+    3 = odd). Softmax attention carries no running state; an input-dependent rotation can
+    (Selective RoPE: pi per 1-bit, read off against the start token)."""
     if T < 2:
         raise DataError(f"parity needs block_size >= 2 (the start token and a bit), got {T}")
     x = np.concatenate([np.full((B, 1), 2, dtype=np.int64), rng.integers(0, 2, (B, T - 1))], 1)
@@ -572,13 +604,15 @@ SYNTHETIC_GENERATORS = {'mqar': mqar_batch, 'copy': copy_batch, 'parity': parity
 
 def _generator(task):
     if task not in SYNTHETIC_GENERATORS:
-        raise DataError(f"unknown synthetic task {task!r}; one of {', '.join(SYNTHETIC_GENERATORS)}")
+        raise DataError(f"unknown synthetic task {task!r}; one of "
+                        f"{', '.join(SYNTHETIC_GENERATORS)}")
     return SYNTHETIC_GENERATORS[task]
 
 
 class SyntheticLoader:
-    """ShardLoader's interface for a synthetic task. Batch g is generated from the seed (seed, 0, g), and rank r's
-    call m is batch m*world_size + r, so resumes and DDP ranks see exactly what one process would."""
+    """ShardLoader's interface for a synthetic task. Batch g is generated from the seed
+    (seed, 0, g), and rank r's call m is batch m*world_size + r, so resumes and DDP ranks see
+    exactly what one process would."""
 
     def __init__(self, task, batch_size, block_size, rank=0, world_size=1, seed=1337):
         self.generate = _generator(task)
@@ -600,8 +634,8 @@ class SyntheticLoader:
 
 
 def synthetic_eval_set(task, n_sequences, block_size, seed):
-    """A fixed set of n_sequences (x, y) of a task at one length, from a stream training never draws from
-    (seed, 1, block_size): every run with this seed is scored on the same sequences."""
+    """A fixed set of n_sequences (x, y) of a task at one length, from a stream training never
+    draws from (seed, 1, block_size): every run with this seed is scored on the same sequences."""
     x, y = _generator(task)(np.random.default_rng((seed, 1, block_size)), n_sequences, block_size)
     return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -627,13 +661,16 @@ def main(argv):
     exec(open(os.path.join(HERE, 'configurator.py')).read(), config)
 
     out_dir = os.path.join(config['out_root'], config['dataset'])
-    typo = difflib.get_close_matches(config['dataset'], ['embedded', *SYNTHETIC_TASKS], n=1, cutoff=0.8)
+    typo = difflib.get_close_matches(config['dataset'], ['embedded', *SYNTHETIC_TASKS], n=1,
+                                     cutoff=0.8)
     if config['dataset'] in SYNTHETIC_TASKS:
-        raise DataError(f"--dataset={config['dataset']} is a synthetic task, generated while training: nothing to "
-                        f"prepare (python train.py --dataset={config['dataset']} ...)")
-    if typo and typo[0] != config['dataset']:  # any other name downloads FineWeb-Edu (or --hf_path) into it
-        raise DataError(f"--dataset={config['dataset']}: did you mean --dataset={typo[0]}? (any other name "
-                        f"prepares --hf_path={config['hf_path']} into {out_dir})")
+        raise DataError(f"--dataset={config['dataset']} is a synthetic task, generated while "
+                        f"training: nothing to prepare (python train.py "
+                        f"--dataset={config['dataset']} ...)")
+    # any other name downloads FineWeb-Edu (or --hf_path) into it
+    if typo and typo[0] != config['dataset']:
+        raise DataError(f"--dataset={config['dataset']}: did you mean --dataset={typo[0]}? (any "
+                        f"other name prepares --hf_path={config['hf_path']} into {out_dir})")
     if config['dataset'] == 'embedded':
         prepare_embedded(out_dir)
         return
@@ -641,8 +678,10 @@ def main(argv):
     docs = lambda: load_docs(config['hf_path'], config['hf_name'], config['data_files'],
                              config['text_column'], config['streaming'])
     # everything that changes the shards' bytes; num_proc and out_root do not
-    settings = {k: config[k] for k in ('hf_path', 'hf_name', 'data_files', 'text_column', 'streaming')}
-    source = config['data_files'] or ' '.join(x for x in (config['hf_path'], config['hf_name']) if x)
+    settings = {k: config[k]
+                for k in ('hf_path', 'hf_name', 'data_files', 'text_column', 'streaming')}
+    source = config['data_files'] or \
+        ' '.join(x for x in (config['hf_path'], config['hf_name']) if x)
     prepare_hf(out_dir, docs, encoding, config['shard_size'], config['num_proc'],
                config['text_column'], settings, source)
 
