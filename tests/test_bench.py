@@ -1,14 +1,17 @@
-"""bench.py as a user runs it: the nanoGPT comparison (--peer), rows streamed as they finish, one-line errors.
-Times are never asserted (they are noise here); what is checked is the table's structure and its bookkeeping."""
+"""bench.py as a user runs it: the nanoGPT comparison (--peer), rows streamed as they finish,
+one-line errors. Times are never asserted (they are noise here); what is checked is the table's
+structure and its bookkeeping."""
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--warmup=0', '--steps=1']
+SMALL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
+         '--warmup=0', '--steps=1']
 
-# a stand-in for nanoGPT's model.py with its interface (GPTConfig fields, GPT(config), forward(idx, targets),
-# get_num_params, configure_optimizers, transformer.wpe): the real checkout cannot be cloned here
+# a stand-in for nanoGPT's model.py with its interface (GPTConfig fields, GPT(config),
+# forward(idx, targets), get_num_params, configure_optimizers, transformer.wpe):
+# the real checkout cannot be cloned here
 PEER = '''
 from dataclasses import dataclass
 import torch
@@ -48,8 +51,8 @@ class GPT(nn.Module):
 
 def bench(*args):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, 'bench.py', *SMALL, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, 'bench.py', *SMALL, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_peer_row_and_ratios_against_nanogpt(tmp_path):
@@ -59,24 +62,28 @@ def test_peer_row_and_ratios_against_nanogpt(tmp_path):
     assert p.returncode == 0, p.stderr
     assert 'nanoGPT prints this' not in p.stdout  # the peer's prints are kept out of the table
     final = p.stdout.split('round 2/2 done')[1]  # the final table follows the streamed rows
-    rows = {line.split('|')[1].strip(): line for line in final.splitlines() if line.startswith('| ')}
-    assert list(rows) == ['pos_emb', 'learned', 'rope', 'nanoGPT']  # as asked, though rope ran first
+    rows = {line.split('|')[1].strip(): line
+            for line in final.splitlines() if line.startswith('| ')}
+    # as asked, though rope ran first
+    assert list(rows) == ['pos_emb', 'learned', 'rope', 'nanoGPT']
     # the stand-in's parameters: wte + lm_head (2 x 320 x 32) + wpe (16 x 32); pe params: wpe
     assert rows['nanoGPT'].split('|')[2:4] == [' 20,992 ', ' 512 ']
-    ratios = dict(line.split(' vs nanoGPT: ') for line in final.splitlines() if ' vs nanoGPT: ' in line)
+    ratios = dict(line.split(' vs nanoGPT: ')
+                  for line in final.splitlines() if ' vs nanoGPT: ' in line)
     assert set(ratios) == {'learned', 'rope'} and all(r.endswith('x') for r in ratios.values())
     assert report.read_text().strip() == final.strip()  # the report is the final table
 
 
 def test_rows_stream_before_the_later_rounds(tmp_path):
-    """Each row is printed (and the report rewritten) once its first round is timed, so a run cut short by a
-    time limit keeps what it measured."""
+    """Each row is printed (and the report rewritten) once its first round is timed, so a run cut
+    short by a time limit keeps what it measured."""
     report = tmp_path / 'bench.md'
     p = bench('--pos_embs=none,rope', '--rounds=3', f'--report={report}')
     assert p.returncode == 0, p.stderr
     streamed, rest = p.stdout.split('round 2/3 done')
-    assert [line.split('|')[1].strip() for line in streamed.splitlines() if line.startswith('| ')] == \
-        ['pos_emb', 'rope', 'none']  # the baseline first: every later row has its ratio at once
+    # the baseline first: every later row has its ratio at once
+    assert [line.split('|')[1].strip() for line in streamed.splitlines()
+            if line.startswith('| ')] == ['pos_emb', 'rope', 'none']
     assert 'round 3/3 done' in rest and report.read_text().count('\n| ') == 3
 
 
@@ -86,4 +93,5 @@ def test_bad_peer_is_one_line(tmp_path):
     assert 'nanoGPT checkout' in p.stderr and 'Traceback' not in p.stderr
     (tmp_path / 'model.py').write_text('import no_such_module\n')
     p = bench(f'--peer={tmp_path}')
-    assert p.returncode == 1 and 'cannot import its model.py' in p.stderr and 'Traceback' not in p.stderr
+    assert p.returncode == 1 and 'cannot import its model.py' in p.stderr \
+        and 'Traceback' not in p.stderr

@@ -1,9 +1,10 @@
-"""The attention-bias encodings (rope.py's score_bias hook: ALiBi, T5's relative bias, FIRE, CoPE) against slow
-references written from their papers' equations: explicit loops over (batch, head, query, key) for the bias and the
-softmax, the papers' slope, bucket and interpolation rules by hand; shift invariance where the encoding is relative
-(alibi, t5, cope) and FIRE's dependence on the absolute position past its threshold L; the FlexAttention score_mod
-against the masked path; fp32 biases under bf16. The generic tests over rope.ENCODINGS in test_model.py (causality,
-cached decoding, compile, casts, training) cover them as well."""
+"""The attention-bias encodings (rope.py's score_bias hook: ALiBi, T5's relative bias, FIRE, CoPE)
+against slow references written from their papers' equations: explicit loops over (batch, head,
+query, key) for the bias and the softmax, the papers' slope, bucket and interpolation rules by hand;
+shift invariance where the encoding is relative (alibi, t5, cope) and FIRE's dependence on the
+absolute position past its threshold L; the FlexAttention score_mod against the masked path; fp32
+biases under bf16. The generic tests over rope.ENCODINGS in test_model.py (causality, cached
+decoding, compile, casts, training) cover them as well."""
 import math
 import os
 import sys
@@ -25,8 +26,10 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def make(pos_emb, dtype=F64, seed=0, **kw):
-    """A tiny model with sharp attention (q, k scaled up) and every encoding parameter moved off its init."""
-    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=3, n_embd=24, pos_emb=pos_emb, cope_npos_max=5)
+    """A tiny model with sharp attention (q, k scaled up) and every encoding
+    parameter moved off its init."""
+    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=3, n_embd=24, pos_emb=pos_emb,
+               cope_npos_max=5)
     torch.manual_seed(seed)
     m = GPT(GPTConfig(**{**cfg, **kw})).to(dtype).eval()
     with torch.no_grad():
@@ -40,11 +43,11 @@ def make(pos_emb, dtype=F64, seed=0, **kw):
     return m
 
 
-# ----------------------------------------------------------------------------- the papers' equations, per (i, j)
+# ---------------------------------------------------------------- the papers' equations, per (i, j)
 
 def ref_slopes(H):
-    """ALiBi section 3, by hand: 2^(-8h/H) for H a power of two; else the p = 2^floor(log2 H) slopes of p, then
-    the odd-numbered (1st, 3rd, ...) slopes of 2p."""
+    """ALiBi section 3, by hand: 2^(-8h/H) for H a power of two; else the p = 2^floor(log2 H) slopes
+    of p, then the odd-numbered (1st, 3rd, ...) slopes of 2p."""
     p = 1
     while 2 * p <= H:
         p *= 2
@@ -53,12 +56,14 @@ def ref_slopes(H):
 
 
 def ref_bucket(n):
-    """T5's causal bucket of distance n >= 0: 16 exact, then 16 log-spaced up to 128, the last one beyond."""
+    """T5's causal bucket of distance n >= 0: 16 exact, then 16 log-spaced up
+    to 128, the last one beyond."""
     return n if n < 16 else min(31, 16 + int(math.log(n / 16) / math.log(128 / 16) * 16))
 
 
 def ref_bias(m, layer, q, k, positions):
-    """bias[b][h][i][j] (j <= i) from each paper's equation; positions: the queries' (and keys') positions."""
+    """bias[b][h][i][j] (j <= i) from each paper's equation; positions: the
+    queries' (and keys') positions."""
     pe, (B, H, T, hs) = m.pe, q.shape
     out = torch.zeros(B, H, T, T, dtype=F64)
     for b in range(B):
@@ -73,9 +78,13 @@ def ref_bias(m, layer, q, k, positions):
                     elif m.config.pos_emb == 'fire':
                         c, L = abs(pe.c.item()), abs(pe.L_multiplier.item() * 512)
                         u = math.log(c * (i - j) + 1) / (math.log(c * max(L, mi) + 1) + 1e-6)
-                        v = pe.mlp(torch.tensor([[u]], dtype=F64))[0, h].item()  # the MLP as nn.Sequential runs it
-                    else:  # cope: count the open gates from j to i, interpolate the embedding vectors, dot with q_i
-                        p = sum(torch.sigmoid(q[b, h, i] @ k[b, h, t] / math.sqrt(hs)).item() for t in range(j, i + 1))
+                        # the MLP as nn.Sequential runs it
+                        v = pe.mlp(torch.tensor([[u]], dtype=F64))[0, h].item()
+                    else:
+                        # cope: count the open gates from j to i, interpolate the
+                        # embedding vectors, dot with q_i
+                        p = sum(torch.sigmoid(q[b, h, i] @ k[b, h, t] / math.sqrt(hs)).item()
+                                for t in range(j, i + 1))
                         p = min(p, pe.npos_max - 1)
                         E, lo, hi = pe.pos_emb[layer], math.floor(p), math.ceil(p)
                         v = (q[b, h, i] @ ((1 - (p - lo)) * E[:, lo] + (p - lo) * E[:, hi])).item()
@@ -84,20 +93,23 @@ def ref_bias(m, layer, q, k, positions):
 
 
 def ref_attention(q, k, v, bias):
-    """softmax_j(q_i.k_j / sqrt(hs) + bias_ij) over j <= i, then sum_j p_j v_j, one (b, h, i) at a time."""
+    """softmax_j(q_i.k_j / sqrt(hs) + bias_ij) over j <= i, then sum_j p_j
+    v_j, one (b, h, i) at a time."""
     B, H, T, hs = q.shape
     y = torch.zeros_like(q)
     for b in range(B):
         for h in range(H):
             for i in range(T):
-                s = torch.stack([q[b, h, i] @ k[b, h, j] / math.sqrt(hs) + bias[b, h, i, j] for j in range(i + 1)])
+                s = torch.stack([q[b, h, i] @ k[b, h, j] / math.sqrt(hs) + bias[b, h, i, j]
+                                 for j in range(i + 1)])
                 y[b, h, i] = (torch.softmax(s, 0)[:, None] * v[b, h, :i + 1]).sum(0)
     return y
 
 
 @pytest.mark.parametrize('H', [1, 2, 3, 4, 6, 8, 12, 16])
 def test_alibi_slopes_follow_the_paper(H):
-    torch.testing.assert_close(alibi_slopes(H).double(), torch.tensor(ref_slopes(H), dtype=F64), rtol=1e-7, atol=0)
+    torch.testing.assert_close(alibi_slopes(H).double(), torch.tensor(ref_slopes(H), dtype=F64),
+                               rtol=1e-7, atol=0)
     if H == 8:  # the paper's example: 1/2, 1/4, ..., 1/256
         assert alibi_slopes(8).tolist() == [2.0 ** -h for h in range(1, 9)]
 
@@ -105,15 +117,16 @@ def test_alibi_slopes_follow_the_paper(H):
 def test_t5_buckets_follow_the_released_rule():
     n = torch.arange(0, 3000)
     assert T5Bias.bucket(n).tolist() == [ref_bucket(x) for x in range(3000)]
-    assert T5Bias.bucket(torch.tensor([0, 15, 16, 20, 100, 127, 128, 10 ** 6])).tolist() == [0, 15, 16, 17, 30, 31,
-                                                                                               31, 31]
+    assert T5Bias.bucket(torch.tensor([0, 15, 16, 20, 100, 127, 128, 10 ** 6])).tolist() == \
+        [0, 15, 16, 17, 30, 31, 31, 31]
     assert T5Bias.bucket(torch.tensor([-5])).tolist() == [0]  # masked pairs land in a valid bucket
 
 
 @pytest.mark.parametrize('offset', [0, 20])
 @pytest.mark.parametrize('pos_emb', BIASES)
 def test_attention_layer_equals_per_pair_reference(pos_emb, offset):
-    """One attention layer, fp64, at positions offset..offset+T-1, against the explicit loops above."""
+    """One attention layer, fp64, at positions offset..offset+T-1,
+    against the explicit loops above."""
     m = make(pos_emb)
     attn, layer, (B, T, C, H) = m.transformer.h[1].attn, 1, (2, 9, 24, 3)
     torch.manual_seed(1)
@@ -129,7 +142,8 @@ def test_attention_layer_equals_per_pair_reference(pos_emb, offset):
 
 
 def test_a_bias_and_the_forget_gate_add_up():
-    """--pos_emb=alibi --forget_gate=True: the layer's scores carry -m_h (i - j) + sum_{j<l<=i} log f_l."""
+    """--pos_emb=alibi --forget_gate=True: the layer's scores carry -m_h
+    (i - j) + sum_{j<l<=i} log f_l."""
     m = make('alibi', forget_gate=True)
     attn, (B, T, C, H) = m.transformer.h[0].attn, (2, 9, 24, 3)
     with torch.no_grad():
@@ -138,16 +152,20 @@ def test_a_bias_and_the_forget_gate_add_up():
         pos = torch.arange(T)
         out = attn(x, 0, m.pe, pos, None, None)
         q, k, v = [t.view(B, T, H, C // H).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2)]
-        logf = torch.nn.functional.logsigmoid(x @ attn.fgate.weight.T + attn.fgate.bias).transpose(1, 2)  # (B, H, T)
-        gate = torch.tensor([[[[sum(logf[b, h, l].item() for l in range(j + 1, i + 1)) for j in range(T)]
-                               for i in range(T)] for h in range(H)] for b in range(B)], dtype=F64)
+        # logf: (B, H, T)
+        logf = torch.nn.functional.logsigmoid(x @ attn.fgate.weight.T
+                                              + attn.fgate.bias).transpose(1, 2)
+        gate = torch.tensor([[[[sum(logf[b, h, l].item() for l in range(j + 1, i + 1))
+                                for j in range(T)] for i in range(T)] for h in range(H)]
+                             for b in range(B)], dtype=F64)
         bias = ref_bias(m, 0, q, k, pos.tolist()) + gate
         ref = attn.c_proj(ref_attention(q, k, v, bias).transpose(1, 2).reshape(B, T, C))
     assert gate.min() < -1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 def test_cope_clamps_and_interpolates():
-    """With npos_max = 5 and sharp gates the counts pass 4 (clamped) and fall between integers (interpolated)."""
+    """With npos_max = 5 and sharp gates the counts pass 4 (clamped) and fall
+    between integers (interpolated)."""
     m = make('cope')
     attn, (B, T, C, H) = m.transformer.h[0].attn, (1, 12, 24, 3)
     x = torch.randn(B, T, C, dtype=F64)
@@ -168,43 +186,50 @@ def test_relative_biases_are_shift_invariant(pos_emb):
 
 
 def test_fire_is_not_shift_invariant_past_its_threshold():
-    """FIRE normalises by psi(max(L, i)): below L every query shares one normaliser (invariant), past it the
-    absolute position enters."""
+    """FIRE normalises by psi(max(L, i)): below L every query shares one normaliser (invariant),
+    past it the absolute position enters."""
     m = make('fire')
     with torch.no_grad():
         m.pe.L_multiplier.fill_(1.0)  # L = 512
     idx = torch.randint(64, (2, 16))
     with torch.no_grad():
         ref = m(idx, idx)[0]
-        torch.testing.assert_close(m(idx, idx, pos_offset=400)[0], ref, rtol=0, atol=1e-10)  # 400 + 15 < 512
+        # 400 + 15 < 512
+        torch.testing.assert_close(m(idx, idx, pos_offset=400)[0], ref, rtol=0, atol=1e-10)
         assert (m(idx, idx, pos_offset=2000)[0] - ref).abs().max() > 1e-3
 
 
 def test_cope_starts_as_nope():
-    """CoPE's embeddings start at zero (as the paper's code): at init the model is NoPE, weight for weight."""
+    """CoPE's embeddings start at zero (as the paper's code): at init the model
+    is NoPE, weight for weight."""
     torch.manual_seed(0)
-    cope = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb='cope'))
-    nope = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb='none'))
+    cope = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32,
+                         pos_emb='cope'))
+    nope = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32,
+                         pos_emb='none'))
     nope.load_state_dict(cope.state_dict(), strict=False)
     idx = torch.randint(64, (2, 20))
     torch.testing.assert_close(cope(idx, idx)[0], nope(idx, idx)[0], rtol=0, atol=1e-6)
 
 
 def test_parameter_counts():
-    """alibi 0; t5 32 buckets x H, one table for all layers; fire 1->32->H MLP + c + L, shared; cope L x hs x npos."""
+    """alibi 0; t5 32 buckets x H, one table for all layers; fire 1->32->H MLP + c + L,
+    shared; cope L x hs x npos."""
     L, H, d, npos = 3, 4, 32, 7
-    counts = {n: sum(p.numel() for p in GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=L, n_head=H, n_embd=d,
-                                                      pos_emb=n, cope_npos_max=npos)).pe.parameters())
+    counts = {n: sum(p.numel() for p in GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=L,
+                                                      n_head=H, n_embd=d, pos_emb=n,
+                                                      cope_npos_max=npos)).pe.parameters())
               for n in BIASES}
-    assert counts == {'alibi': 0, 't5': 32 * H, 'fire': (32 + 32) + (32 * H + H) + 2, 'cope': L * (d // H) * npos}
+    assert counts == {'alibi': 0, 't5': 32 * H, 'fire': (32 + 32) + (32 * H + H) + 2,
+                      'cope': L * (d // H) * npos}
 
 
 @pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 @pytest.mark.parametrize('pos_emb', BIASES)
 def test_flex_score_mod_equals_masked_path(pos_emb, monkeypatch):
-    """The one bias function as FlexAttention's score_mod (CUDA's path; here eager flex_attention, and for t5 and
-    fire a dynamo fullgraph trace with aot_eager; forward only: flex's CPU backward is not built) against the
-    masked SDPA path, composed with the forget gate."""
+    """The one bias function as FlexAttention's score_mod (CUDA's path; here eager flex_attention,
+    and for t5 and fire a dynamo fullgraph trace with aot_eager; forward only: flex's CPU backward
+    is not built) against the masked SDPA path, composed with the forget gate."""
     m = make(pos_emb, dtype=torch.float32, forget_gate=True)
     idx = torch.randint(64, (2, 24))
     with torch.no_grad():
@@ -212,19 +237,22 @@ def test_flex_score_mod_equals_masked_path(pos_emb, monkeypatch):
         monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
         monkeypatch.setattr(model_py, '_flex_attention', flex_attention)
         torch.testing.assert_close(m(idx, idx)[0], masked, rtol=0, atol=1e-5)
-        if pos_emb not in ('t5', 'fire'):  # the traces that index tables and unroll an MLP (the rest: ~5 s each)
+        # traced: t5 and fire, which index tables and unroll an MLP (the rest: ~5 s each)
+        if pos_emb not in ('t5', 'fire'):
             return
         torch._dynamo.reset()
         traced = torch.compile(m, fullgraph=True, backend='aot_eager')(idx, idx)[0]
         torch.testing.assert_close(traced, masked, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('pos_emb,gate', [(n, False) for n in BIASES] + [('rope', True), ('fire', True)])
+@pytest.mark.parametrize('pos_emb,gate',
+                         [(n, False) for n in BIASES] + [('rope', True), ('fire', True)])
 def test_flex_backward_takes_every_score_mod(pos_emb, gate, monkeypatch):
-    """CUDA's compiled FlexAttention backward refuses a score_mod that indexes a captured tensor needing a gradient
-    more than once (NotImplementedError at the first backward; FIRE's unrolled MLP and the gate's c_i - c_j did).
-    Its check runs on the joint graphs that dynamo + AOTAutograd trace, which CPU can trace too: every flex call
-    of the model's backward, traced here, passes it. Private torch APIs: skipped where they moved."""
+    """CUDA's compiled FlexAttention backward refuses a score_mod that indexes a captured tensor
+    needing a gradient more than once (NotImplementedError at the first backward; FIRE's unrolled
+    MLP and the gate's c_i - c_j did). Its check runs on the joint graphs that dynamo + AOTAutograd
+    trace, which CPU can trace too: every flex call of the model's backward, traced here, passes it.
+    Private torch APIs: skipped where they moved."""
     try:
         import torch.nn.attention.flex_attention as flex_module
         from torch._dynamo.backends.common import aot_autograd
@@ -233,7 +261,8 @@ def test_flex_backward_takes_every_score_mod(pos_emb, gate, monkeypatch):
         pytest.skip(f"torch's flex internals moved: {e}")
     monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
     monkeypatch.setattr(model_py, '_flex_attention', flex_attention)
-    monkeypatch.setattr(flex_module, '_validate_device', lambda *a: None)  # it refuses CPU gradients up front
+    # it refuses CPU gradients up front
+    monkeypatch.setattr(flex_module, '_validate_device', lambda *a: None)
     graphs = []
 
     def backward_compiler(gm, example_inputs):
@@ -257,29 +286,34 @@ def test_flex_backward_takes_every_score_mod(pos_emb, gate, monkeypatch):
 
 @pytest.mark.parametrize('pos_emb', BIASES)
 def test_biases_are_fp32_in_a_bf16_model_under_autocast(pos_emb):
-    """A model cast to bf16 and run under bf16 autocast: the bias is fp32 and equals the fp64 model's to fp32
-    rounding at distances up to 3000 (ALiBi: -m_h * 3000 in bf16 is off by up to 8)."""
+    """A model cast to bf16 and run under bf16 autocast: the bias is fp32 and
+    equals the fp64 model's to fp32 rounding at distances up to 3000 (ALiBi:
+    -m_h * 3000 in bf16 is off by up to 8)."""
     m64 = make(pos_emb, block_size=4096)
     m16 = make(pos_emb, block_size=4096).to(torch.bfloat16)
     T = 3001 if pos_emb != 'cope' else 301  # cope's gates are T x T
     q = torch.randn(1, 3, T, 8, dtype=F64)
     pos = torch.arange(T)
+    # the index grid: b, h, i, j
     grid = [torch.arange(1).view(1, 1, 1, 1), torch.arange(3).view(1, 3, 1, 1),
-            torch.tensor([T - 1, T // 2]).view(1, 1, 2, 1), torch.tensor([0, 7]).view(1, 1, 1, 2)]  # b, h, i, j
+            torch.tensor([T - 1, T // 2]).view(1, 1, 2, 1), torch.tensor([0, 7]).view(1, 1, 1, 2)]
     with torch.no_grad():  # FIRE: a (3, T, T) table per model
         ref = m64.pe.score_bias(0, q, q, None, pos, m64.pe.prepare(None, pos), None)(*grid)
     with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
-        got = m16.pe.score_bias(0, q.bfloat16(), q.bfloat16(), None, pos, m16.pe.prepare(None, pos), None)(*grid)
+        got = m16.pe.score_bias(0, q.bfloat16(), q.bfloat16(), None, pos, m16.pe.prepare(None, pos),
+                                None)(*grid)
     assert got.dtype == torch.float32
     if pos_emb != 'cope':  # cope's bias reads q, k themselves, which are bf16 here
         torch.testing.assert_close(got.double(), ref, rtol=2 ** -20, atol=1e-5)
 
 
 def test_cope_flops_count_its_gates_and_embedding_lookups():
-    """MFU counts the matmuls run: CoPE adds q.k for the gates and q.e[n] per head, 6*L*H*Q*(T + npos_max)."""
+    """MFU counts the matmuls run: CoPE adds q.k for the gates and q.e[n] per
+    head, 6*L*H*Q*(T + npos_max)."""
     kw = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32, cope_npos_max=7)
     cope, none = GPT(GPTConfig(pos_emb='cope', **kw)), GPT(GPTConfig(pos_emb='none', **kw))
     assert cope.flops_per_token(32) - none.flops_per_token(32) == 6 * 2 * 4 * 8 * (32 + 7)
-    pope = GPT(GPTConfig(pos_emb='pope', **kw))  # its q'.k' is twice the head width: (2Q + Q) / (Q + Q)
-    assert pope.flops_per_token(32) - 6 * sum(p.numel() for p in pope.pe.parameters()) - none.flops_per_token(32) \
-        == 6 * 2 * 4 * 8 * 32
+    # its q'.k' is twice the head width: (2Q + Q) / (Q + Q)
+    pope = GPT(GPTConfig(pos_emb='pope', **kw))
+    assert pope.flops_per_token(32) - 6 * sum(p.numel() for p in pope.pe.parameters()) \
+        - none.flops_per_token(32) == 6 * 2 * 4 * 8 * 32

@@ -1,5 +1,6 @@
 """CARoPE (arXiv:2507.23083, section 2) against slow references written from its equations:
-f(x_t) = 1 / (softplus(x_t W + beta) + 1), phi_p^h(m) = sum_{t<=m} f(x_t)_h^p, RoPE rotation by phi."""
+f(x_t) = 1 / (softplus(x_t W + beta) + 1), phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,
+RoPE rotation by phi."""
 import math
 import os
 import sys
@@ -15,7 +16,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 
 
 def carope_model(seed=0, scale=0.5, dtype=torch.float64, **kw):
-    """A tiny carope GPT whose W, beta are moved off the RoPE init, so that f really depends on the tokens."""
+    """A tiny carope GPT whose W, beta are moved off the RoPE init, so that f
+    really depends on the tokens."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**TINY, 'pos_emb': 'carope', **kw})).to(dtype)
     with torch.no_grad():
@@ -29,7 +31,8 @@ P_ = 8  # pairs per head of the tiny model (n_embd 32 / 2 heads / 2)
 
 
 def reference_phase(x, W, beta, P=P_):
-    """phi[b][h][m][p] = sum_{t<=m} f(x_t)_h ** p in float64 Python loops, f = 1 / (softplus(x_t W + beta) + 1)."""
+    """phi[b][h][m][p] = sum_{t<=m} f(x_t)_h ** p in float64 Python loops,
+    f = 1 / (softplus(x_t W + beta) + 1)."""
     B, T, C = x.shape
     H = W.shape[0]
     x, W, beta = x.double().tolist(), W.double().tolist(), beta.double().tolist()
@@ -37,8 +40,10 @@ def reference_phase(x, W, beta, P=P_):
     for b in range(B):
         heads = []
         for h in range(H):
-            f = [1 / (math.log1p(math.exp(sum(x[b][t][c] * W[h][c] for c in range(C)) + beta[h])) + 1) for t in range(T)]
-            heads.append([[sum(f[t] ** p for t in range(m + 1)) for p in range(P)] for m in range(T)])
+            f = [1 / (math.log1p(math.exp(sum(x[b][t][c] * W[h][c] for c in range(C)) + beta[h]))
+                      + 1) for t in range(T)]
+            heads.append([[sum(f[t] ** p for t in range(m + 1)) for p in range(P)]
+                          for m in range(T)])
         out.append(heads)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -65,7 +70,8 @@ def test_phase_and_rotation_match_loops_over_the_equation():
     phi = pe.phase(1, x)
     assert phi.dtype == torch.float32 and phi.shape == ref.shape
     torch.testing.assert_close(phi.double(), ref, rtol=2e-6, atol=2e-6)
-    # rotate(): pair p of head h at position m turned by phi[b, h, m, p] via an explicit 2x2 rotation matrix
+    # rotate(): pair p of head h at position m turned by phi[b, h, m, p] via an
+    # explicit 2x2 rotation matrix
     q, k = torch.randn(2, 2, 2, 7, 16, dtype=torch.float64).unbind(0)
     rq, rk = pe.rotate(1, q, k, x, None, None)
     for src, out in ((q, rq), (k, rk)):
@@ -75,15 +81,16 @@ def test_phase_and_rotation_match_loops_over_the_equation():
                 for m in range(7):
                     for p in range(P_):
                         a = ref[b, h, m, p].item()
-                        R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+                        R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
+                                         dtype=torch.float64)
                         expect[b, h, m, 2 * p:2 * p + 2] = R @ src[b, h, m, 2 * p:2 * p + 2]
         torch.testing.assert_close(out, expect, rtol=0, atol=2e-5)
 
 
 
 def test_rotate_by_phase_backward_matches_finite_differences():
-    """CARoPE's hand-written backward of the rotation (grad wrt q, k and the phase) against gradcheck's
-    numerical derivatives, in float64."""
+    """CARoPE's hand-written backward of the rotation (grad wrt q, k and the phase) against
+    gradcheck's numerical derivatives, in float64."""
     torch.manual_seed(0)
     q, k = (torch.randn(2, 2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     for phi in (torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True) * 3,
@@ -105,14 +112,16 @@ def test_init_reproduces_rope_logits(source):
     assert not unexpected and missing and all(n.startswith('pe.proj.') for n in missing)
     idx = torch.randint(64, (3, 32))
     f = carope.pe.log_f(0, torch.randn(1, 4, 32)).exp()
-    torch.testing.assert_close(f, torch.full_like(f, 10000 ** (-2 / 16)), rtol=1e-6, atol=0)  # f = theta_1
+    # f = theta_1
+    torch.testing.assert_close(f, torch.full_like(f, 10000 ** (-2 / 16)), rtol=1e-6, atol=0)
     l_rope, _ = rope(idx, idx)
     l_carope, _ = carope(idx, idx)
     torch.testing.assert_close(l_carope, l_rope, rtol=0, atol=1e-5)
     # position shifted by one: carope's phases are rope's at m + 1
     phi = carope.pe.phase(0, torch.randn(1, 32, 32))
     theta = 10000 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-    torch.testing.assert_close(phi[0, 0].double(), torch.arange(1, 33, dtype=torch.float64)[:, None] * theta,
+    torch.testing.assert_close(phi[0, 0].double(),
+                               torch.arange(1, 33, dtype=torch.float64)[:, None] * theta,
                                rtol=1e-5, atol=0)
 
 
@@ -156,21 +165,24 @@ def test_cached_decoding_equals_uncached(source):
     torch.manual_seed(3)
     prompt = torch.randint(64, (2, 10))
     with torch.no_grad():
-        fast = model.generate(prompt, 30, top_k=1, use_cache=True)  # 40 tokens > block_size 32: keeps going
+        # 40 tokens > block_size 32: keeps going
+        fast = model.generate(prompt, 30, top_k=1, use_cache=True)
         slow = model.generate(prompt, 30, top_k=1, use_cache=False)
         assert torch.equal(fast, slow)
         full, _ = model(fast, fast)  # logits at every position
         steps, cache = step_logits(model, fast, 10)
         torch.testing.assert_close(steps, full[:, 9:], rtol=0, atol=1e-4)
         assert cache[1]['carope_phase'].shape == (2, 2, P_)
-        torch.testing.assert_close(cache[1]['carope_phase'], model.pe.phase(1, _layer_input(model, fast, 1))[:, :, -1],
+        torch.testing.assert_close(cache[1]['carope_phase'],
+                                   model.pe.phase(1, _layer_input(model, fast, 1))[:, :, -1],
                                    rtol=1e-5, atol=1e-4)
         # phases start at the first token fed: pos_offset leaves carope unchanged
         torch.testing.assert_close(model(fast, fast, pos_offset=100)[0], full, rtol=0, atol=0)
 
 
 def _layer_input(model, idx, layer):
-    """x_t of `layer` for the full sequence: the embeddings or that attention's LayerNorm'd input."""
+    """x_t of `layer` for the full sequence: the embeddings or that
+    attention's LayerNorm'd input."""
     x = model.transformer.wte(idx)
     if model.pe.source == 'embedding':
         return x
@@ -188,27 +200,30 @@ def record_phases(model):
 
 @pytest.mark.parametrize('source', ['block', 'embedding'])
 def test_source_embedding_reads_input_embeddings(source):
-    """Perturbing block 0's MLP changes layer 1's input but not the token embeddings: layer 1's phases must
-    move with 'block' and stay put with 'embedding', where they equal the phases of wte(idx) itself."""
+    """Perturbing block 0's MLP changes layer 1's input but not the token embeddings:
+    layer 1's phases must move with 'block' and stay put with 'embedding', where they
+    equal the phases of wte(idx) itself."""
     model = carope_model(carope_source=source)
     idx = torch.randint(64, (2, 12))
     seen = record_phases(model)
     with torch.no_grad():
         model(idx, idx)
-        model.transformer.h[0].mlp.c_proj.weight.add_(torch.randn_like(model.transformer.h[0].mlp.c_proj.weight))
+        model.transformer.h[0].mlp.c_proj.weight.add_(
+            torch.randn_like(model.transformer.h[0].mlp.c_proj.weight))
         model(idx, idx)
     (l0, a0), (l1, a1), (m0, b0), (m1, b1) = seen
     assert (l0, l1, m0, m1) == (0, 1, 0, 1)
     torch.testing.assert_close(a0, b0, rtol=0, atol=0)  # nothing before layer 0 changed
     if source == 'embedding':
         torch.testing.assert_close(a1, b1, rtol=0, atol=0)
-        ref = reference_phase(model.transformer.wte(idx).detach()[:, :6], model.pe.proj[1].weight.detach(),
-                              model.pe.proj[1].bias.detach())
+        ref = reference_phase(model.transformer.wte(idx).detach()[:, :6],
+                              model.pe.proj[1].weight.detach(), model.pe.proj[1].bias.detach())
         torch.testing.assert_close(a1[:, :, :6].double(), ref, rtol=2e-6, atol=2e-6)
     else:
         assert (a1 - b1).abs().max() > 1e-3
-        ref = reference_phase(model.transformer.h[0].ln_1(model.transformer.wte(idx)).detach()[:, :6],
-                              model.pe.proj[0].weight.detach(), model.pe.proj[0].bias.detach())
+        ref = reference_phase(
+            model.transformer.h[0].ln_1(model.transformer.wte(idx)).detach()[:, :6],
+            model.pe.proj[0].weight.detach(), model.pe.proj[0].bias.detach())
         torch.testing.assert_close(a0[:, :, :6].double(), ref, rtol=2e-6, atol=2e-6)
 
 
@@ -225,9 +240,12 @@ def test_phases_fp32_under_bf16_autocast():
     loss.backward()
     assert len(seen) == 3 and all(phi.dtype == torch.float32 for _, phi in seen)
     assert rotated[0][0] == torch.bfloat16  # q came in bf16 (autocast's q/k/v projection) ...
-    assert all(rq.dtype == rk.dtype == dtype for dtype, (rq, rk) in rotated)  # ... and leaves in q's dtype
-    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)  # a bf16 x W would be off by ~1e-2
-    assert torch.isfinite(model.pe.proj[0].weight.grad).all() and model.pe.proj[0].weight.grad.abs().max() > 0
+    # ... and leaves in q's dtype
+    assert all(rq.dtype == rk.dtype == dtype for dtype, (rq, rk) in rotated)
+    # a bf16 x W would be off by ~1e-2
+    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
+    assert torch.isfinite(model.pe.proj[0].weight.grad).all() \
+        and model.pe.proj[0].weight.grad.abs().max() > 0
 
 
 def test_bad_source_is_a_clear_error():
@@ -245,7 +263,8 @@ def test_weight_decay_on_W_only():
 def test_loss_falls_and_the_encoding_learns():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, pos_emb='carope'))
-    seq = torch.randint(64, (1, 17)).repeat(4, 3)[:, :33]  # a period-17 pattern: learnable in context
+    # a period-17 pattern: learnable in context
+    seq = torch.randint(64, (1, 17)).repeat(4, 3)[:, :33]
     X, Y = seq[:, :-1], seq[:, 1:]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -256,4 +275,5 @@ def test_loss_falls_and_the_encoding_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
-    assert model.pe.proj[0].weight.abs().max() > 1e-3  # W moved off zero: gradients reach the encoding
+    # W moved off zero: gradients reach the encoding
+    assert model.pe.proj[0].weight.abs().max() > 1e-3

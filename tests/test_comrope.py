@@ -1,6 +1,7 @@
-"""ComRoPE-AP / ComRoPE-LD (arXiv:2506.03737, eq. 8 / eq. 10, Theorem 1) against slow references written from the
-paper: the dense hd x hd angle matrix built block by block, torch.linalg.matrix_exp of t * A in float64, Python
-loops over heads and positions. Tiny models on CPU; float64 where it allows tight tolerances."""
+"""ComRoPE-AP / ComRoPE-LD (arXiv:2506.03737, eq. 8 / eq. 10, Theorem 1) against slow references
+written from the paper: the dense hd x hd angle matrix built block by block, torch.linalg.matrix_exp
+of t * A in float64, Python loops over heads and positions. Tiny models on CPU; float64 where it
+allows tight tolerances."""
 import os
 import sys
 
@@ -13,7 +14,8 @@ from model import GPT, GPTConfig  # noqa: E402
 from rope import ComRoPE_LD, RotateByMatrix, build_position_encoding  # noqa: E402
 
 VARIANTS = ['comrope_ap', 'comrope_ld']
-TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)  # head dim 16: two blocks of 8
+# head dim 16: two blocks of 8
+TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
 
 
 def config(pos_emb, **kw):
@@ -21,8 +23,9 @@ def config(pos_emb, **kw):
 
 
 def randomise(pe, std=0.3, seed=0):
-    """Generic generators (every entry of every block non-zero, LD scales away from 1), so that a test sees
-    mixing inside blocks and different heads/layers/blocks; angles of order 1 rad per token."""
+    """Generic generators (every entry of every block non-zero, LD scales away from 1), so that a
+    test sees mixing inside blocks and different heads/layers/blocks; angles of order 1 rad per
+    token."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         pe.P.copy_(torch.randn(pe.P.shape, generator=g) * std)
@@ -40,8 +43,9 @@ def model(pos_emb, dtype=torch.float64, random_generators=True, seed=0, **kw):
 
 
 def dense_generator(pe, layer, head):
-    """Slow reference for one head's angle matrix: A = blockdiag(B_1..B_nb), B_j = P_j - P_j^T (eq. 8), times the
-    layer's scale of block j for LD (eq. 10), as a dense float64 hd x hd matrix."""
+    """Slow reference for one head's angle matrix: A = blockdiag(B_1..B_nb), B_j = P_j - P_j^T
+    (eq. 8), times the layer's scale of block j for LD (eq. 10), as a dense float64 hd x hd
+    matrix."""
     blocks = []
     for j in range(pe.P.size(2)):
         Pj = pe.P[layer, head, j].detach().double()
@@ -68,7 +72,8 @@ def blockdiag(Rt):  # (nb, b, b) -> dense (hd, hd)
 @pytest.mark.parametrize('name', VARIANTS)
 def test_every_R_is_a_rotation(name):
     pe = randomise(build_position_encoding(config(name)))  # float32, as trained
-    R = fast_R(pe, torch.arange(5000, 5000 + 1300)).double()  # large positions, T not a power of two
+    # large positions, T not a power of two
+    R = fast_R(pe, torch.arange(5000, 5000 + 1300)).double()
     eye = torch.eye(R.size(-1), dtype=torch.float64)
     assert (R.transpose(-1, -2) @ R - eye).abs().max() < 1e-5
     assert (torch.linalg.det(R) - 1).abs().max() < 1e-5  # det +1: a rotation, not a reflection
@@ -76,7 +81,8 @@ def test_every_R_is_a_rotation(name):
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_relative_position_theorem_1(name):
-    """R(s)^T R(t) = R(t - s) (Theorem 1): the fast path's R(s), R(t) against a float64 matrix_exp((t - s) A)."""
+    """R(s)^T R(t) = R(t - s) (Theorem 1): the fast path's R(s), R(t) against a
+    float64 matrix_exp((t - s) A)."""
     pe = randomise(build_position_encoding(config(name)))
     R = fast_R(pe, torch.arange(0, 3000))
     for s, t in [(0, 0), (3, 5), (7, 2), (100, 1234), (2999, 17), (1500, 2999)]:
@@ -87,7 +93,8 @@ def test_relative_position_theorem_1(name):
 
 
 def reference_rotate(pe, layer, q, pos, check):
-    """Slow reference: the dense hd x hd exp(t A) applied as one dense matmul per (head, position)."""
+    """Slow reference: the dense hd x hd exp(t A) applied as one dense
+    matmul per (head, position)."""
     out = {}
     for h in range(q.size(1)):
         for i in check:
@@ -98,8 +105,9 @@ def reference_rotate(pe, layer, q, pos, check):
 @pytest.mark.parametrize('name', VARIANTS)
 @pytest.mark.parametrize('start', [0, 3, 5000])
 def test_fast_path_equals_dense_matrix_exp(name, start):
-    """float32 fast path (doubling) vs float64 dense matrix_exp up to position start + 4099: the error of a
-    product of exp(2^k B) factors stays ~log2(T) eps (a float32 matrix_exp(t B) itself is off by ~1e-3 there)."""
+    """float32 fast path (doubling) vs float64 dense matrix_exp up to position start + 4099: the
+    error of a product of exp(2^k B) factors stays ~log2(T) eps (a float32 matrix_exp(t B)
+    itself is off by ~1e-3 there)."""
     pe = randomise(build_position_encoding(config(name)))
     T = 4100
     pos = torch.arange(start, start + T)
@@ -109,18 +117,21 @@ def test_fast_path_equals_dense_matrix_exp(name, start):
     for layer in range(2):
         rq, rk = pe.rotate(layer, q, k, None, shared, None)
         assert rq.dtype == rk.dtype == torch.float32 and rq.shape == q.shape
-        ref_q, ref_k = reference_rotate(pe, layer, q, pos, check), reference_rotate(pe, layer, k, pos, check)
+        ref_q, ref_k = reference_rotate(pe, layer, q, pos, check), \
+            reference_rotate(pe, layer, k, pos, check)
         for (h, i), ref in ref_q.items():
             assert (rq[:, h, i].double() - ref).abs().max() < 1e-5 * ref.abs().max(), (layer, h, i)
-            assert (rk[:, h, i].double() - ref_k[h, i]).abs().max() < 1e-5 * ref_k[h, i].abs().max(), (layer, h, i)
+            assert (rk[:, h, i].double() - ref_k[h, i]).abs().max() \
+                < 1e-5 * ref_k[h, i].abs().max(), (layer, h, i)
 
 
 
 @pytest.mark.parametrize('start', [0, 5000])
 def test_liere_is_one_dense_block_equal_to_matrix_exp(start):
-    """LieRE (Ostmeier et al., arXiv:2406.10322) on one axis: R(t) = exp(t A) with one dense skew-symmetric A per
-    head, i.e. comrope_ap with comrope_block = the head dim. The fast path against a float64 dense matrix_exp, and
-    every channel mixes with every other (no block structure left)."""
+    """LieRE (Ostmeier et al., arXiv:2406.10322) on one axis: R(t) = exp(t A) with one
+    dense skew-symmetric A per head, i.e. comrope_ap with comrope_block = the head dim.
+    The fast path against a float64 dense matrix_exp, and every channel mixes with every
+    other (no block structure left)."""
     pe = randomise(build_position_encoding(config('comrope_ap', comrope_block=16)), std=0.1)
     assert pe.P.shape == (2, 2, 1, 16, 16)
     T = 1100
@@ -134,7 +145,8 @@ def test_liere_is_one_dense_block_equal_to_matrix_exp(start):
             assert (rq[:, h, i].double() - ref).abs().max() < 1e-5 * ref.abs().max(), (layer, h, i)
     q2 = q.clone()
     q2[..., 0] += 1.0
-    changed = (pe.rotate(0, q2, q2, None, shared, None)[0] - pe.rotate(0, q, q, None, shared, None)[0])
+    changed = (pe.rotate(0, q2, q2, None, shared, None)[0]
+               - pe.rotate(0, q, q, None, shared, None)[0])
     assert (changed[:, :, 1:].abs().amax(dim=(0, 1, 2)) > 1e-3).all()  # channel 0 reaches all 16
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -150,7 +162,8 @@ def test_no_mixing_across_blocks(name):
         b, _ = pe.rotate(1, q2, q2, None, shared, None)
         changed = (a - b).abs().amax(dim=(0, 1, 2))  # per channel
         assert (changed[sl] > 1e-3).all(), j  # the block itself moves
-        assert changed[[c for c in range(16) if c not in range(16)[sl]]].max() == 0, j  # nothing else does
+        # nothing else does
+        assert changed[[c for c in range(16) if c not in range(16)[sl]]].max() == 0, j
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -158,7 +171,8 @@ def test_rope_init_reproduces_rope_logits(name):
     rope = model('rope')
     com = model(name, random_generators=False, seed=1)  # other weights differ until loaded
     missing, unexpected = com.load_state_dict(rope.state_dict(), strict=False)
-    assert not unexpected and set(missing) == {'pe.P'} | ({'pe.s'} if name == 'comrope_ld' else set())
+    assert not unexpected \
+        and set(missing) == {'pe.P'} | ({'pe.s'} if name == 'comrope_ld' else set())
     idx = torch.randint(64, (2, 32))
     for offset in (0, 3000):  # large positions too
         want, _ = rope(idx, idx, pos_offset=offset)
@@ -227,7 +241,8 @@ def test_fp32_rotations_under_bf16_autocast(name):
     assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
     assert rq.dtype == rk.dtype == torch.bfloat16
     exact, _ = pe.rotate(0, q.float(), q.float(), x, want, None)
-    assert (rq.float() - exact).abs().max() < 2e-2 * exact.abs().max()  # only the final cast is bf16
+    # only the final cast is bf16
+    assert (rq.float() - exact).abs().max() < 2e-2 * exact.abs().max()
     m = model(name, dtype=torch.float32)
     idx = torch.randint(64, (2, 32))
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -265,13 +280,16 @@ def test_bad_config_is_a_clear_error(name):
 @pytest.mark.parametrize('name', VARIANTS)
 def test_parameters_init_and_no_weight_decay(name):
     pe = build_position_encoding(GPTConfig(pos_emb=name))  # GPT-2 small, AP: L*d*b = 73,728 (eq. 8)
-    assert pe.P.numel() == 73_728 and sum(p.numel() for p in pe.parameters()) == 73_728 + 96 * (name == 'comrope_ld')
-    G = pe.generator(torch.float64)[3, 5]  # rope init: theta_p [[0, -1], [1, 0]] on pair p, global pair index
+    assert pe.P.numel() == 73_728 \
+        and sum(p.numel() for p in pe.parameters()) == 73_728 + 96 * (name == 'comrope_ld')
+    # rope init: theta_p [[0, -1], [1, 0]] on pair p, global pair index
+    G = pe.generator(torch.float64)[3, 5]
     theta = 10000.0 ** (-torch.arange(32, dtype=torch.float64) * 2 / 64)
     assert torch.allclose(torch.block_diag(*G).diagonal(-1)[::2].double(), theta, rtol=1e-6)
     assert torch.count_nonzero(torch.block_diag(*G)) == 64
     torch.manual_seed(0)
-    rnd = build_position_encoding(GPTConfig(pos_emb=name, comrope_init='random', comrope_init_std=0.05))
+    rnd = build_position_encoding(GPTConfig(pos_emb=name, comrope_init='random',
+                                            comrope_init_std=0.05))
     assert abs(rnd.P.std().item() - 0.05) < 1e-3
     m = GPT(config(name))
     decay, no_decay = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
@@ -280,13 +298,16 @@ def test_parameters_init_and_no_weight_decay(name):
 
 
 def test_rotate_by_matrix_backward_against_finite_differences():
-    """The written-out backward (inputs recomputed from the outputs through R^T R = 1) against autograd's
-    finite differences in fp64, for q, k and R, on q and k laid out as the views of the qkv projection they are.
-    R must be orthogonal (as ComRoPE's are): gradcheck perturbs only the forward's inputs."""
+    """The written-out backward (inputs recomputed from the outputs through R^T R = 1)
+    against autograd's finite differences in fp64, for q, k and R, on q and k laid out as the
+    views of the qkv projection they are. R must be orthogonal (as ComRoPE's are): gradcheck
+    perturbs only the forward's inputs."""
     torch.manual_seed(0)
     A = torch.randn(3, 5, 2, 4, 4, dtype=torch.float64)  # (nh, T, nb, b, b)
     R = torch.linalg.matrix_exp(A - A.transpose(-1, -2)).requires_grad_()
-    qkv = torch.randn(2, 5, 3 * 3 * 8, dtype=torch.float64, requires_grad=True)  # (B, T, 3 C), hs = 8
-    heads = lambda t: t.view(2, 5, 3, 8).transpose(1, 2)  # (B, nh, T, hs), a strided view as in the model
+    # qkv: (B, T, 3 C), hs = 8
+    qkv = torch.randn(2, 5, 3 * 3 * 8, dtype=torch.float64, requires_grad=True)
+    # heads: (B, nh, T, hs), a strided view as in the model
+    heads = lambda t: t.view(2, 5, 3, 8).transpose(1, 2)
     f = lambda qkv, R: RotateByMatrix.apply(heads(qkv[..., :24]), heads(qkv[..., 24:48]), R)
     assert torch.autograd.gradcheck(f, (qkv, R))

@@ -1,10 +1,11 @@
 """Tests of configurator.py, the strict "poor man's configurator".
 
 Two ways in: (1) a tiny script written to tmp_path that sets a few defaults, execs the repo's
-configurator.py and prints the resulting values as JSON, run with various argv: parsed values, exit codes
-and messages; (2) train.py itself, as a user runs it, where every case must end inside the configurator
-(exit status 2, one `config error: ...` line) before any data or output directory is touched. A case that
-should be accepted by train.py is followed by a bad key, so the run still stops in the configurator."""
+configurator.py and prints the resulting values as JSON, run with various argv: parsed values,
+exit codes and messages; (2) train.py itself, as a user runs it, where every case must end inside
+the configurator (exit status 2, one `config error: ...` line) before any data or output
+directory is touched. A case that should be accepted by train.py is followed by a bad key, so the
+run still stops in the configurator."""
 import concurrent.futures
 import glob
 import json
@@ -48,8 +49,8 @@ def script(tmp_path):
     path.write_text(SCRIPT)
 
     def run(*args, cwd=tmp_path):
-        return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env(), capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env(),
+                              capture_output=True, text=True, timeout=60)
     return run
 
 
@@ -71,7 +72,7 @@ def config_error(p):
     return errors[0]
 
 
-# ----------------------------------------------------------------------------- the tiny script: values
+# -------------------------------------------------------------------------- the tiny script: values
 
 def test_no_arguments_keeps_defaults(script):
     values = parsed(script())
@@ -83,7 +84,8 @@ def test_overrides_of_each_type(script):
     assert values == {'a': 2.5, 'b': 7, 'c': 'y', 'd': False, 'e': 'somewhere/else'}
 
 
-@pytest.mark.parametrize('arg,value', [('--a=1', 1.0), ('--a=3e-4', 3e-4), ('--a=-2', -2.0), ('--a=1_000', 1000.0)])
+@pytest.mark.parametrize('arg,value', [('--a=1', 1.0), ('--a=3e-4', 3e-4), ('--a=-2', -2.0),
+                                       ('--a=1_000', 1000.0)])
 def test_int_accepted_where_float_expected_and_becomes_float(script, arg, value):
     values = parsed(script(arg))  # JSON keeps 1.0 and 1 apart
     assert values['a'] == value and isinstance(values['a'], float)
@@ -102,7 +104,8 @@ def test_int_accepted_where_float_expected_and_becomes_float(script, arg, value)
 def test_string_values_are_kept_as_text(script, arg, value):
     values = parsed(script(arg))
     assert values['e'] == value and isinstance(values['e'], str)
-    assert {k: v for k, v in values.items() if k != 'e'} == {k: v for k, v in DEFAULTS.items() if k != 'e'}
+    assert {k: v for k, v in values.items() if k != 'e'} == \
+        {k: v for k, v in DEFAULTS.items() if k != 'e'}
 
 
 @pytest.mark.parametrize('arg,key,expected,got', [
@@ -158,13 +161,16 @@ def test_missing_config_file_names_it_and_lists_the_available_ones(script, tmp_p
     (tmp_path / 'config' / 'large.py').write_text('b = 30\n')
     line = config_error(script('config/medium.py'))
     assert "'config/medium.py'" in line and 'not found' in line, line
-    assert os.path.join('config', 'large.py') in line and os.path.join('config', 'small.py') in line, line
+    assert os.path.join('config', 'large.py') in line \
+        and os.path.join('config', 'small.py') in line, line
 
 
 def test_config_file_sets_values(script, tmp_path):
-    (tmp_path / 'cfg.py').write_text("a = 3  # an int for a float key is fine\nb = 5\nc = 'y'\nd = False\ne = 'dir'\n")
+    (tmp_path / 'cfg.py').write_text("a = 3  # an int for a float key is fine\n"
+                                     "b = 5\nc = 'y'\nd = False\ne = 'dir'\n")
     values = parsed(script('cfg.py'))
-    assert values == {'a': 3.0, 'b': 5, 'c': 'y', 'd': False, 'e': 'dir'} and isinstance(values['a'], float)
+    assert values == {'a': 3.0, 'b': 5, 'c': 'y', 'd': False, 'e': 'dir'} \
+        and isinstance(values['a'], float)
 
 
 def test_config_files_and_flags_apply_in_order(script, tmp_path):
@@ -179,18 +185,20 @@ def test_config_file_with_unknown_key_names_key_and_file(script, tmp_path):
     assert "unknown key 'beta'" in line and 'cfg.py' in line, line
 
 
-@pytest.mark.parametrize('text,key', [("b = 2.5\n", 'b'), ("e = 123\n", 'e'), ("c = 'z'\n", 'c'), ("d = 0\n", 'd')])
+@pytest.mark.parametrize('text,key', [("b = 2.5\n", 'b'), ("e = 123\n", 'e'), ("c = 'z'\n", 'c'),
+                                      ("d = 0\n", 'd')])
 def test_config_file_values_are_checked_like_flags(script, tmp_path, text, key):
-    """No raw-text rule in a config file: it is Python, so `e = 123` is an int where a str is expected."""
+    """No raw-text rule in a config file: it is Python, so `e = 123` is an
+    int where a str is expected."""
     (tmp_path / 'cfg.py').write_text(text)
     line = config_error(script('cfg.py'))
     assert f"'{key}'" in line and 'cfg.py' in line, line
 
 
 def test_config_file_can_build_on_another_via_file(script, tmp_path):
-    """Like config/gpt2_learned.py: exec a sibling config found through __file__, then override. Run from
-    another directory, so a path relative to the working directory would not find the sibling. Imports,
-    functions and _private names in a config file are not keys."""
+    """Like config/gpt2_learned.py: exec a sibling config found through __file__, then override. Run
+    from another directory, so a path relative to the working directory would not find the sibling.
+    Imports, functions and _private names in a config file are not keys."""
     cfg = tmp_path / 'configs'
     cfg.mkdir()
     (cfg / 'base.py').write_text("b = 5\nc = 'y'\ne = 'base-out'\n")
@@ -211,14 +219,14 @@ def test_config_file_can_build_on_another_via_file(script, tmp_path):
 def test_script_may_pass_its_own_argument_list(tmp_path):
     path = tmp_path / 'own.py'
     path.write_text(SCRIPT.replace('exec(', "_argv = ['--b=3']\nexec(", 1))
-    p = subprocess.run([sys.executable, str(path), '--b=4'], cwd=tmp_path, env=env(), capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run([sys.executable, str(path), '--b=4'], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=60)
     assert parsed(p)['b'] == 3
 
 
-# ----------------------------------------------------------------------------- train.py, stopped in the configurator
-# Each train.py start imports torch (~1 s), so all cases start at once in one module-scoped fixture and the
-# tests below read their results.
+# ------------------------------------------------------------ train.py, stopped in the configurator
+# Each train.py start imports torch (~1 s), so all cases start at once in one module-scoped fixture
+# and the tests below read their results.
 
 TRAIN_CASES = {
     'unknown_key': ['--lerning_rate=1'],
@@ -247,8 +255,9 @@ def train_runs(tmp_path_factory):
 
     def run(case):
         tmp, args = cases[case]
-        return subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp / "out"}', f'--data_root={tmp / "data"}',
-                               *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp / "out"}',
+                               f'--data_root={tmp / "data"}', *args], cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=300)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = dict(zip(cases, pool.map(run, cases)))
     return {case: (results[case], cases[case][0]) for case in cases}
@@ -260,7 +269,8 @@ def train(train_runs):
     def get(case):
         p, tmp = train_runs[case]
         line = config_error(p)
-        assert not (tmp / 'out').exists() and not (tmp / 'data').exists(), "train.py touched its directories"
+        assert not (tmp / 'out').exists() and not (tmp / 'data').exists(), \
+            "train.py touched its directories"
         return line, p.stderr
     return get
 
@@ -270,7 +280,8 @@ def test_train_unknown_key_suggests_the_close_match(train):
     assert "unknown key 'lerning_rate'" in line and "did you mean 'learning_rate'" in line, line
 
 
-@pytest.mark.parametrize('case,key,expected', [('type_n_layer', 'n_layer', 'int'), ('type_compile', 'compile', 'bool')])
+@pytest.mark.parametrize('case,key,expected',
+                         [('type_n_layer', 'n_layer', 'int'), ('type_compile', 'compile', 'bool')])
 def test_train_wrong_type(train, case, key, expected):
     line, _ = train(case)
     assert f"'{key}'" in line and f'must be {expected}' in line, line
@@ -296,7 +307,8 @@ def test_train_missing_config_file_lists_available_configs(train):
 def test_train_config_file_with_unknown_key(train, train_runs):
     line, _ = train('config_unknown_key')
     cfg = str(train_runs['config_unknown_key'][1] / 'mine.py')
-    assert "unknown key 'n_layers'" in line and cfg in line and "did you mean 'n_layer'" in line, line
+    assert "unknown key 'n_layers'" in line and cfg in line \
+        and "did you mean 'n_layer'" in line, line
 
 
 def test_train_context_extension_keys_that_change_nothing(train):
@@ -318,8 +330,8 @@ def test_train_accepts_int_for_float_then_stops_at_bad_key(train):
 
 
 def test_train_config_building_on_another_is_accepted(train):
-    """config/gpt2_learned.py execs gpt2_rope.py through __file__: every key either sets is valid, so the
-    only error is the bad key after it."""
+    """config/gpt2_learned.py execs gpt2_rope.py through __file__: every key either sets is valid,
+    so the only error is the bad key after it."""
     line, stderr = train('chain_gpt2_learned')
     assert 'Overriding config with config/gpt2_learned.py' in stderr, stderr
     assert "pos_emb='learned'" in stderr, stderr  # what the file set is echoed
@@ -350,8 +362,8 @@ print(json.dumps({{'n': n, 'x': x}}))
 def test_values_outside_a_declared_range_are_rejected(tmp_path, n_range, x_range, args, ok):
     path = tmp_path / 'ranged.py'
     path.write_text(RANGED.format(n=n_range, x=x_range, cfg=CONFIGURATOR))
-    p = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=60)
     if ok:
         parsed(p)
     else:
@@ -362,21 +374,23 @@ def test_values_outside_a_declared_range_are_rejected(tmp_path, n_range, x_range
 
 def test_a_numeric_key_without_a_range_is_a_programming_error(tmp_path):
     path = tmp_path / 'ranged.py'
-    path.write_text(RANGED.format(n='[1, inf)', x='[0, 1)', cfg=CONFIGURATOR).replace("'x': '[0, 1)'", ''))
-    p = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                       timeout=60)
+    path.write_text(RANGED.format(n='[1, inf)', x='[0, 1)', cfg=CONFIGURATOR)
+                    .replace("'x': '[0, 1)'", ''))
+    p = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env(), capture_output=True,
+                       text=True, timeout=60)
     assert p.returncode != 0 and 'x has no declared range' in p.stderr
 
 
-# every script declares a range for each numeric key (the configurator asserts it: an unknown key stops there
-# with status 2 only after that check passed), and the values seen to crash are one-line errors. More cases:
-# test_sample.py (top_k, temperature, num_samples), test_data.py (shard_size, num_proc)
+# every script declares a range for each numeric key (the configurator asserts it: an unknown
+# key stops there with status 2 only after that check passed), and the values seen to crash
+# are one-line errors. More cases: test_sample.py (top_k, temperature, num_samples),
+# test_data.py (shard_size, num_proc)
 SCRIPT_CASES = [
-    ('train.py', '--zzz=1'), ('sample.py', '--zzz=1'), ('eval.py', '--zzz=1'), ('bench.py', '--zzz=1'),
-    ('prepare_data.py', '--zzz=1'),
-    ('train.py', '--eval_interval=0'), ('train.py', '--log_interval=0'), ('train.py', '--batch_size=0'),
-    ('train.py', '--dropout=1.0'), ('train.py', '--min_lr=1.0'), ('eval.py', '--batch_size=0'),
-    ('bench.py', '--steps=0'),
+    ('train.py', '--zzz=1'), ('sample.py', '--zzz=1'), ('eval.py', '--zzz=1'),
+    ('bench.py', '--zzz=1'), ('prepare_data.py', '--zzz=1'),
+    ('train.py', '--eval_interval=0'), ('train.py', '--log_interval=0'),
+    ('train.py', '--batch_size=0'), ('train.py', '--dropout=1.0'), ('train.py', '--min_lr=1.0'),
+    ('eval.py', '--batch_size=0'), ('bench.py', '--steps=0'),
 ]
 
 
@@ -386,9 +400,10 @@ def script_runs(tmp_path_factory):
 
     def run(case):
         script, arg = case
-        return subprocess.run([sys.executable, script, arg], cwd=tmp, env=env(), capture_output=True, text=True,
-                              timeout=300)
-    for f in os.listdir(REPO):  # a scratch copy: nothing these runs might write can land in the repo
+        return subprocess.run([sys.executable, script, arg], cwd=tmp, env=env(),
+                              capture_output=True, text=True, timeout=300)
+    # a scratch copy: nothing these runs might write can land in the repo
+    for f in os.listdir(REPO):
         if f.endswith('.py'):
             shutil.copy(os.path.join(REPO, f), tmp)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -401,5 +416,6 @@ def test_every_script_checks_its_ranges(script_runs, case):
     line = config_error(results[case])
     key = case[1][2:].split('=')[0]
     assert key in line and ('valid:' in line or 'unknown key' in line or 'above' in line), line
-    written = set(os.listdir(tmp)) - {f for f in os.listdir(REPO) if f.endswith('.py')} - {'__pycache__'}
+    written = set(os.listdir(tmp)) - {f for f in os.listdir(REPO) if f.endswith('.py')} \
+        - {'__pycache__'}
     assert not written, written

@@ -1,5 +1,5 @@
-"""CRoPE (arXiv:2601.02728): ComplexLinear against explicit references of eq. 30, parameter
-counts, CRoPE as a `rope` model with structured weights, and the properties every encoding must have."""
+"""CRoPE (arXiv:2601.02728): ComplexLinear against explicit references of eq. 30, parameter counts,
+CRoPE as a `rope` model with structured weights, and the properties every encoding must have."""
 import os
 import sys
 
@@ -24,7 +24,8 @@ def model(seed=0, dtype=torch.float64, **kw):
 
 
 def J(n):
-    """The 90-degree rotation (x0, x1) -> (-x1, x0) of every adjacent pair of an n-vector, as an n x n matrix."""
+    """The 90-degree rotation (x0, x1) -> (-x1, x0) of every adjacent pair of an
+    n-vector, as an n x n matrix."""
     return torch.block_diag(*[torch.tensor([[0., -1.], [1., 0.]], dtype=torch.float64)] * (n // 2))
 
 
@@ -35,13 +36,15 @@ def test_weight_blocks_are_eq30_loop_and_complex_reference():
     ref = torch.zeros(10, 6, dtype=torch.float64)
     for j in range(5):
         for l in range(3):  # block (output pair j, input pair l) = [[a, b], [-b, a]]
-            ref[2 * j:2 * j + 2, 2 * l:2 * l + 2] = torch.tensor([[A[j, l], B[j, l]], [-B[j, l], A[j, l]]])
+            ref[2 * j:2 * j + 2, 2 * l:2 * l + 2] = torch.tensor([[A[j, l], B[j, l]],
+                                                                  [-B[j, l], A[j, l]]])
     assert torch.equal(m.weight.detach(), ref)
     # as complex numbers: y~ = (A - iB) x~ with x~_l = x_2l + i x_2l+1
     x = torch.randn(4, 6, dtype=torch.float64)
     y = m(x).detach()
     yc = torch.complex(x[:, 0::2], x[:, 1::2]) @ torch.complex(A, -B).T
-    torch.testing.assert_close(y, torch.stack((yc.real, yc.imag), dim=-1).flatten(-2), rtol=0, atol=1e-14)
+    torch.testing.assert_close(y, torch.stack((yc.real, yc.imag), dim=-1).flatten(-2),
+                               rtol=0, atol=1e-14)
 
 
 def test_qkv_weights_commute_with_pair_rotation():
@@ -50,21 +53,23 @@ def test_qkv_weights_commute_with_pair_rotation():
         W = blk.attn.c_attn.weight.detach()  # (3d, d)
         for Ws in W.split(d):  # Q, K, V
             assert (Ws @ J(d) - J(d) @ Ws).abs().max() < 1e-15
-    W = model(pos_emb='rope').transformer.h[0].attn.c_attn.weight.detach()[:d]  # a real projection does not
+    # a real projection does not commute
+    W = model(pos_emb='rope').transformer.h[0].attn.c_attn.weight.detach()[:d]
     assert (W @ J(d) - J(d) @ W).abs().max() > 1e-3
 
 
 def test_output_pairs_are_ropes_pairs_in_every_head():
-    """Multiplying every input pair by exp(i phi_t) multiplies every pair of q, k, v as the attention lays them
-    out (B, nh, T, hs) and as apply_rotary pairs them by the same exp(i phi_t): CRoPE's complex structure sits on
-    exactly the pairs RoPE rotates."""
+    """Multiplying every input pair by exp(i phi_t) multiplies every pair of q, k, v as the
+    attention lays them out (B, nh, T, hs) and as apply_rotary pairs them by the same exp(i phi_t):
+    CRoPE's complex structure sits on exactly the pairs RoPE rotates."""
     m = model(n_head=4)
     B, T, C, nh = 2, 5, 32, 4
     x = torch.randn(B, T, C, dtype=torch.float64)
     phi = torch.randn(T, 1, dtype=torch.float64)  # one phase per token, the same for every pair
 
     def heads(x):
-        return [t.view(B, T, nh, C // nh).transpose(1, 2) for t in m.transformer.h[0].attn.c_attn(x).split(C, dim=2)]
+        return [t.view(B, T, nh, C // nh).transpose(1, 2)
+                for t in m.transformer.h[0].attn.c_attn(x).split(C, dim=2)]
 
     rotated = heads(apply_rotary(x[:, None], phi.cos(), phi.sin())[:, 0])
     for a, b in zip(rotated, heads(x)):
@@ -78,7 +83,8 @@ def test_qkv_weights_are_half_of_rope(bias):
     rope, crope = model(pos_emb='rope', bias=bias), model(bias=bias)
     n_w = sum(qkv(rope)) - (2 * 3 * 32 if bias else 0)  # rope's q/k/v weights, without the biases
     assert sum(qkv(crope)) == n_w // 2 + (2 * 3 * 32 if bias else 0)
-    assert sum(p.numel() for p in crope.pe.parameters()) == 0  # the saving is the attention's, no new parameters
+    # the saving is the attention's, no new parameters
+    assert sum(p.numel() for p in crope.pe.parameters()) == 0
 
 
 def test_gpt2_small_saves_1_5_d2_L():
@@ -105,7 +111,8 @@ def test_rope_model_with_crope_effective_weights_gives_same_logits(bias):
     src = crope.state_dict()
     with torch.no_grad():
         for name, p in rope.state_dict().items():
-            p.copy_(crope.get_submodule(name[:-len('.weight')]).weight if name.endswith('c_attn.weight') else src[name])
+            p.copy_(crope.get_submodule(name[:-len('.weight')]).weight
+                    if name.endswith('c_attn.weight') else src[name])
     idx = torch.randint(64, (2, 24))
     torch.testing.assert_close(rope(idx, idx)[0], crope(idx, idx)[0], rtol=0, atol=1e-12)
 
@@ -150,7 +157,8 @@ def test_fp32_angles_under_bf16_autocast():
         logits = m(idx, idx)[0]
     assert cos.dtype == sin.dtype == torch.float32
     angle = torch.arange(1000, 1024, dtype=torch.float64)[:, None] * m.pe.inv_freq.double()
-    torch.testing.assert_close(cos.double(), angle.cos(), rtol=0, atol=1e-4)  # bf16 angles would be ~1 off here
+    # bf16 angles would be ~1 off here
+    torch.testing.assert_close(cos.double(), angle.cos(), rtol=0, atol=1e-4)
     torch.testing.assert_close(logits.float(), m(idx, idx)[0], rtol=0, atol=5e-2)
 
 

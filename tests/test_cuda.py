@@ -314,20 +314,24 @@ def test_bf16_module_cast_trains_and_decodes(case):
 
 
 def test_bench_gpt2_preset_streams_rows_with_mfu(tmp_path):
-    """bench.py --preset=gpt2 --compile=True on this GPU, cut to two encodings, two layers and one round: each
-    row comes with an MFU against the detected device's peak (a fraction in (0, 1); None-free: the GPU must be
-    in model.GPU_PEAK_FLOPS, else add it there), and the report holds the final table."""
+    """bench.py --preset=gpt2 --compile=True on this GPU, cut to two encodings, two layers and
+    one round: each row comes with an MFU against the detected device's peak (a fraction in
+    (0, 1); None-free: the GPU must be in model.GPU_PEAK_FLOPS, else add it there), and the
+    report holds the final table."""
     import subprocess
     if model_py.device_peak_flops('cuda', 'bfloat16') is None:
-        pytest.skip(f"{torch.cuda.get_device_name()} is not in model.GPU_PEAK_FLOPS: no MFU to check")
+        pytest.skip(f"{torch.cuda.get_device_name()} is not in model.GPU_PEAK_FLOPS: "
+                    "no MFU to check")
     report = tmp_path / 'bench.md'
-    p = subprocess.run([sys.executable, 'bench.py', '--preset=gpt2', '--compile=True', '--pos_embs=learned,rope',
-                        '--n_layer=2', '--rounds=1', '--steps=2', '--warmup=2', f'--report={report}'],
+    p = subprocess.run([sys.executable, 'bench.py', '--preset=gpt2', '--compile=True',
+                        '--pos_embs=learned,rope', '--n_layer=2', '--rounds=1', '--steps=2',
+                        '--warmup=2', f'--report={report}'],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     header = next(line for line in p.stdout.splitlines() if line.startswith('| pos_emb'))
     cols = [c.strip() for c in header.strip('|').split('|')]
-    rows = [[c.strip() for c in line.strip('|').split('|')] for line in report.read_text().splitlines()
+    rows = [[c.strip() for c in line.strip('|').split('|')]
+            for line in report.read_text().splitlines()
             if line.startswith('| ') and not line.startswith('| pos_emb')]
     assert 'MFU' in cols and [r[0] for r in rows] == ['learned', 'rope']
     for r in rows:

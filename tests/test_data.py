@@ -43,7 +43,8 @@ def make_docs(n=200, seed=0):
 
 
 def files_bytes(d):
-    return {os.path.basename(p): open(p, 'rb').read() for p in sorted(glob.glob(os.path.join(d, '*')))}
+    return {os.path.basename(p): open(p, 'rb').read()
+            for p in sorted(glob.glob(os.path.join(d, '*')))}
 
 
 def files_stat(d):
@@ -60,8 +61,8 @@ def shards_sha256(d):
 
 # the command line with the tiny encoding standing in for gpt2 (whose files need a download)
 TINY_CLI = ("import runpy, sys, tiktoken; sys.path.insert(0, sys.argv[1]); import test_data; "
-            "tiktoken.get_encoding = lambda name: test_data.tiny_encoding(); sys.argv = sys.argv[2:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
+            "tiktoken.get_encoding = lambda name: test_data.tiny_encoding(); "
+            "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def run_cli(tmp_path, *args, tiny=False, env=None):
@@ -173,7 +174,8 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
 
 def test_shard_paths_sorted_and_split_exact(tmp_path):
     # a dataset name containing '_val_' must not leak its train shards into the val split
-    for name in ('my_val_set_train_000002.bin', 'my_val_set_train_000001.bin', 'my_val_set_val_000000.bin'):
+    for name in ('my_val_set_train_000002.bin', 'my_val_set_train_000001.bin',
+                 'my_val_set_val_000000.bin'):
         pd.write_shard(str(tmp_path / name), [1, 2])
     names = lambda split: [os.path.basename(p) for p in pd.shard_paths(str(tmp_path), split)]
     assert names('val') == ['my_val_set_val_000000.bin']
@@ -183,7 +185,8 @@ def test_shard_paths_sorted_and_split_exact(tmp_path):
 def test_tiktoken_tokenizer(monkeypatch):
     monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())
     encode, decode = pd.get_tokenizer('gpt2')
-    assert encode('hé <|endoftext|>') == list('hé <|endoftext|>'.encode())  # special text stays plain text
+    # special text stays plain text
+    assert encode('hé <|endoftext|>') == list('hé <|endoftext|>'.encode())
     assert decode(encode('hé')) == 'hé'
 
     def offline(name):
@@ -198,8 +201,10 @@ def test_tiktoken_tokenizer(monkeypatch):
 T = 16
 
 
-def make_loader_data(tmp_path, sizes=(1008, 700)):  # 1008: the last token is a target but starts no window
-    """Train shards of consecutive ints with a different base per shard, so a token names its position."""
+# 1008: the last token is a target but starts no window
+def make_loader_data(tmp_path, sizes=(1008, 700)):
+    """Train shards of consecutive ints with a different base per shard, so
+    a token names its position."""
     d = tmp_path / 'toy'
     d.mkdir()
     pd.write_shard(str(d / 'toy_val_000000.bin'), np.arange(500))
@@ -233,7 +238,8 @@ def test_loader_windows_are_shard_slices(tmp_path):
         for row, (s, i) in zip(range(4), window_ids(x)):
             window = shards[s - 1][i * T:i * T + T + 1].astype(np.int64)
             assert len(window) == T + 1  # a window never runs off its shard's end
-            assert x[row].tolist() == window[:-1].tolist() and y[row].tolist() == window[1:].tolist()
+            assert x[row].tolist() == window[:-1].tolist() \
+                and y[row].tolist() == window[1:].tolist()
             seen.add((s, i))
     assert {s for s, _ in seen} == {1, 2}  # both shards are drawn from
 
@@ -261,7 +267,8 @@ def test_ranks_split_the_single_process_stream(tmp_path):
         ids0, ids1 = window_ids(got[0][0]), window_ids(got[1][0])
         if 2 * step + 1 < single.per_epoch:
             assert not set(ids0) & set(ids1)
-        epoch0 += [w for r, ids in enumerate((ids0, ids1)) if 2 * step + r < single.per_epoch for w in ids]
+        epoch0 += [w for r, ids in enumerate((ids0, ids1)) if 2 * step + r < single.per_epoch
+                   for w in ids]
     assert len(epoch0) == len(set(epoch0)) == 35 * 3  # no window twice within an epoch
 
 
@@ -286,8 +293,9 @@ def test_loader_resume(tmp_path):
 
 
 def window_stream(seed, n, start, B, n_batches):
-    """Slow reference: batches of B consecutive windows of each epoch's seeded permutation from start=(epoch,
-    index), a new epoch where fewer than B are left. Returns the global window ids and the position after."""
+    """Slow reference: batches of B consecutive windows of each epoch's seeded permutation from
+    start=(epoch, index), a new epoch where fewer than B are left. Returns the global window
+    ids and the position after."""
     (epoch, i), out = start, []
     for _ in range(n_batches + 1):
         if i + B > n:  # the ragged tail is dropped
@@ -298,18 +306,22 @@ def window_stream(seed, n, start, B, n_batches):
         i += B
 
 
-@pytest.mark.parametrize('b1,k,b2,world', [(4, 23, 3, 1), (4, 23, 5, 1), (3, 5, 4, 2), (4, 10, 1, 1),
-                                          (5, 20, 7, 2), (4, 30, 3, 1), (2, 1, 8, 3)])
+@pytest.mark.parametrize('b1,k,b2,world',
+                         [(4, 23, 3, 1), (4, 23, 5, 1), (3, 5, 4, 2), (4, 10, 1, 1), (5, 20, 7, 2),
+                          (4, 30, 3, 1), (2, 1, 8, 3)])
 def test_loader_resume_with_another_batch_size_is_exact_in_windows(tmp_path, b1, k, b2, world):
     d = make_loader_data(tmp_path)
     first = pd.ShardLoader(d, 'train', 1, T).first
-    glob_ids = lambda x: [int(first[s - 1] + i) for s, i in window_ids(x)]  # (shard, index) -> global id
+    # (shard, index) -> global id
+    glob_ids = lambda x: [int(first[s - 1] + i) for s, i in window_ids(x)]
     a = pd.ShardLoader(d, 'train', b1, T, seed=3)
     got = [w for x, _ in batches(a, k) for w in glob_ids(x)]
     want, pos = window_stream(3, a.n_windows, (0, 0), b1, k)
     assert got == want and a.state_dict() == {'epoch': pos[0], 'index': pos[1]}
-    # resume with another batch size (and world size): the windows that follow, none repeated, none skipped
-    ranks = [pd.ShardLoader(d, 'train', b2, T, rank=r, world_size=world, seed=3) for r in range(world)]
+    # resume with another batch size (and world size): the windows that
+    # follow, none repeated, none skipped
+    ranks = [pd.ShardLoader(d, 'train', b2, T, rank=r, world_size=world, seed=3)
+             for r in range(world)]
     for r in ranks:
         r.load_state_dict(json.loads(json.dumps(a.state_dict())))
     steps = a.n_windows // (b2 * world) + 2  # into the next epoch
@@ -362,16 +374,20 @@ def test_embedded(tmp_path):
     meta = pd.load_meta(a)
     assert meta['tokenizer'] == 'bytes' and meta['vocab_size'] == 257 and meta['eot'] == 256
     assert 0 < meta['unigram_loss'] < math.log(257)
-    val, train = pd.read_shard(pd.shard_paths(a, 'val')[0]), pd.read_shard(pd.shard_paths(a, 'train')[0])
+    val, train = pd.read_shard(pd.shard_paths(a, 'val')[0]), \
+        pd.read_shard(pd.shard_paths(a, 'train')[0])
     assert len(pd.shard_paths(a, 'train')) == 1 and len(val) > 0
     stdlib, files = pd.embedded_files()
     # the data depends on the interpreter's stdlib, so meta.json names it and hashes the shards
-    assert meta['content_hash'] == shards_sha256(a) and len(meta['content_hash']) == len('sha256:') + 64
+    assert meta['content_hash'] == shards_sha256(a) \
+        and len(meta['content_hash']) == len('sha256:') + 64
     assert meta['python_version'] == platform.python_version() and meta['n_files'] == len(files)
-    assert meta['source'] == f"{platform.python_implementation()} {platform.python_version()} stdlib, " \
-                             f"{len(files)} files"
-    assert not any(set(f.split('/')) & set(pd.EMBEDDED_SKIP) for f in files) and files == sorted(files)
-    assert (val == 256).sum() == len(files[::20]) and (train == 256).sum() == len(files) - len(files[::20])
+    assert meta['source'] == f"{platform.python_implementation()} {platform.python_version()} " \
+                             f"stdlib, {len(files)} files"
+    assert not any(set(f.split('/')) & set(pd.EMBEDDED_SKIP) for f in files) \
+        and files == sorted(files)
+    assert (val == 256).sum() == len(files[::20]) \
+        and (train == 256).sum() == len(files) - len(files[::20])
     first = open(os.path.join(stdlib, files[0]), 'rb').read()
     assert bytes(val[:len(first)].astype(np.uint8)) == first and val[len(first)] == 256
     encode, decode = pd.get_tokenizer(meta['tokenizer'])
@@ -394,7 +410,8 @@ def test_ensure_embedded_builds_once_and_survives_races(tmp_path):
     ref = files_bytes(d)
     assert sorted(ref) == ['embedded_train_000001.bin', 'embedded_val_000000.bin', 'meta.json']
     mtime = os.path.getmtime(os.path.join(d, 'meta.json'))
-    assert _ensure(root) == d and os.path.getmtime(os.path.join(d, 'meta.json')) == mtime  # no rebuild
+    # no rebuild
+    assert _ensure(root) == d and os.path.getmtime(os.path.join(d, 'meta.json')) == mtime
     os.remove(os.path.join(d, 'embedded_train_000001.bin'))  # incomplete: rebuilt in place
     assert _ensure(root) == d and files_bytes(d) == ref and os.listdir(root) == ['embedded']
 
@@ -428,7 +445,8 @@ def write_jsonl(path, docs):
 def check_shards(out_dir, docs, shard_size):
     name = os.path.basename(out_dir)
     paths = pd.shard_paths(out_dir, 'val') + pd.shard_paths(out_dir, 'train')
-    assert [os.path.basename(p) for p in paths] == [pd.shard_name(name, i) for i in range(len(paths))]
+    assert [os.path.basename(p) for p in paths] == [pd.shard_name(name, i)
+                                                    for i in range(len(paths))]
     assert os.path.basename(paths[0]) == f'{name}_val_000000.bin'
     shards = [pd.read_shard(p) for p in paths]
     assert all(len(s) == shard_size for s in shards[:-1]) and 0 < len(shards[-1]) <= shard_size
@@ -478,7 +496,8 @@ def test_prepare_hf_resume_is_byte_identical(tmp_path, monkeypatch, crash_in, do
     ref, out = str(tmp_path / 'ref' / 'fw'), str(tmp_path / 'run' / 'fw')
     pd.prepare_hf(ref, docs, tiny_encoding(), shard_size, num_proc=2)
 
-    # crash after k shards: either while writing shard k, or after writing it but before progress.json
+    # crash after k shards: either while writing shard k, or after
+    # writing it but before progress.json
     calls = []
     target = pd.write_shard if crash_in == 'write_shard' else pd._write_json
 
@@ -497,7 +516,8 @@ def test_prepare_hf_resume_is_byte_identical(tmp_path, monkeypatch, crash_in, do
 
     CountingDocs.skips = []
     pd.prepare_hf(out, CountingDocs(docs), tiny_encoding(), shard_size, num_proc=2)
-    assert CountingDocs.skips == [progress['next'][0]]  # resumed at the straddling doc, not from the start
+    # resumed at the straddling doc, not from the start
+    assert CountingDocs.skips == [progress['next'][0]]
     assert files_bytes(out) == files_bytes(ref)
     check_shards(out, docs, shard_size)
 
@@ -534,7 +554,8 @@ def test_prepare_hf_rerun_of_a_finished_dataset_is_a_no_op(tmp_path, capsys):
     pd.prepare_hf(out, ds, tiny_encoding(), 2000, num_proc=2)
     before = files_stat(out)
     capsys.readouterr()
-    pd.prepare_hf(out, ds, tiny_encoding(), 2000, num_proc=2)  # Dataset.skip(len(ds)) raised IndexError
+    # Dataset.skip(len(ds)) raised IndexError
+    pd.prepare_hf(out, ds, tiny_encoding(), 2000, num_proc=2)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and 'already complete' in lines[0] and out in lines[0]
     assert files_stat(out) == before  # nothing rewritten
@@ -575,7 +596,8 @@ def test_prepare_hf_refuses_a_source_shorter_than_its_progress(tmp_path):
     pd.prepare_hf(out, hf_dataset(docs), tiny_encoding(), 2000, num_proc=2)
     os.remove(os.path.join(out, 'meta.json'))
     for fewer in (hf_dataset(docs[:150]), CountingDocs(docs[:150])):
-        with pytest.raises(DataError, match=f'resumes at document 200 but .* has only 150.*delete {out}'):
+        with pytest.raises(DataError,
+                           match=f'resumes at document 200 but .* has only 150.*delete {out}'):
             pd.prepare_hf(out, fewer, tiny_encoding(), 2000, num_proc=2)
 
 
@@ -602,7 +624,8 @@ def test_prepare_hf_network_failure_while_reading_is_one_line_and_resumes(tmp_pa
     assert '\n' not in msg and 'fineweb' in msg and type(error).__name__ in msg and 're-run' in msg
     assert 'HF_HUB_OFFLINE' in msg and '--data_files=' in msg
     done = json.load(open(os.path.join(out, 'progress.json')))['starts']
-    assert len(done) >= 5 and not os.path.exists(os.path.join(out, 'meta.json'))  # finished shards kept
+    # finished shards kept
+    assert len(done) >= 5 and not os.path.exists(os.path.join(out, 'meta.json'))
     pd.prepare_hf(out, docs, tiny_encoding(), 2000, num_proc=2)
     assert files_bytes(out) == files_bytes(ref)
 
@@ -624,7 +647,8 @@ def _generation_error():
 
 
 @pytest.mark.parametrize('error', [
-    ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)"),
+    ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub "
+                    "(LocalEntryNotFoundError)"),
     TimeoutError('The read operation timed out'),
     _generation_error(),  # a network error wrapped by datasets
 ])
@@ -657,17 +681,20 @@ def test_bad_data_files_is_one_line(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / 'docs.jsonl', ['a doc'])  # a file without the column asked for
     with pytest.raises(DataError) as e:
         pd.main([f'--out_root={out_root}', f'--data_files={path}', '--text_column=body'])
-    assert '\n' not in str(e.value) and f'could not load --data_files={path}: ValueError' in str(e.value)
+    assert '\n' not in str(e.value) \
+        and f'could not load --data_files={path}: ValueError' in str(e.value)
     assert 'body' in str(e.value) and not out_root.exists()
 
 
 @pytest.mark.parametrize('arg,named', [('--bogus=1', 'bogus'), ('--shard_size=big', 'shard_size'),
-                                       ('--streaming=maybe', 'streaming'), ('dataset=embedded', 'dataset=embedded'),
+                                       ('--streaming=maybe', 'streaming'),
+                                       ('dataset=embedded', 'dataset=embedded'),
                                        ('--dataset', '--dataset'), ('--shard_size=0', 'shard_size'),
-                                       ('--num_proc=0', 'num_proc'), ('--shard_size=2147483648', 'shard_size')])
+                                       ('--num_proc=0', 'num_proc'),
+                                       ('--shard_size=2147483648', 'shard_size')])
 def test_cli_rejects_bad_arguments(tmp_path, arg, named):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), arg, f'--out_root={tmp_path}'],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), arg,
+                        f'--out_root={tmp_path}'], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0]  # one line naming the bad key or argument
@@ -691,7 +718,8 @@ def test_cli_rerun_of_a_finished_preparation_is_a_no_op(tmp_path):
 
 
 def test_cli_offline_hub_is_one_line(tmp_path):
-    # HF_HUB_OFFLINE with an empty cache fails at once, as a machine without network does after retries
+    # HF_HUB_OFFLINE with an empty cache fails at once, as a machine
+    # without network does after retries
     out_root = tmp_path / 'data'
     r = run_cli(tmp_path, '--dataset=fineweb_edu', f'--out_root={out_root}',
                 '--hf_path=nanorope-test/uncached', tiny=True, env={'HF_HUB_OFFLINE': '1'})

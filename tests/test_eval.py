@@ -1,5 +1,6 @@
-"""End-to-end tests of eval.py, run as a user would: two tiny checkpoints (rope, learned) trained by train.py on the
-embedded dataset, then eval.py as a subprocess on CPU. Numbers are checked against the model called directly."""
+"""End-to-end tests of eval.py, run as a user would: two tiny checkpoints (rope, learned) trained
+by train.py on the embedded dataset, then eval.py as a subprocess on CPU. Numbers are checked
+against the model called directly."""
 import json
 import os
 import shutil
@@ -17,22 +18,25 @@ from model import GPT, GPTConfig  # noqa: E402
 from prepare_data import SYNTHETIC_TASKS, eval_tokens  # noqa: E402
 
 DASH = '\u2013'
-TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2', '--n_embd=32',
-        '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
-        '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4',
-        '--max_iters=10', '--lr_decay_iters=10', '--eval_interval=10']  # as tests/test_train.py, 10 steps
+# as tests/test_train.py, 10 steps
+TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
+        '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1',
+        '--eval_iters=2', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2',
+        '--min_lr=3e-4', '--max_iters=10', '--lr_decay_iters=10', '--eval_interval=10']
 
 
 def run(script, *args, env_extra=None):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', **(env_extra or {}))
     env.setdefault('OMP_NUM_THREADS', '1')
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def errors(p):
-    """stderr less the configurator's 'Overriding' echo and the 'loaded' notes: what the user is told went wrong."""
-    return [line for line in p.stderr.splitlines() if not line.startswith(('Overriding', 'loaded '))]
+    """stderr less the configurator's 'Overriding' echo and the 'loaded' notes: what
+    the user is told went wrong."""
+    return [line for line in p.stderr.splitlines()
+            if not line.startswith(('Overriding', 'loaded '))]
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +45,8 @@ def evaluated(tmp_path_factory, data_root):
     dirs = {}
     for pe in ('rope', 'learned'):
         dirs[pe] = str(tmp / f'out-{pe}')
-        p = run('train.py', *TINY, f'--pos_emb={pe}', f'--out_dir={dirs[pe]}', f'--data_root={data_root}')
+        p = run('train.py', *TINY, f'--pos_emb={pe}', f'--out_dir={dirs[pe]}',
+                f'--data_root={data_root}')
         assert p.returncode == 0, p.stderr[-3000:]
     report = tmp / 'report' / 'report.md'
     p = run('eval.py', f"--out_dirs={dirs['rope']},{dirs['learned']}", '--eval_block_sizes=32,64',
@@ -54,7 +59,8 @@ def evaluated(tmp_path_factory, data_root):
 def table(text, title):
     """The Markdown table under the '### title' heading as {row label: {column: cell}}."""
     lines = text.split(f'### {title}')[1].split('###')[0].splitlines()
-    rows = [[c.strip() for c in line.strip('|').split('|')] for line in lines if line.startswith('|')]
+    rows = [[c.strip() for c in line.strip('|').split('|')]
+            for line in lines if line.startswith('|')]
     header = rows[0]
     return {r[0]: dict(zip(header, r)) for r in rows[2:]}
 
@@ -64,31 +70,38 @@ def test_tables_rows_columns_and_dashes(evaluated):
     assert evaluated['stdout'].strip() in text  # stdout and the report show the same tables
     ppl = table(text, 'Perplexity')
     assert list(ppl) == ['out-rope (rope)', 'out-learned (learned)']
-    assert list(ppl['out-rope (rope)']) == ['checkpoint', 'train T', 'ppl @32', 'ppl @64', 'loss @32', 'loss @64']
+    assert list(ppl['out-rope (rope)']) == ['checkpoint', 'train T', 'ppl @32', 'ppl @64',
+                                            'loss @32', 'loss @64']
     rope, learned = ppl['out-rope (rope)'], ppl['out-learned (learned)']
     for col in ('ppl @32', 'ppl @64', 'loss @32', 'loss @64'):
         assert np.isfinite(float(rope[col]))
-    assert np.isfinite(float(learned['ppl @32'])) and learned['ppl @64'] == DASH and learned['loss @64'] == DASH
+    assert np.isfinite(float(learned['ppl @32'])) and learned['ppl @64'] == DASH \
+        and learned['loss @64'] == DASH
     assert f"{DASH} : learned has only 32 positions (block_size); it cannot extrapolate" in text
     assert float(rope['ppl @32']) == pytest.approx(np.exp(float(rope['loss @32'])), rel=1e-3)
     for title in ('Perplexity', 'Val loss at the training', 'Val loss by token position'):
-        assert "n = 1 (one seed per row): no spread, no marks." in section(text, title)  # no n column
+        # no n column
+        assert "n = 1 (one seed per row): no spread, no marks." in section(text, title)
 
     by_pos = table(text, 'Val loss by token position')
-    assert by_pos['out-rope (rope)']['eval T'] == '64' and by_pos['out-learned (learned)']['eval T'] == '32'
+    assert by_pos['out-rope (rope)']['eval T'] == '64' \
+        and by_pos['out-learned (learned)']['eval T'] == '32'
     assert by_pos['out-learned (learned)'][f'1x{DASH}2x'] == DASH
     res = {c['pos_emb']: c for c in evaluated['results']['checkpoints']}
     assert len(res['rope']['loss_by_position']) == 64  # the curve comes from the largest length
-    assert np.mean(res['rope']['loss_by_position']) == pytest.approx(res['rope']['loss']['64'], abs=1e-9)
+    assert np.mean(res['rope']['loss_by_position']) \
+        == pytest.approx(res['rope']['loss']['64'], abs=1e-9)
 
 
 def test_numbers_equal_the_model_called_directly(evaluated):
     n_tokens = evaluated['results']['eval_tokens']
-    assert n_tokens == 2 * 4 * 32  # the default: train.py's eval set, eval_iters x batch_size x block_size
+    # the default: train.py's eval set, eval_iters x batch_size x block_size
+    assert n_tokens == 2 * 4 * 32
     tokens = eval_tokens(os.path.join(evaluated['data_root'], 'embedded'), 'val', n_tokens)
     ppl = table(evaluated['text'], 'Perplexity')
     for c in evaluated['results']['checkpoints']:
-        ckpt = torch.load(os.path.join(c['out_dir'], 'best.pt'), weights_only=True)  # what eval.py reads
+        # what eval.py reads
+        ckpt = torch.load(os.path.join(c['out_dir'], 'best.pt'), weights_only=True)
         model = GPT(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
         model.eval()
@@ -101,18 +114,21 @@ def test_numbers_equal_the_model_called_directly(evaluated):
                 losses.append(F.cross_entropy(logits[0], y[0], reduction='none'))
         ref = torch.cat(losses).mean().item()
         assert c['loss']['32'] == pytest.approx(ref, abs=1e-5)
-        assert float(ppl[f"out-{c['pos_emb']} ({c['pos_emb']})"]['loss @32']) == pytest.approx(ref, abs=6e-5)
+        assert float(ppl[f"out-{c['pos_emb']} ({c['pos_emb']})"]['loss @32']) \
+            == pytest.approx(ref, abs=6e-5)
 
 
 def test_offset_sweep_rope_shift_invariant_learned_dash(evaluated):
     res = {c['pos_emb']: c for c in evaluated['results']['checkpoints']}
     rope = res['rope']['offset_loss']
-    assert rope['0'] == pytest.approx(res['rope']['loss']['32'], abs=1e-9)  # offset 0 is the plain loss at 32
+    # offset 0 is the plain loss at 32
+    assert rope['0'] == pytest.approx(res['rope']['loss']['32'], abs=1e-9)
     for s in ('100', '1000'):
         assert rope[s] == pytest.approx(rope['0'], abs=1e-4)  # scores depend on n - m only
     offsets = table(evaluated['text'], 'Val loss at the training block size')
     learned = offsets['out-learned (learned)']
-    assert np.isfinite(float(learned['offset 0'])) and learned['offset 100'] == learned['offset 1000'] == DASH
+    assert np.isfinite(float(learned['offset 0'])) \
+        and learned['offset 100'] == learned['offset 1000'] == DASH
 
 
 def assert_plots_are_pngs(directory):
@@ -132,8 +148,8 @@ def test_without_matplotlib_tables_still_written(evaluated, tmp_path):
     (fake / 'matplotlib').mkdir(parents=True)
     (fake / 'matplotlib' / '__init__.py').write_text("raise ImportError('no matplotlib here')\n")
     report = tmp_path / 'r.md'
-    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=32', f'--report={report}',
-            env_extra={'PYTHONPATH': str(fake)})
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=32',
+            f'--report={report}', env_extra={'PYTHONPATH': str(fake)})
     assert p.returncode == 0, p.stderr
     assert '| out-rope (rope) |' in report.read_text(encoding='utf-8')
     assert any('matplotlib is not installed' in line for line in errors(p))
@@ -152,8 +168,10 @@ def test_impossible_requests_and_bad_out_dirs_fail_clearly(evaluated, tmp_path):
     p = run('eval.py', f"--out_dirs={tmp_path / 'bad'}")
     assert p.returncode == 1 and len(errors(p)) == 1 and 'corrupt' in errors(p)[0], p.stderr
 
-    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=32,48', '--eval_tokens=90')
-    assert p.returncode == 1 and len(errors(p)) == 1 and 'multiple' in errors(p)[0], p.stderr  # lcm 96 > 90
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=32,48',
+            '--eval_tokens=90')
+    # lcm 96 > 90
+    assert p.returncode == 1 and len(errors(p)) == 1 and 'multiple' in errors(p)[0], p.stderr
 
     p = run('eval.py')
     assert p.returncode == 1 and len(errors(p)) == 1 and 'out_dirs' in errors(p)[0], p.stderr
@@ -333,8 +351,8 @@ def test_paired_mark_on_constructed_seeds(evaluated, tmp_path):
     report = tmp_path / 'r.md'
     # 16 sequences: that model's accuracy differs on the two seeds' eval sets (1/128, 1/256)
     p = run('eval.py', f"--out_dirs={','.join(dirs)}", '--eval_block_sizes=32',
-            '--pos_offsets=0,100', '--baseline=learned', '--eval_sequences=16', f'--report={report}',
-            '--device=cpu')
+            '--pos_offsets=0,100', '--baseline=learned', '--eval_sequences=16',
+            f'--report={report}', '--device=cpu')
     assert p.returncode == 0, p.stderr[-3000:]
     text = report.read_text(encoding='utf-8')
     rows = table(text, 'Perplexity')
@@ -474,7 +492,8 @@ def test_seed_plots_are_pngs(seeded):
 
 
 def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):
-    """Two checkpoints whose recorded content hashes differ (embedded sets of two Pythons) get a warning."""
+    """Two checkpoints whose recorded content hashes differ (embedded sets of
+    two Pythons) get a warning."""
     other = tmp_path / 'other'
     shutil.copytree(evaluated['dirs']['rope'], other)
     for name in ('best.pt', 'ckpt.pt'):
@@ -485,8 +504,8 @@ def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):
             '--pos_offsets=0', f"--data_root={evaluated['data_root']}")
     assert p.returncode == 0, p.stderr
     warnings = [line for line in p.stderr.splitlines() if 'warning' in line]
-    assert any('different data' in w for w in warnings) and any(str(other) in w and 'not comparable' in w
-                                                               for w in warnings), p.stderr
+    assert any('different data' in w for w in warnings) \
+        and any(str(other) in w and 'not comparable' in w for w in warnings), p.stderr
 
 
 # ------------------------------------------------------------------- context extension (rope.RoPE)
@@ -494,7 +513,8 @@ def test_checkpoints_of_different_data_are_flagged(evaluated, tmp_path):
 # training of their own)
 
 def scaled_model(out_dir, **keys):
-    """The checkpoint's model built anew with `keys` in its model args (not via rebuild_encoding)."""
+    """The checkpoint's model built anew with `keys` in its model args
+    (not via rebuild_encoding)."""
     ckpt = torch.load(os.path.join(out_dir, 'best.pt'), weights_only=True)
     model = GPT(GPTConfig(**{**ckpt['model_args'], **keys}))
     model.load_state_dict(ckpt['model'])
@@ -551,7 +571,8 @@ def test_rope_scaling_rows_labels_and_matching_factor(evaluated, scaled):
         by_pos = np.array(row['loss_by_position'])
         np.testing.assert_allclose(by_pos, ref, rtol=0, atol=1e-6)
         assert row['loss']['64'] == pytest.approx(ref.mean(), abs=1e-6)
-        assert np.abs(by_pos - np.array(plain['loss_by_position'])).max() > 5e-5  # not the plain rows
+        # not the plain rows
+        assert np.abs(by_pos - np.array(plain['loss_by_position'])).max() > 5e-5
 
 
 def test_rope_scaling_fixed_factor_row(evaluated, tmp_path):
@@ -565,8 +586,8 @@ def test_rope_scaling_fixed_factor_row(evaluated, tmp_path):
     assert 'xT/L' not in text
     res = json.loads(report.with_suffix('.json').read_text())
     row = res['checkpoints'][1]
-    ref = loss_by_position(evaluated['dirs']['rope'], 32, res['eval_tokens'], evaluated['data_root'],
-                           rope_scaling='yarn', rope_scaling_factor=4.0)
+    ref = loss_by_position(evaluated['dirs']['rope'], 32, res['eval_tokens'],
+                           evaluated['data_root'], rope_scaling='yarn', rope_scaling_factor=4.0)
     assert row['rope_scaling'] == ['yarn', 4.0]
     assert row['loss']['32'] == pytest.approx(ref.mean(), abs=1e-6)
     plain, by_pos = (np.array(c['loss_by_position']) for c in res['checkpoints'])
@@ -575,24 +596,28 @@ def test_rope_scaling_fixed_factor_row(evaluated, tmp_path):
 
 
 def test_rope_scaling_matching_factor_is_over_the_trained_length(evaluated, tmp_path):
-    """A checkpoint fine-tuned at twice its RoPE length (rope_scaling_length = block_size / 2, yarn x2): the
-    matching factor at T = block_size is 2, so its `+yarn xT/L` row is the model as trained; and
-    --rope_scaling=none alone is accepted for any checkpoint (every row as trained)."""
+    """A checkpoint fine-tuned at twice its RoPE length (rope_scaling_length = block_size / 2,
+    yarn x2): the matching factor at T = block_size is 2, so its `+yarn xT/L` row is the model as
+    trained; and --rope_scaling=none alone is accepted for any checkpoint (every row as trained)."""
     tuned = tmp_path / 'tuned'
     shutil.copytree(evaluated['dirs']['rope'], tuned)
     for name in ('best.pt', 'ckpt.pt'):
         ckpt = torch.load(tuned / name, weights_only=True)
-        ckpt['model_args'].update(rope_scaling='yarn', rope_scaling_factor=2.0, rope_scaling_length=16)
+        ckpt['model_args'].update(rope_scaling='yarn', rope_scaling_factor=2.0,
+                                  rope_scaling_length=16)
         torch.save(ckpt, tuned / name)
     report = tmp_path / 'r.md'
     p = run('eval.py', f'--out_dirs={tuned}', '--rope_scaling=none,yarn', '--eval_block_sizes=32',
             '--pos_offsets=0', f'--report={report}', '--device=cpu')
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = {c['label']: c for c in json.loads(report.with_suffix('.json').read_text())['checkpoints']}
+    rows = {c['label']: c
+            for c in json.loads(report.with_suffix('.json').read_text())['checkpoints']}
     trained, matching = rows['tuned (rope +yarn x2)'], rows['tuned (rope +yarn xT/L)']
-    assert matching['loss'] == trained['loss'] and rows['tuned (rope +none)']['loss'] != trained['loss']
-    p = run('eval.py', f"--out_dirs={evaluated['dirs']['learned']}", '--rope_scaling=none', '--eval_block_sizes=32',
-            '--pos_offsets=0', f'--report={tmp_path / "l.md"}', '--device=cpu')
+    assert matching['loss'] == trained['loss'] \
+        and rows['tuned (rope +none)']['loss'] != trained['loss']
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['learned']}", '--rope_scaling=none',
+            '--eval_block_sizes=32', '--pos_offsets=0', f'--report={tmp_path / "l.md"}',
+            '--device=cpu')
     assert p.returncode == 0, p.stderr[-3000:]
 
 
@@ -600,7 +625,8 @@ def test_rope_scaling_bad_requests_are_one_line(evaluated):
     rope, learned = (f"--out_dirs={evaluated['dirs'][k]}" for k in ('rope', 'learned'))
     for args, words in [([learned, '--rope_scaling=yarn'], ['learned', 'rope, crope']),
                         ([rope, '--rope_scaling=longrope'], ['longrope', 'yarn']),
-                        ([rope, '--rope_scaling=yarn', '--rope_scaling_factor=0.5'], ['0.5', '>= 1']),
+                        ([rope, '--rope_scaling=yarn', '--rope_scaling_factor=0.5'],
+                         ['0.5', '>= 1']),
                         ([rope, '--rope_scaling_factor=2'], ['needs --rope_scaling'])]:
         p = run('eval.py', *args, '--device=cpu')
         assert p.returncode == 1 and len(errors(p)) == 1, p.stderr

@@ -1,6 +1,6 @@
-"""FoX forget gate (Lin et al., arXiv:2503.02130) with every pos_emb: the attention bias against an explicit
-sum_{j<l<=i} log f_l, reduction to the gateless model, causality, cached decoding, the FlexAttention path against the
-masked one, the bias in fp32 under bf16, compile, training."""
+"""FoX forget gate (Lin et al., arXiv:2503.02130) with every pos_emb: the attention bias against an
+explicit sum_{j<l<=i} log f_l, reduction to the gateless model, causality, cached decoding, the
+FlexAttention path against the masked one, the bias in fp32 under bf16, compile, training."""
 import math
 import os
 import sys
@@ -18,18 +18,21 @@ from rope import ENCODINGS  # noqa: E402
 
 
 def forget_gate_attention(q, k, v, cq, ck, dropout_p):
-    """The gate's bias c_i - c_j through model.biased_attention, as CausalSelfAttention composes it."""
+    """The gate's bias c_i - c_j through model.biased_attention, as
+    CausalSelfAttention composes it."""
     return biased_attention(q, k, v, lambda b, h, i, j: cq[b, h, i] - ck[b, h, j], dropout_p)
 
 
 def tiny(**kw):
-    cfg = dict(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb='rope', forget_gate=True)
+    cfg = dict(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos_emb='rope',
+               forget_gate=True)
     cfg.update(kw)
     return GPTConfig(**cfg)
 
 
 def model(seed=0, dtype=torch.float64, gate_std=2.0, **kw):
-    """A tiny model whose gate biases are spread (N(0, gate_std^2)) so that forgetting is strong and uneven."""
+    """A tiny model whose gate biases are spread (N(0, gate_std^2)) so that
+    forgetting is strong and uneven."""
     torch.manual_seed(seed)
     m = GPT(tiny(**kw)).to(dtype).eval()
     with torch.no_grad():
@@ -41,7 +44,8 @@ def model(seed=0, dtype=torch.float64, gate_std=2.0, **kw):
 
 def reference_attention(q, k, v, logf):
     """Python double loop over queries i and keys j <= Tk - T + i of
-    softmax_j(q_i.k_j / sqrt(hs) + sum_{j<l<=i} log f_l) v_j. logf: (B, nh, Tk), the log forget gate of every key."""
+    softmax_j(q_i.k_j / sqrt(hs) + sum_{j<l<=i} log f_l) v_j. logf: (B, nh, Tk), the
+    log forget gate of every key."""
     B, nh, T, hs = q.shape
     Tk = k.size(2)
     y = torch.zeros_like(q)
@@ -49,8 +53,8 @@ def reference_attention(q, k, v, logf):
         for h in range(nh):
             for i in range(T):
                 qi = Tk - T + i  # the query's position among the keys
-                s = [q[b, h, i] @ k[b, h, j] / math.sqrt(hs) + sum(logf[b, h, l] for l in range(j + 1, qi + 1))
-                     for j in range(qi + 1)]
+                s = [q[b, h, i] @ k[b, h, j] / math.sqrt(hs)
+                     + sum(logf[b, h, l] for l in range(j + 1, qi + 1)) for j in range(qi + 1)]
                 p = torch.softmax(torch.stack(s), dim=0)
                 y[b, h, i] = sum(p[j] * v[b, h, j] for j in range(qi + 1))
     return y
@@ -66,11 +70,14 @@ def test_attention_equals_double_loop_reference(pos_emb):
     shared = m.pe.prepare(x, pos)
     with torch.no_grad():
         out = attn(x, 1, m.pe, pos, shared, None)
-        q, k, v = [t.view(B, T, nh, C // nh).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2)]
+        q, k, v = [t.view(B, T, nh, C // nh).transpose(1, 2)
+                   for t in attn.c_attn(x).split(C, dim=2)]
         q, k = m.pe.rotate(1, q, k, x, shared, None)
         w, b = attn.fgate.weight, attn.fgate.bias
-        logf = torch.tensor([[[math.log(1 / (1 + math.exp(-(x[bb, t] @ w[h] + b[h]).item()))) for t in range(T)]
-                              for h in range(nh)] for bb in range(B)], dtype=torch.float64)  # log sigmoid, by hand
+        # log sigmoid, by hand
+        logf = torch.tensor([[[math.log(1 / (1 + math.exp(-(x[bb, t] @ w[h] + b[h]).item())))
+                               for t in range(T)] for h in range(nh)] for bb in range(B)],
+                            dtype=torch.float64)
         ref = attn.c_proj(reference_attention(q, k, v, logf).transpose(1, 2).reshape(B, T, C))
     assert logf.min() < -0.5  # the gates really forget: a bias-free attention would not pass
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -80,7 +87,8 @@ def test_helper_with_cached_keys_equals_double_loop_reference():
     """New queries that sit after cached keys (chunked prefill): query i is key Tk - T + i."""
     torch.manual_seed(0)
     B, nh, T, Tk, hs = 2, 2, 3, 8, 4
-    q, k, v = torch.randn(B, nh, T, hs).double(), torch.randn(B, nh, Tk, hs).double(), torch.randn(B, nh, Tk, hs).double()
+    q, k, v = torch.randn(B, nh, T, hs).double(), torch.randn(B, nh, Tk, hs).double(), \
+        torch.randn(B, nh, Tk, hs).double()
     logf = F.logsigmoid(2 * torch.randn(B, nh, Tk)).double()
     c = logf.cumsum(-1)
     y = forget_gate_attention(q, k, v, c[..., -T:], c, 0.0)
@@ -91,14 +99,16 @@ def test_saturated_gate_equals_model_without_gate():
     gated, plain = model(dtype=torch.float32), model(seed=1, dtype=torch.float32, forget_gate=False)
     with torch.no_grad():
         for b in gated.transformer.h:
-            b.attn.fgate.bias.fill_(50.0)  # f = sigmoid(50 + w.x): log f ~ -2e-22, nothing is forgotten
+            # f = sigmoid(50 + w.x): log f ~ -2e-22, nothing is forgotten
+            b.attn.fgate.bias.fill_(50.0)
     missing, unexpected = plain.load_state_dict(gated.state_dict(), strict=False)
-    assert not missing and sorted(unexpected) == [f'transformer.h.{i}.attn.fgate.{p}' for i in range(2) for p in
-                                                  ('bias', 'weight')]
+    assert not missing and sorted(unexpected) == [f'transformer.h.{i}.attn.fgate.{p}'
+                                                  for i in range(2) for p in ('bias', 'weight')]
     idx = torch.randint(64, (2, 40))
     torch.testing.assert_close(gated(idx, idx)[0], plain(idx, idx)[0], rtol=0, atol=1e-5)
     with torch.no_grad():
-        gated.transformer.h[0].attn.fgate.bias.fill_(0.0)  # f = 1/2: the same model forgets, the test can fail
+        # f = 1/2: the same model forgets, the test can fail
+        gated.transformer.h[0].attn.fgate.bias.fill_(0.0)
     assert (gated(idx, idx)[0] - plain(idx, idx)[0]).abs().max() > 1e-3
 
 
@@ -128,7 +138,8 @@ def test_causality():
 def test_cached_decoding_equals_uncached(pos_emb):
     m = model(dtype=torch.float32, pos_emb=pos_emb, block_size=24)
     idx = torch.randint(64, (2, 10))
-    out = m.generate(idx, 14, top_k=1, use_cache=True)  # to position 23: within learned's 24 positions
+    # to position 23: within learned's 24 positions
+    out = m.generate(idx, 14, top_k=1, use_cache=True)
     assert torch.equal(out, m.generate(idx, 14, top_k=1, use_cache=False))
     full = m(out, out)[0]
     cache = [{} for _ in m.transformer.h]
@@ -152,17 +163,18 @@ def test_log_forget_cumsum_is_fp32_under_bf16_autocast():
 
 
 def test_flex_path_equals_masked_path_on_cpu(monkeypatch):
-    """FlexAttention runs forward-only on CPU (its backward is CUDA-only in torch 2.13), so the fused path's
-    gradients and its inductor kernel are checked on a GPU; here its score_mod and block mask, eagerly and traced
-    whole by dynamo (fullgraph) with the aot_eager backend."""
+    """FlexAttention runs forward-only on CPU (its backward is CUDA-only in torch 2.13), so the
+    fused path's gradients and its inductor kernel are checked on a GPU; here its score_mod and
+    block mask, eagerly and traced whole by dynamo (fullgraph) with the aot_eager backend."""
     m = model(dtype=torch.float32)
     idx = torch.randint(64, (2, 40))
     with torch.no_grad():
         masked = m(idx, idx)[0]
         monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
         torch.testing.assert_close(m(idx, idx)[0], masked, rtol=0, atol=1e-5)
-        torch.testing.assert_close(torch.compile(m, fullgraph=True, backend='aot_eager')(idx, idx)[0], masked,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.compile(m, fullgraph=True, backend='aot_eager')(idx, idx)[0], masked,
+            rtol=0, atol=1e-5)
 
 
 WEIGHT = math.exp(-0.3) / (1 + math.exp(-0.3))  # 0.42556: softmax of (20 - 20.3, 0)
@@ -172,23 +184,26 @@ WEIGHT = math.exp(-0.3) / (1 + math.exp(-0.3))  # 0.42556: softmax of (20 - 20.3
 @pytest.mark.parametrize('mode', ['bf16', 'autocast'])
 @pytest.mark.parametrize('path', ['masked', 'masked, decoding', 'flex', 'flex, aot_eager'])
 def test_bias_stays_fp32_in_bf16(path, mode, monkeypatch):
-    """One query over two keys: score 20 on the distant key and a decay bias of -20.3 on it, 0 and 0 on
-    its own key, so the distant key weighs e^-0.3 / (1 + e^-0.3) = 0.4256 (v reads the weight out). A
-    bias rounded to bf16 is -20.25 (ulp 0.125 at 20) and the weight 0.4375. Tolerance: the bf16
-    rounding of the output, 2^-10 near 0.43. mode: bf16 q, k, v (a bf16 model), or fp32 ones under
-    CPU bf16 autocast (which casts SDPA's inputs and mask). flex: the score_mod traced by dynamo as on
-    CUDA (eager flex_attention on CPU, alone and inside a compiled graph)."""
+    """One query over two keys: score 20 on the distant key and a decay bias of -20.3 on it, 0 and 0
+    on its own key, so the distant key weighs e^-0.3 / (1 + e^-0.3) = 0.4256 (v reads the weight
+    out). A bias rounded to bf16 is -20.25 (ulp 0.125 at 20) and the weight 0.4375. Tolerance: the
+    bf16 rounding of the output, 2^-10 near 0.43. mode: bf16 q, k, v (a bf16 model), or fp32 ones
+    under CPU bf16 autocast (which casts SDPA's inputs and mask). flex: the score_mod traced by
+    dynamo as on CUDA (eager flex_attention on CPU, alone and inside a compiled graph)."""
     dtype = torch.bfloat16 if mode == 'bf16' else torch.float32
-    q = torch.full((1, 1, 2, 4), 10.0, dtype=dtype)  # q.k_0 / sqrt(4) = 20, q.k_1 = 0; query 1 is tested
+    # q.k_0 / sqrt(4) = 20, q.k_1 = 0; query 1 is tested
+    q = torch.full((1, 1, 2, 4), 10.0, dtype=dtype)
     k, v = torch.zeros(2, 1, 1, 2, 4, dtype=dtype)
     k[..., 0, :], v[..., 0, 0] = 1.0, 1.0
-    c = torch.tensor([[[0.0, -20.3]]])  # c = cumsum(log f), log f_1 = -20.3: bias c_1 - c_0 on key 0
+    # c = cumsum(log f), log f_1 = -20.3: bias c_1 - c_0 on key 0
+    c = torch.tensor([[[0.0, -20.3]]])
     fn, args = forget_gate_attention, (q, k, v, c, c)
     if path == 'masked, decoding':  # the query alone after one cached key (T = 1 < Tk = 2)
         args = (q[:, :, 1:], k, v, c[..., 1:], c)
     if path.startswith('flex'):
         monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
-        monkeypatch.setattr(model_py, '_flex_attention', flex_attention)  # no inductor compile on CPU
+        # no inductor compile on CPU
+        monkeypatch.setattr(model_py, '_flex_attention', flex_attention)
         if path == 'flex, aot_eager':
             fn = torch.compile(forget_gate_attention, fullgraph=True, backend='aot_eager')
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):

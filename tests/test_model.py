@@ -1,7 +1,7 @@
 """Tests of model.py and rope.py against slow, obviously-correct references written from the papers'
 equations (RoFormer arXiv:2104.09864 eq. 34, Vaswani et al. 2017 section 3.5): explicit 2x2 rotation
-matrices, complex multiplication, the Vaswani sinusoid per element, hand-counted parameters and FLOPs.
-Tiny models on CPU, float64 where it makes a tolerance tight. Every test that runs over
+matrices, complex multiplication, the Vaswani sinusoid per element, hand-counted parameters and
+FLOPs. Tiny models on CPU, float64 where it makes a tolerance tight. Every test that runs over
 `rope.ENCODINGS` picks up new encodings by itself."""
 import math
 import os
@@ -32,16 +32,16 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 # ----------------------------------------------------------------------------- helpers
 
 def tiny_config(pos_emb, **kw):
-    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False,
-               pos_emb=pos_emb, rope_base=10000.0)
+    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+               bias=False, pos_emb=pos_emb, rope_base=10000.0)
     cfg.update(kw)
     return GPTConfig(**cfg)
 
 
 def make_model(pos_emb, dtype=torch.float32, seed=0, sharpen=15.0, **kw):
-    """A tiny GPT in eval mode. `sharpen` scales the q/k/v projections up from GPT-2's std 0.02 so that
-    attention is far from uniform: otherwise q.k ~ 0 and position effects on the logits would be too small
-    for the position tests to mean anything."""
+    """A tiny GPT in eval mode. `sharpen` scales the q/k/v projections up from GPT-2's std 0.02 so
+    that attention is far from uniform: otherwise q.k ~ 0 and position effects on the logits would
+    be too small for the position tests to mean anything."""
     torch.manual_seed(seed)
     model = GPT(tiny_config(pos_emb, **kw)).eval()
     with torch.no_grad():
@@ -73,13 +73,15 @@ def ref_theta(head_dim, base):
 
 
 def ref_rotate_matrices(x, positions, theta):
-    """RoFormer eq. 34 literally: for every position m and pair p, multiply (x_2p, x_2p+1) by the 2x2
-    matrix [[cos m theta_p, -sin m theta_p], [sin m theta_p, cos m theta_p]]. x: (..., T, hs) fp64."""
+    """RoFormer eq. 34 literally: for every position m and pair p, multiply (x_2p, x_2p+1) by the
+    2x2 matrix [[cos m theta_p, -sin m theta_p], [sin m theta_p, cos m theta_p]].
+    x: (..., T, hs) fp64."""
     out = torch.empty_like(x)
     for t, m in enumerate(positions):
         for p, th in enumerate(theta):
             a = float(m) * th
-            R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=x.dtype)
+            R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
+                             dtype=x.dtype)
             pair = x[..., t, 2 * p:2 * p + 2]  # (..., 2)
             out[..., t, 2 * p:2 * p + 2] = (R @ pair.unsqueeze(-1)).squeeze(-1)
     return out
@@ -101,13 +103,15 @@ def rope_module(head_dim=16, base=10000.0, dtype=torch.float32):
 
 def rotate_with(pe, q, positions):
     pos = torch.as_tensor(positions, dtype=torch.long)
-    shared = prepare(pe, pos, torch.zeros(q.size(0), pos.numel(), q.size(1) * q.size(-1), dtype=q.dtype))
+    shared = prepare(pe, pos,
+                     torch.zeros(q.size(0), pos.numel(), q.size(1) * q.size(-1), dtype=q.dtype))
     return pe.rotate(0, q, q.clone(), None, shared, None)[0]
 
 
 # ----------------------------------------------------------------------------- rope_frequencies
 
-@pytest.mark.parametrize('head_dim,base', [(16, 10000.0), (64, 10000.0), (8, 500000.0), (2, 10000.0)])
+@pytest.mark.parametrize('head_dim,base',
+                         [(16, 10000.0), (64, 10000.0), (8, 500000.0), (2, 10000.0)])
 def test_rope_frequencies_are_base_to_minus_2p_over_hd(head_dim, base):
     theta = rope_frequencies(head_dim, base)
     assert theta.dtype == torch.float32 and theta.shape == (head_dim // 2,)
@@ -120,7 +124,8 @@ def test_rope_frequencies_are_base_to_minus_2p_over_hd(head_dim, base):
 def test_rope_frequencies_catch_p_over_hd_bug():
     hd, base = 16, 10000.0
     theta = rope_frequencies(hd, base).double()
-    wrong = torch.tensor([base ** (-p / hd) for p in range(hd // 2)], dtype=F64)  # the classic p/hd bug
+    # the classic p/hd bug
+    wrong = torch.tensor([base ** (-p / hd) for p in range(hd // 2)], dtype=F64)
     assert (theta[1:] - wrong[1:]).abs().min() > 1e-3
     # the slowest pair turns at base^(-(hd-2)/hd), not base^(-(hd/2-1)/hd)
     assert theta[-1].item() == pytest.approx(base ** (-(hd - 2) / hd), rel=1e-6)
@@ -155,14 +160,16 @@ def test_rope_module_equals_matrix_and_complex_references(base):
     assert out.dtype == torch.float32
     theta = ref_theta(hd, base)
     # fp32 angles at positions <= 63: angle error <= 63 * 2^-23 ~ 8e-6, plus fp32 product rounding
-    torch.testing.assert_close(out.double(), ref_rotate_matrices(q.double(), positions, theta), rtol=0, atol=5e-5)
-    torch.testing.assert_close(out.double(), ref_rotate_complex(q.double(), positions, theta), rtol=0, atol=5e-5)
+    torch.testing.assert_close(out.double(), ref_rotate_matrices(q.double(), positions, theta),
+                               rtol=0, atol=5e-5)
+    torch.testing.assert_close(out.double(), ref_rotate_complex(q.double(), positions, theta),
+                               rtol=0, atol=5e-5)
 
 
 def test_rope_pairs_are_adjacent_not_halves():
-    """A unit vector on dimension 2p+1 (or 2p) must stay inside the pair (2p, 2p+1), rotated by m*theta_p.
-    The halves convention (p, p + hd/2) would move it to dimension p + hd/2; a p/hd frequency bug would
-    rotate it by the wrong angle."""
+    """A unit vector on dimension 2p+1 (or 2p) must stay inside the pair (2p, 2p+1), rotated by
+    m*theta_p. The halves convention (p, p + hd/2) would move it to dimension p + hd/2; a p/hd
+    frequency bug would rotate it by the wrong angle."""
     hd, m = 16, 3
     pe = rope_module(hd, dtype=F64)
     theta = ref_theta(hd, 10000.0)
@@ -203,7 +210,8 @@ def test_rope_score_depends_only_on_relative_position():
     torch.manual_seed(4)
     hd = 16
     pe = rope_module(hd, dtype=F64)
-    theta = pe.inv_freq.tolist()  # the module's (fp32-rounded) theta: exactness of theta is tested above
+    # the module's (fp32-rounded) theta: exactness of theta is tested above
+    theta = pe.inv_freq.tolist()
     q = torch.randn(1, 1, 1, hd, dtype=F64)
     k = torch.randn(1, 1, 1, hd, dtype=F64)
 
@@ -221,7 +229,7 @@ def test_rope_score_depends_only_on_relative_position():
     assert max(values) - min(values) > 1e-2
 
 
-# ----------------------------------------------------------------------------- fp32 angles under bf16 autocast
+# ------------------------------------------------------------------ fp32 angles under bf16 autocast
 
 def test_rope_angles_fp32_under_bf16_autocast():
     hd = 16
@@ -231,7 +239,8 @@ def test_rope_angles_fp32_under_bf16_autocast():
         cos, sin = prepare(pe, pos, torch.zeros(1, 24, 2 * hd, dtype=torch.bfloat16))
     assert cos.dtype == torch.float32 and sin.dtype == torch.float32
     angle64 = pos.double()[:, None] * torch.tensor(ref_theta(hd, 10000.0), dtype=F64)
-    # (a) it is exactly the fp32 angle m * theta_p, evaluated in fp32: agrees with cos/sin of that angle to ~1e-7
+    # (a) it is exactly the fp32 angle m * theta_p, evaluated in fp32: agrees with
+    # cos/sin of that angle to ~1e-7
     angle32 = (pos.float()[:, None] * rope_frequencies(hd, 10000.0)).double()
     torch.testing.assert_close(cos.double(), angle32.cos(), rtol=0, atol=1e-6)
     torch.testing.assert_close(sin.double(), angle32.sin(), rtol=0, atol=1e-6)
@@ -240,7 +249,8 @@ def test_rope_angles_fp32_under_bf16_autocast():
     bound = angle64.abs() * EPS32 + 1e-6
     assert ((cos.double() - angle64.cos()).abs() <= bound).all()
     assert ((sin.double() - angle64.sin()).abs() <= bound).all()
-    # the contrast: positions made by a bf16 arange collapse onto multiples of 4 and the angles are off by O(1)
+    # the contrast: positions made by a bf16 arange collapse onto multiples of 4
+    # and the angles are off by O(1)
     pos_bf16 = torch.arange(1000, 1024, dtype=torch.bfloat16)
     assert pos_bf16.unique().numel() < 10
     assert (pos_bf16.double() - pos.double()).abs().max().item() >= 2.0
@@ -285,7 +295,8 @@ def test_model_under_bf16_autocast_keeps_rope_tables_fp32():
     (cos, sin), = seen['prepare']
     assert cos.dtype == torch.float32 and sin.dtype == torch.float32
     hd = model.config.n_embd // model.config.n_head
-    angle64 = torch.arange(1000, 1024, dtype=F64)[:, None] * torch.tensor(ref_theta(hd, 10000.0), dtype=F64)
+    angle64 = torch.arange(1000, 1024, dtype=F64)[:, None] \
+        * torch.tensor(ref_theta(hd, 10000.0), dtype=F64)
     bound = angle64.abs() * EPS32 + 1e-6
     assert ((cos.double().reshape(angle64.shape) - angle64.cos()).abs() <= bound).all()
     assert ((sin.double().reshape(angle64.shape) - angle64.sin()).abs() <= bound).all()
@@ -294,7 +305,7 @@ def test_model_under_bf16_autocast_keeps_rope_tables_fp32():
         assert dtypes == (torch.bfloat16,) * 4
 
 
-# ------------------------------------------------------------------- module casts (.to(bf16), .half())
+# ---------------------------------------------------------------- module casts (.to(bf16), .half())
 
 HALF = [torch.bfloat16, torch.float16]
 LONG = dict(n_layer=1, n_head=2, n_embd=128)  # hd = 64: theta_1 = 0.7498942, 0.75 in bf16
@@ -314,13 +325,14 @@ def angle_tensors(model):
 
 @pytest.mark.parametrize('name', ALL)
 def test_module_casts_keep_angle_tensors_fp32(name):
-    """.to(bf16), .half(): the angle tensors keep their fp32 values while the rest of the model goes
-    down; .double() takes them to fp64, and back down they come to the same fp32 values; a device move
-    moves them."""
+    """.to(bf16), .half(): the angle tensors keep their fp32 values while the rest of the
+    model goes down; .double() takes them to fp64, and back down they come to the same fp32
+    values; a device move moves them."""
     model = make_model(name)
     ref = {n: t.clone() for n, t in angle_tensors(model).items()}
     assert name in ('none', 'learned') or ref
-    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double().bfloat16()):
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                 lambda m: m.double().bfloat16()):
         cast(model)
         assert model.lm_head.weight.dtype in HALF  # the model did go down
         if name == 'learned':
@@ -330,7 +342,8 @@ def test_module_casts_keep_angle_tensors_fp32(name):
     model.double()
     for n, t in angle_tensors(model).items():
         assert t.dtype == F64 and torch.equal(t, ref[n].double()), n
-    model.to(device='meta', dtype=torch.bfloat16)  # a device move: the meta device stands in for a GPU
+    # a device move: the meta device stands in for a GPU
+    model.to(device='meta', dtype=torch.bfloat16)
     assert model.lm_head.weight.device.type == 'meta'
     for n, t in angle_tensors(model).items():
         assert t.device.type == 'meta' and t.dtype == torch.float32, n
@@ -346,8 +359,9 @@ def test_fixed_tables_are_non_persistent_buffers(name):
 
 @pytest.mark.parametrize('name', ALL)
 def test_bf16_cast_model_trains_and_decodes(name):
-    """A model cast to bf16 mixes bf16 weights with fp32 angle tensors: forward, backward (gradients in
-    each parameter's dtype) and cached decoding run, and the logits stay near the fp32 model's."""
+    """A model cast to bf16 mixes bf16 weights with fp32 angle tensors: forward,
+    backward (gradients in each parameter's dtype) and cached decoding run, and the
+    logits stay near the fp32 model's."""
     model = make_model(name, sharpen=1.0)
     idx = tokens(2, 16)
     with torch.no_grad():
@@ -362,7 +376,8 @@ def test_bf16_cast_model_trains_and_decodes(name):
 
 
 def long_model(name, dtype=torch.bfloat16):
-    """A model of `name` with head dim 64, cast to dtype; the rotary ones at their RoPE-exact init."""
+    """A model of `name` with head dim 64, cast to dtype; the rotary
+    ones at their RoPE-exact init."""
     torch.manual_seed(0)
     kw = SELECTIVE_REDUCE if name == 'selective' else {}
     return GPT(tiny_config(name, **LONG, **kw)).to(dtype)
@@ -388,9 +403,10 @@ def long_angles(name, T=4096):
 
 @pytest.mark.parametrize('name', ['sinusoidal'] + list(SHIFT))
 def test_bf16_cast_angles_match_fp64_to_position_4095(name):
-    """Rounded to bf16, theta_1 = 0.7498942 is 0.75: 0.43 rad off at m = 4095, and up to 1.8 rad over
-    all pairs (5 rad for sinusoidal's d = 128 table). With fp32 tables and angle parameters the error
-    is the bf16 rounding of (cos a, sin a), about 2^-8 rad (0.0028 here), plus fp32 angles' 2.4e-4."""
+    """Rounded to bf16, theta_1 = 0.7498942 is 0.75: 0.43 rad off at m = 4095, and up to 1.8
+    rad over all pairs (5 rad for sinusoidal's d = 128 table). With fp32 tables and angle
+    parameters the error is the bf16 rounding of (cos a, sin a), about 2^-8 rad (0.0028
+    here), plus fp32 angles' 2.4e-4."""
     angle, exact = long_angles(name)
     err = torch.remainder(angle - exact + math.pi, 2 * math.pi) - math.pi  # wrapped to [-pi, pi)
     assert err.abs().max().item() < 1e-2, err.abs().max().item()
@@ -398,10 +414,10 @@ def test_bf16_cast_angles_match_fp64_to_position_4095(name):
 
 @pytest.mark.parametrize('name', list(SHIFT))
 def test_bf16_cast_scores_match_fp64_at_distance_4000(name):
-    """q.k of q at position 4095 and k at 95, rotated by a model cast to bf16, against an fp64 rotation
-    of the same (bf16) q and k by the exact angles. Bound: the bf16 rounding of the rotated q and k
-    (2^-9 each, relative) over sum |q_i k_i|. With bf16 tables, rope's score of head 1 was 6.17, not
-    7.50."""
+    """q.k of q at position 4095 and k at 95, rotated by a model cast to bf16, against an fp64
+    rotation of the same (bf16) q and k by the exact angles. Bound: the bf16 rounding of the
+    rotated q and k (2^-9 each, relative) over sum |q_i k_i|. With bf16 tables, rope's score
+    of head 1 was 6.17, not 7.50."""
     torch.manual_seed(7)
     T, hd, s = 4096, LONG['n_embd'] // LONG['n_head'], SHIFT[name]
     q, k = (torch.randn(1, LONG['n_head'], T, hd).to(torch.bfloat16) for _ in range(2))
@@ -435,12 +451,14 @@ def test_sinusoidal_equals_vaswani_formula(n_embd, base):
     out = model.pe.embed(x, pos)
     assert out.dtype == torch.float32
     # fp32 angles at m <= 128: error <= 128 * 2^-23 ~ 1.5e-5
-    torch.testing.assert_close((out - x * math.sqrt(n_embd)).double(), ref.expand(2, -1, -1), rtol=0, atol=3e-5)
+    torch.testing.assert_close((out - x * math.sqrt(n_embd)).double(), ref.expand(2, -1, -1),
+                               rtol=0, atol=3e-5)
 
 
-# ----------------------------------------------------------------------------- shift invariance (model level)
+# ------------------------------------------------------------------- shift invariance (model level)
 
-@pytest.mark.parametrize('dtype,offsets,atol', [(torch.float32, (1, 7, 16), 1e-5), (F64, (1, 16, 1000, 12345), 1e-9)])
+@pytest.mark.parametrize('dtype,offsets,atol',
+                         [(torch.float32, (1, 7, 16), 1e-5), (F64, (1, 16, 1000, 12345), 1e-9)])
 @pytest.mark.parametrize('name', ['rope', 'none', 'alibi', 't5', 'cope', 'xpos', 'pope'])
 def test_model_logits_invariant_to_pos_offset(name, dtype, offsets, atol):
     model = make_model(name, dtype=dtype)
@@ -455,7 +473,8 @@ def test_model_logits_invariant_to_pos_offset(name, dtype, offsets, atol):
 
 
 def test_rope_changes_the_logits_clearly():
-    """The invariance above is not vacuous: the same weights without the rotation give other logits."""
+    """The invariance above is not vacuous: the same weights without the
+    rotation give other logits."""
     model = make_model('rope')
     idx = tokens(2, 16)
     with torch.no_grad():
@@ -475,7 +494,7 @@ def test_absolute_encodings_are_not_shift_invariant(name):
             assert (all_logits(model, idx, pos_offset=s) - ref).abs().max().item() > 1e-2, s
 
 
-# ----------------------------------------------------------------------------- learned: block_size is a hard limit
+# -------------------------------------------------------------- learned: block_size is a hard limit
 
 def test_learned_forward_past_block_size_raises():
     model = make_model('learned')  # block_size 32
@@ -568,7 +587,8 @@ def test_cached_step_logits_equal_full_forward(name, pos_offset):
 
 @pytest.mark.parametrize('name', ALL)
 def test_cache_with_several_new_queries_equals_full_forward(name):
-    """The explicit-mask path: Tk cached keys, T > 1 new queries (query i sees keys up to Tk - T + i)."""
+    """The explicit-mask path: Tk cached keys, T > 1 new queries (query i
+    sees keys up to Tk - T + i)."""
     model = make_model(name)
     seq = tokens(2, 15)
     cache = [{} for _ in model.transformer.h]
@@ -591,17 +611,21 @@ def test_unknown_pos_emb_lists_valid_names():
         assert name in message
 
 
-CASES = {name: {} for name in ALL} | {  # every encoding, selective's other projection, the forget gate (masked SDPA)
-    'selective, gate+bias+low-rank': dict(pos_emb='selective', selective_bias=True, selective_rank=4),
+# every encoding, selective's other projection, the forget gate (masked SDPA)
+CASES = {name: {} for name in ALL} | {
+    'selective, gate+bias+low-rank': dict(pos_emb='selective', selective_bias=True,
+                                          selective_rank=4),
     'rope + forget_gate': dict(pos_emb='rope', forget_gate=True),
     'none + forget_gate': dict(pos_emb='none', forget_gate=True),
-    'alibi + forget_gate': dict(pos_emb='alibi', forget_gate=True),  # two biases composed on one path
+    # two biases composed on one path
+    'alibi + forget_gate': dict(pos_emb='alibi', forget_gate=True),
 }
 
 
 @pytest.mark.parametrize('case', CASES)
 def test_loss_falls(case):
-    """100 Adam steps on a random period-8 sequence, learnable only from context: ln(64) falls below 0.5."""
+    """100 Adam steps on a random period-8 sequence, learnable only from
+    context: ln(64) falls below 0.5."""
     torch.manual_seed(0)
     model = GPT(tiny_config(**{'pos_emb': case, **CASES[case]}, block_size=64))
     seq = torch.randint(64, (1, 8)).repeat(1, 5)
@@ -618,12 +642,14 @@ def test_loss_falls(case):
 
 @pytest.mark.parametrize('case', CASES)
 def test_compile_fullgraph_matches_eager(case):
-    """torch.compile(fullgraph=True): no graph break, and the same logits and gradients of every parameter as eager,
-    with every parameter moved off its init (carope's W starts at zero). ComRoPE runs through AOTAutograd only unless
-    NANOROPE_SLOW_TESTS=1: its inductor C++ build takes ~80 s cold on 2 CPUs."""
+    """torch.compile(fullgraph=True): no graph break, and the same logits and gradients of every
+    parameter as eager, with every parameter moved off its init (carope's W starts at zero).
+    ComRoPE runs through AOTAutograd only unless NANOROPE_SLOW_TESTS=1: its inductor C++ build
+    takes ~80 s cold on 2 CPUs."""
     kw = {'pos_emb': case, **CASES[case]}
     slow_ok = not kw['pos_emb'].startswith('comrope') or os.environ.get('NANOROPE_SLOW_TESTS')
-    torch._dynamo.reset()  # each case is a new model: GPT.forward would hit dynamo's recompile limit (8)
+    # each case is a new model: GPT.forward would hit dynamo's recompile limit (8)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(tiny_config(**kw, n_layer=1)).train()
     with torch.no_grad():
@@ -646,7 +672,8 @@ def test_compile_fullgraph_matches_eager(case):
 # ----------------------------------------------------------------------------- parameters
 
 def hand_count(cfg):
-    """GPT-2 parameters without any position table, counted from the architecture (wte tied to lm_head)."""
+    """GPT-2 parameters without any position table, counted from the
+    architecture (wte tied to lm_head)."""
     C, V, L, b = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.bias
     ln = C + (C if b else 0)
     attn = C * 3 * C + (3 * C if b else 0) + C * C + (C if b else 0)
@@ -657,7 +684,8 @@ def hand_count(cfg):
 @pytest.mark.parametrize('bias', [False, True])
 def test_parameter_counts_of_the_baselines(bias):
     cfg_kw = dict(bias=bias, block_size=24, n_embd=48, n_head=4)
-    counts = {name: sum(p.numel() for p in make_model(name, **cfg_kw).parameters()) for name in BASELINES}
+    counts = {name: sum(p.numel() for p in make_model(name, **cfg_kw).parameters())
+              for name in BASELINES}
     expected = hand_count(tiny_config('none', **cfg_kw))
     assert counts['none'] == counts['rope'] == counts['sinusoidal'] == expected
     assert counts['learned'] - counts['none'] == 24 * 48
@@ -665,21 +693,25 @@ def test_parameter_counts_of_the_baselines(bias):
 
 @pytest.mark.parametrize('bias', [False, True])
 def test_init_gpt2_and_pytorch(bias):
-    """'gpt2': N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), wte tied to lm_head. 'pytorch': the modules'
-    defaults (Linear U(+-1/sqrt(fan_in)), wte N(0, 1)), lm_head untied: one more V x C matrix, same FLOPs."""
+    """'gpt2': N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), wte tied to lm_head.
+    'pytorch': the modules' defaults (Linear U(+-1/sqrt(fan_in)), wte N(0, 1)), lm_head untied: one
+    more V x C matrix, same FLOPs."""
     cfg = dict(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=128, bias=bias)
     torch.manual_seed(0)
-    gpt2, torch_init = GPT(tiny_config('rope', **cfg)), GPT(tiny_config('rope', weight_init='pytorch', **cfg))
+    gpt2, torch_init = GPT(tiny_config('rope', **cfg)), \
+        GPT(tiny_config('rope', weight_init='pytorch', **cfg))
     assert gpt2.transformer.wte.weight is gpt2.lm_head.weight
     assert torch_init.transformer.wte.weight is not torch_init.lm_head.weight
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(torch_init) - n(gpt2) == 512 * 128
-    assert torch_init.flops_per_token(32) == gpt2.flops_per_token(32)  # an embedding lookup is not a matmul
+    # an embedding lookup is not a matmul
+    assert torch_init.flops_per_token(32) == gpt2.flops_per_token(32)
     assert abs(gpt2.transformer.wte.weight.std().item() - 0.02) < 0.001
     assert abs(torch_init.transformer.wte.weight.std().item() - 1.0) < 0.02
     for name, module in torch_init.named_modules():
         if isinstance(module, nn.Linear):
-            bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
+            # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
+            bound = 1 / math.sqrt(module.in_features)
             w = module.weight
             assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
             assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound, name
@@ -714,7 +746,8 @@ def test_configure_optimizers_decays_exactly_the_matrices(name):
     not_decayed = [id(p) for g in no_decay_groups for p in g['params']]
     everything = decayed + not_decayed
     params = list(model.parameters())  # unique: the tied wte/lm_head weight once
-    assert len(everything) == len(set(everything)) == len(params), "a parameter is missing or duplicated"
+    assert len(everything) == len(set(everything)) == len(params), \
+        "a parameter is missing or duplicated"
     assert set(everything) == {id(p) for p in params}
     names = {id(p): n for n, p in model.named_parameters()}
     for p in params:
@@ -737,4 +770,5 @@ def test_estimate_mfu(name):
     assert model.estimate_mfu(tokens_per_iter, dt, T, peak) == pytest.approx(expected, rel=1e-12)
     # the attention term scales with the sequence length passed in, not block_size
     expected_64 = (6 * N + 12 * L * H * Q * 64) * tokens_per_iter / dt / peak
-    assert model.estimate_mfu(tokens_per_iter, dt, 64, peak) == pytest.approx(expected_64, rel=1e-12)
+    assert model.estimate_mfu(tokens_per_iter, dt, 64, peak) == \
+        pytest.approx(expected_64, rel=1e-12)

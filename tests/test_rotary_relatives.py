@@ -214,8 +214,9 @@ def test_pope_phase_learns_from_its_zero_init():
 
 @pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 def test_pope_with_forget_gate_flex_path_equals_masked_path(monkeypatch):
-    """A score bias sends PoPE's q', k' (width 2 hs) and v (hs) through model.biased_attention: its
-    FlexAttention path (CUDA's; eager here) must take the two widths and agree with the masked one."""
+    """A score bias sends PoPE's q', k' (width 2 hs) and v (hs) through
+    model.biased_attention: its FlexAttention path (CUDA's; eager here) must take the two
+    widths and agree with the masked one."""
     torch.manual_seed(7)
     model = make_model('pope', forget_gate=True)
     with torch.no_grad():
@@ -223,15 +224,17 @@ def test_pope_with_forget_gate_flex_path_equals_masked_path(monkeypatch):
         idx = tokens(2, 16)
         masked = all_logits(model, idx)
         monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
-        monkeypatch.setattr(model_py, '_flex_attention', flex_attention)  # no inductor compile on CPU
+        # no inductor compile on CPU
+        monkeypatch.setattr(model_py, '_flex_attention', flex_attention)
         torch.testing.assert_close(all_logits(model, idx), masked, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- bf16 at distance 4000
 
 def ref_rotated(name, q, k, n, m):
-    """fp64 (q'_n, k'_m) from the papers' formulas: q, k (nh, hs) at positions n, m (delta = 0 for
-    PoPE, whose q' carries sqrt(2)): xPos pair by pair, PoPE as softplus(.) (cos, sin)(n theta_c)."""
+    """fp64 (q'_n, k'_m) from the papers' formulas: q, k (nh, hs) at positions n, m
+    (delta = 0 for PoPE, whose q' carries sqrt(2)): xPos pair by pair, PoPE as
+    softplus(.) (cos, sin)(n theta_c)."""
     hd = q.size(-1)
     if name == 'xpos':
         return ref_xpos(q[:, None], [n], +1, hd)[:, 0], ref_xpos(k[:, None], [m], -1, hd)[:, 0]
@@ -274,7 +277,8 @@ def test_scores_match_fp64_at_distance_4000(name, mode):
 
 
 def test_xpos_past_its_fp32_range_is_one_clear_error():
-    """Past 35,000 positions zeta^(n/512) leaves fp32's normal range: asking for it is an error naming that."""
+    """Past 35,000 positions zeta^(n/512) leaves fp32's normal range: asking for
+    it is an error naming that."""
     m = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, pos_emb='xpos'))
     idx = torch.randint(64, (1, 8))
     m(idx, idx, pos_offset=35_000 - 8)  # the last representable positions

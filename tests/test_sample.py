@@ -25,7 +25,8 @@ F64 = torch.float64
 
 
 def make_model(pos_emb, dtype=F64, **kw):
-    """test_model.py's tiny GPT in eval mode (q/k/v scaled up, far from uniform), in float64 by default."""
+    """test_model.py's tiny GPT in eval mode (q/k/v scaled up, far from
+    uniform), in float64 by default."""
     return test_model.make_model(pos_emb, dtype=dtype, **kw)
 
 
@@ -247,8 +248,10 @@ def learned_ckpt(tmp_path_factory):
 
 
 def error_lines(p):
-    """stderr without the configurator's 'Overriding: ...' echo and the 'loaded <checkpoint>' note."""
-    return [line for line in p.stderr.splitlines() if not line.startswith(('Overriding', 'loaded '))]
+    """stderr without the configurator's 'Overriding: ...' echo and the
+    'loaded <checkpoint>' note."""
+    return [line for line in p.stderr.splitlines()
+            if not line.startswith(('Overriding', 'loaded '))]
 
 
 def test_sample_py_defaults_and_greedy(learned_ckpt):
@@ -300,7 +303,8 @@ def test_sample_py_unreadable_start_file_is_one_line(learned_ckpt, tmp_path):
 
 @pytest.mark.parametrize('temperature', [1e-40, 1e-300, 5e-324, 1e300])
 def test_extreme_temperatures_sample_valid_ids(temperature):
-    """Tiny or huge (in range) temperatures neither overflow nor divide 0 by 0: near-greedy or near-uniform."""
+    """Tiny or huge (in range) temperatures neither overflow nor divide 0 by 0:
+    near-greedy or near-uniform."""
     model = make_model('rope', dtype=torch.float32)
     prompt = tokens(2, 5)
     for top_k in (None, 3):
@@ -308,4 +312,5 @@ def test_extreme_temperatures_sample_valid_ids(temperature):
         assert ((out[:, 5:] >= 0) & (out[:, 5:] < 50)).all()
     if temperature < 1e-30:  # as good as greedy
         greedy = model.generate(prompt, 6, temperature=0, vocab_limit=50)
-        assert torch.equal(model.generate(prompt, 6, temperature=temperature, vocab_limit=50), greedy)
+        assert torch.equal(model.generate(prompt, 6, temperature=temperature,
+                                          vocab_limit=50), greedy)

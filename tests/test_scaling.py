@@ -1,9 +1,9 @@
-"""p-RoPE and RoPE's context extensions (rope.RoPE: rope_fraction, rope_scaling, rope_scaling_factor),
-each against a reference written from its paper with per-pair Python loops (math module, fp64):
-Barbero et al. arXiv:2410.06205 (p-RoPE), Chen et al. arXiv:2306.15595 (linear), NTK-aware, dynamic
-NTK (as HF transformers), Peng et al. arXiv:2309.00071 sections 3.2-3.4 (YaRN). Factor 1 and p = 1
-are exact, p = 0 is exactly NoPE; the one-line errors. eval.py's and sample.py's overrides run on
-the checkpoints tests/test_eval.py trains (tests there)."""
+"""p-RoPE and RoPE's context extensions (rope.RoPE: rope_fraction, rope_scaling,
+rope_scaling_factor), each against a reference written from its paper with per-pair Python loops
+(math module, fp64): Barbero et al. arXiv:2410.06205 (p-RoPE), Chen et al. arXiv:2306.15595
+(linear), NTK-aware, dynamic NTK (as HF transformers), Peng et al. arXiv:2309.00071 sections 3.2-3.4
+(YaRN). Factor 1 and p = 1 are exact, p = 0 is exactly NoPE; the one-line errors. eval.py's and
+sample.py's overrides run on the checkpoints tests/test_eval.py trains (tests there)."""
 import math
 import os
 import subprocess
@@ -22,7 +22,8 @@ from test_model import (all_logits, make_model, ref_rotate_matrices, rotate_with
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 EPS32 = 2.0 ** -23
-TAKES = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]  # rope, crope, subclasses
+# TAKES: rope, crope, subclasses
+TAKES = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]
 OTHERS = [name for name in ENCODINGS if name not in TAKES]
 ROTARY = ['rope', 'crope']  # RoPE's rotation unchanged (a subclass may add to it, as xPos does)
 METHODS = [m for m in ROPE_SCALINGS if m != 'none']
@@ -107,7 +108,8 @@ def angles(positions, theta):
 @pytest.mark.parametrize('fraction,hd,n', [(1.0, 16, 8), (0.99, 16, 8), (0.5, 16, 4), (0.3, 16, 2),
                                            (0.5, 6, 2), (0.25, 20, 2), (0.1, 16, 1), (0.0, 16, 0)])
 def test_p_rope_rotates_the_round_p_hd_over_2_highest_frequencies(fraction, hd, n):
-    """round(p hd/2) pairs (Python's round: 1.5 -> 2, 2.5 -> 2), the first, at rope's frequencies."""
+    """round(p hd/2) pairs (Python's round: 1.5 -> 2, 2.5 -> 2), the
+    first, at rope's frequencies."""
     theta = rope_pe(hd, rope_fraction=fraction).inv_freq
     assert n == round(fraction * hd / 2)
     assert theta.dtype == torch.float32
@@ -197,7 +199,8 @@ def test_yarn_temperature_multiplies_every_logit_by_0_1_ln_s_plus_1_squared():
     theta = ref_yarn(hd, 10000.0, s, L)
     torch.testing.assert_close(cos.double(), m * angles(positions, theta).cos(), rtol=0, atol=5e-5)
     torch.testing.assert_close(sin.double(), m * angles(positions, theta).sin(), rtol=0, atol=5e-5)
-    q, k = torch.randn(1, 2, 4, hd, dtype=torch.float64), torch.randn(1, 2, 4, hd, dtype=torch.float64)
+    q, k = torch.randn(1, 2, 4, hd, dtype=torch.float64), \
+        torch.randn(1, 2, 4, hd, dtype=torch.float64)
     qy, ky = pe.rotate(0, q, k, None, (cos, sin), None)
     qr, kr = ref_rotate_matrices(q, positions, theta), ref_rotate_matrices(k, positions, theta)
     ref = m ** 2 * (qr @ kr.transpose(-1, -2))
@@ -232,7 +235,8 @@ def test_dynamic_model_equals_rope_up_to_block_size_and_differs_past_it():
     last_31 = idx[:, :20], 12  # positions 12..31
     assert torch.equal(all_logits(model, *last_31), all_logits(plain, *last_31))
     long, ref = all_logits(model, idx), all_logits(plain, idx)
-    torch.testing.assert_close(long[:, :1], ref[:, :1], rtol=0, atol=1e-6)  # position 0: no rotation
+    # position 0: no rotation
+    torch.testing.assert_close(long[:, :1], ref[:, :1], rtol=0, atol=1e-6)
     assert (long - ref).abs().max() > 1e-3
 
 
@@ -256,7 +260,8 @@ def test_dynamic_compiles_without_graph_break():
     torch.compile(fullgraph=True) traces it, below and past block_size."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = tiny_config('rope', n_layer=1, block_size=8, rope_scaling='dynamic', rope_scaling_factor=2.0)
+    cfg = tiny_config('rope', n_layer=1, block_size=8, rope_scaling='dynamic',
+                      rope_scaling_factor=2.0)
     model = GPT(cfg).eval()
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager', dynamic=False)
     for T in (8, 16):
@@ -274,7 +279,8 @@ def test_factor_one_changes_nothing_bitwise(name, method):
     idx = tokens(2, 48)  # past block_size = 32, where dynamic would act
     for fraction in (1.0, 0.5):
         ref = make_model(name, rope_fraction=fraction)
-        model = make_model(name, rope_fraction=fraction, rope_scaling=method, rope_scaling_factor=1.0)
+        model = make_model(name, rope_fraction=fraction, rope_scaling=method,
+                           rope_scaling_factor=1.0)
         assert torch.equal(model.pe.inv_freq, ref.pe.inv_freq)
         for offset in (0, 1000):
             assert torch.equal(all_logits(model, idx, offset), all_logits(ref, idx, offset))

@@ -1,5 +1,6 @@
-"""Selective RoPE (arXiv:2511.17388, rope.SelectiveRoPE): each property against a slow reference written from the
-released code's 7 steps with plain Python loops, never against the fast path itself. Tiny models, CPU, fixed seeds."""
+"""Selective RoPE (arXiv:2511.17388, rope.SelectiveRoPE): each property against a slow reference
+written from the released code's 7 steps with plain Python loops, never against the fast path
+itself. Tiny models, CPU, fixed seeds."""
 import math
 import os
 import sys
@@ -12,20 +13,23 @@ from model import GPT, GPTConfig  # noqa: E402
 from rope import RotateByAngle, conv_time  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64, bias=False, dropout=0.0)
-OPTIONS = {  # the LM default; every option on at once (low-rank instead of per-head); no SiLU and another width
+# the LM default; every option on at once (low-rank instead of per-head); no SiLU and another width
+OPTIONS = {
     'default': {},
     'gate+bias+lowrank': dict(selective_gate=True, selective_bias=True, selective_rank=4),
     'no-silu, width 2': dict(selective_conv_silu=False, selective_conv_width=2),
 }
-REDUCE = dict(selective_reduce=True, selective_conv=False, selective_gate=False, selective_bias=False)
+REDUCE = dict(selective_reduce=True, selective_conv=False, selective_gate=False,
+              selective_bias=False)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def make(seed=0, dtype=torch.float32, strong=True, **kw):
-    """A tiny selective GPT. strong: redraw the encoding's parameters at O(1) scale, so that the angles are far from
-    the near-zero (NoPE-like) init and every test below sees large, input-dependent rotations."""
+    """A tiny selective GPT. strong: redraw the encoding's parameters at O(1) scale, so
+    that the angles are far from the near-zero (NoPE-like) init and every test below sees
+    large, input-dependent rotations."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**TINY, 'pos_emb': 'selective', **kw})).to(dtype).eval()
     if strong:
@@ -45,7 +49,8 @@ def reference_phase(pe, layer, x):
     H, P, W = pe.H, pe.P, pe.W
     hd = d // H
     get = lambda name: getattr(pe, name)[layer].detach().double()  # noqa: E731
-    tau = [GPTConfig.rope_base ** (-2 * p / hd) for p in range(P)]  # the fixed temperature, from the formula
+    # the fixed temperature, from the formula
+    tau = [GPTConfig.rope_base ** (-2 * p / hd) for p in range(P)]
     u = torch.zeros(B, T, H, P, dtype=torch.float64)
     gate = torch.ones(B, T, H, dtype=torch.float64)
     for b in range(B):
@@ -64,11 +69,14 @@ def reference_phase(pe, layer, x):
                         col = get('w_gain')[h] * col / math.sqrt(sum(float(v) ** 2 for v in col))
                         u[b, t, h, p] = sum(chunks[h][i] * col[i] for i in range(hd))
                     else:  # step 2, low rank: (h @ w_down) @ w_up
-                        down = [sum(hn[i] * get('w_down')[i, j] for i in range(d)) for j in range(pe.rank)]
-                        u[b, t, h, p] = sum(down[j] * get('w_up')[j, h * P + p] for j in range(pe.rank))
+                        down = [sum(hn[i] * get('w_down')[i, j] for i in range(d))
+                                for j in range(pe.rank)]
+                        u[b, t, h, p] = sum(down[j] * get('w_up')[j, h * P + p]
+                                            for j in range(pe.rank))
             if pe.gate:  # step 5's logits: Linear(d, H) on the normalised chunks
                 for h in range(H):
-                    z = sum(hn[i] * get('gate_weight')[i, h] for i in range(d)) + get('gate_bias')[h]
+                    z = sum(hn[i] * get('gate_weight')[i, h] for i in range(d)) \
+                        + get('gate_bias')[h]
                     gate[b, t, h] = 1 / (1 + math.exp(-z))
     v = u.clone()
     if pe.conv:  # step 3: causal depthwise conv over time, zeros before t = 0, optional SiLU
@@ -78,7 +86,8 @@ def reference_phase(pe, layer, x):
                 for h in range(H):
                     for p in range(P):
                         c = h * P + p
-                        s = sum(cw[c, j] * u[b, t - (W - 1) + j, h, p] for j in range(W) if t - (W - 1) + j >= 0)
+                        s = sum(cw[c, j] * u[b, t - (W - 1) + j, h, p]
+                                for j in range(W) if t - (W - 1) + j >= 0)
                         v[b, t, h, p] = s / (1 + math.exp(-s)) if pe.silu else s
     if pe.bias:  # step 4
         v = v + get('beta').exp().view(H, P)
@@ -97,7 +106,8 @@ def reference_phase(pe, layer, x):
 BIAS_ONLY = dict(selective_bias=True, selective_gate=False, selective_conv=False)
 
 
-@pytest.mark.parametrize('opts', [*OPTIONS.values(), BIAS_ONLY], ids=[*OPTIONS, 'bias only, no conv'])
+@pytest.mark.parametrize('opts', [*OPTIONS.values(), BIAS_ONLY],
+                         ids=[*OPTIONS, 'bias only, no conv'])
 def test_phase_equals_loop_reference(opts):
     model = make(dtype=torch.float64, **opts)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
@@ -107,20 +117,24 @@ def test_phase_equals_loop_reference(opts):
         ref = reference_phase(model.pe, layer, x)
         assert fast.dtype == torch.float64 and fast.shape == ref.shape == (2, 2, 9, 8)
         assert ref.abs().max() > 1.0  # large angles: the comparison means something
-        torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-9)  # tau is an fp32 table: 1e-7 relative
+        # tau is an fp32 table: 1e-7 relative
+        torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-9)
 
 
 def test_reduction_reproduces_rope_logits():
-    """u == 1 and tau = RoPE frequencies: Phi_t = (t+1) theta_p, i.e. RoPE at positions 1..T; scores depend on
-    relative positions only, so the logits also equal a rope model's at 0..T-1 (same other weights)."""
+    """u == 1 and tau = RoPE frequencies: Phi_t = (t+1) theta_p, i.e. RoPE at positions 1..T;
+    scores depend on relative positions only, so the logits also equal a rope model's at
+    0..T-1 (same other weights)."""
     sel = make(strong=False, **REDUCE)
     torch.manual_seed(1)
     rope = GPT(GPTConfig(**TINY, pos_emb='rope')).eval()
-    with torch.no_grad():  # sharp attention (O(1) scores), so that positions visibly matter in the logits
+    # sharp attention (O(1) scores), so that positions visibly matter in the logits
+    with torch.no_grad():
         for block in rope.transformer.h:
             block.attn.c_attn.weight.mul_(25)
     assert sum(p.numel() for p in sel.pe.parameters()) == 0
-    sel.load_state_dict(rope.state_dict())  # the reduction has no parameters of its own: every weight is shared
+    # the reduction has no parameters of its own: every weight is shared
+    sel.load_state_dict(rope.state_dict())
     nope = GPT(GPTConfig(**TINY, pos_emb='none')).eval()
     nope.load_state_dict(rope.state_dict())
     idx = torch.randint(64, (3, 40))
@@ -128,9 +142,11 @@ def test_reduction_reproduces_rope_logits():
         ls, _ = sel(idx, idx)
         l1, _ = rope(idx, idx, pos_offset=1)
         l0, _ = rope(idx, idx)
-        assert (l0 - nope(idx, idx)[0]).abs().max() > 0.1  # the comparison below can see a wrong angle
+        # the comparison below can see a wrong angle
+        assert (l0 - nope(idx, idx)[0]).abs().max() > 0.1
     torch.testing.assert_close(ls, l1, rtol=0, atol=1e-6)  # the same fp32 angles (t+1) * theta_p
-    torch.testing.assert_close(ls, l0, rtol=0, atol=1e-4)  # shifted by one: equal up to fp32 angle rounding
+    # shifted by one: equal up to fp32 angle rounding
+    torch.testing.assert_close(ls, l0, rtol=0, atol=1e-4)
 
 
 def test_conv_time_equals_loop_reference_and_is_causal():
@@ -138,24 +154,27 @@ def test_conv_time_equals_loop_reference_and_is_causal():
     B, T, C, W = 2, 11, 5, 4
     u = torch.randn(B, T, C, dtype=torch.float64)
     w = torch.randn(C, W, dtype=torch.float64)
-    pad = lambda a: torch.cat((a.new_zeros(B, W - 1, C), a), dim=1)  # noqa: E731  the left context rotate() uses
+    # the left context rotate() uses
+    pad = lambda a: torch.cat((a.new_zeros(B, W - 1, C), a), dim=1)  # noqa: E731
     out = conv_time(pad(u), w[:, None, None], groups=C)
     ref = torch.zeros(B, T, C, dtype=torch.float64)
     for b in range(B):
         for t in range(T):
             for c in range(C):
-                ref[b, t, c] = sum(w[c, j] * u[b, t - (W - 1) + j, c] for j in range(W) if t - (W - 1) + j >= 0)
+                ref[b, t, c] = sum(w[c, j] * u[b, t - (W - 1) + j, c]
+                                   for j in range(W) if t - (W - 1) + j >= 0)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for tp in range(T):  # an input change at t' changes outputs exactly at t' .. t'+W-1
         u2 = u.clone()
         u2[:, tp] += 1.0
-        changed = (conv_time(pad(u2), w[:, None, None], groups=C) - out).abs().amax(dim=(0, 2)) > 1e-12
+        changed = (conv_time(pad(u2), w[:, None, None], groups=C) - out).abs().amax(dim=(0, 2)) \
+            > 1e-12
         assert changed.tolist() == [tp <= t < tp + W for t in range(T)]
 
 
 def test_layer_conv_is_causal():
-    """Inside the layer: v_t = (Phi_t - Phi_{t-1}) / tau recovers the conv output; changing x at t' moves it only
-    at t >= t' (exactly t' .. t'+W-1, since nothing else mixes time)."""
+    """Inside the layer: v_t = (Phi_t - Phi_{t-1}) / tau recovers the conv output; changing x at t'
+    moves it only at t >= t' (exactly t' .. t'+W-1, since nothing else mixes time)."""
     model = make(dtype=torch.float64, selective_gate=False, selective_conv_silu=False)
     pe, T = model.pe, 12
     x = torch.randn(1, T, 32, dtype=torch.float64)
@@ -173,9 +192,9 @@ def test_layer_conv_is_causal():
 
 
 def test_weight_norm_columns_have_norm_gain():
-    """Step 2: the effective W_h = s_h W_h / ||W_h||_col has every column of norm s_h, whatever W_h's scale.
-    Read through the public path: with conv/gate/bias off, u_t = Phi_t - Phi_{t-1}; a unit basis vector e_i in
-    chunk h (already normalised) makes u_t row i of the effective W_h."""
+    """Step 2: the effective W_h = s_h W_h / ||W_h||_col has every column of norm s_h, whatever
+    W_h's scale. Read through the public path: with conv/gate/bias off, u_t = Phi_t - Phi_{t-1}; a
+    unit basis vector e_i in chunk h (already normalised) makes u_t row i of the effective W_h."""
     model = make(dtype=torch.float64, selective_conv=False, selective_gate=False)
     pe = model.pe
     hd = 32 // pe.H
@@ -187,10 +206,12 @@ def test_weight_norm_columns_have_norm_gain():
             for i in range(hd):  # token i = e_i in every chunk
                 x[0, i, i::hd] = 1.0
             phi = pe.phase(0, x, None) / pe.tau.double()  # (1, H, hd, P)
-            return torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1]))[0]  # (H, rows i, P)
+            # returns (H, rows i, P)
+            return torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1]))[0]
         w_eff = effective()
         gain = torch.tensor([[0.3], [2.5]], dtype=torch.float64).expand(2, pe.P)
-        torch.testing.assert_close(w_eff.norm(dim=1), gain, rtol=1e-6, atol=0)  # 5e-7: the l2_norm's eps 1e-6
+        # 5e-7: the l2_norm's eps 1e-6
+        torch.testing.assert_close(w_eff.norm(dim=1), gain, rtol=1e-6, atol=0)
         pe.w.mul_(7.0)  # the direction is all that W_h carries
         torch.testing.assert_close(effective(), w_eff)
     groups = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
@@ -205,15 +226,20 @@ def test_low_rank_shapes_params_and_rank():
     pe = model.pe
     assert pe.w_down.shape == (L, d, r) and pe.w_up.shape == (L, r, C) and not hasattr(pe, 'w')
     assert sum(p.numel() for p in pe.parameters()) == L * (d * r + r * C)
-    full = make(selective_rank=r, selective_bias=True)  # + conv (C*W), gate (d*H + H), bias (C) per layer
-    assert sum(p.numel() for p in full.pe.parameters()) == L * (d * r + r * C + C * W + d * H + H + C)
+    # + conv (C*W), gate (d*H + H), bias (C) per layer
+    full = make(selective_rank=r, selective_bias=True)
+    assert sum(p.numel() for p in full.pe.parameters()) == \
+        L * (d * r + r * C + C * W + d * H + H + C)
     x = torch.randn(2, 20, d, dtype=torch.float64)
     with torch.no_grad():
         phi = pe.phase(0, x, None) / pe.tau.double()
-    u = torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1])).permute(0, 2, 1, 3).reshape(40, C)
-    assert torch.linalg.matrix_rank(u).item() == r  # u_t lives in an r-dimensional subspace of the H*P channels
+    u = torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1])) \
+        .permute(0, 2, 1, 3).reshape(40, C)
+    # u_t lives in an r-dimensional subspace of the H*P channels
+    assert torch.linalg.matrix_rank(u).item() == r
     default = make()  # per-head weight-normalised projection: d*P + H, conv C*W, gate d*H + H
-    assert sum(p.numel() for p in default.pe.parameters()) == L * (d * (d // H // 2) + H + C * W + d * H + H)
+    assert sum(p.numel() for p in default.pe.parameters()) == \
+        L * (d * (d // H // 2) + H + C * W + d * H + H)
 
 
 @pytest.mark.parametrize('opts', OPTIONS.values(), ids=OPTIONS.keys())
@@ -265,8 +291,10 @@ def test_angles_fp32_under_bf16_autocast():
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low, _ = model(idx, idx)
     assert all(a.dtype == torch.float32 for a in seen) and len(seen) == 2
-    torch.testing.assert_close(seen[0], ref_angles[0], rtol=0, atol=1e-4)  # layer 0's input is not bf16-rounded
-    assert (low.float() - ref).abs().max() < 0.5  # bf16 matmuls elsewhere, fp32 angles: close logits
+    # layer 0's input is not bf16-rounded
+    torch.testing.assert_close(seen[0], ref_angles[0], rtol=0, atol=1e-4)
+    # bf16 matmuls elsewhere, fp32 angles: close logits
+    assert (low.float() - ref).abs().max() < 0.5
     model.pe.phase = orig
     grads = []
     for ctx in (torch.autocast('cpu', enabled=False), torch.autocast('cpu', dtype=torch.bfloat16)):
@@ -276,7 +304,8 @@ def test_angles_fp32_under_bf16_autocast():
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.pe.parameters()]))
     assert grads[1].dtype == torch.float32 and torch.isfinite(grads[1]).all()
-    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99  # the angles' gradients too
+    # the angles' gradients too
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 def test_bad_config_raises():
@@ -291,7 +320,8 @@ def test_bad_config_raises():
 
 
 def test_loss_falls():
-    """100 Adam steps on a fixed random batch (learnable by memorising it): the loss falls well below ln(64)."""
+    """100 Adam steps on a fixed random batch (learnable by memorising it): the
+    loss falls well below ln(64)."""
     model = make(strong=False)
     model.train()
     torch.manual_seed(0)
@@ -306,12 +336,14 @@ def test_loss_falls():
         losses.append(loss.item())
     assert losses[0] > 4.0  # ln(64) = 4.16 at init
     assert sum(losses[-5:]) / 5 < losses[0] - 2.0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pe.parameters())  # the encoding learns too
+    # the encoding learns too
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pe.parameters())
 
 
 def test_rotate_by_angle_matches_rotation_matrices_and_gradcheck():
-    """Step 7's hand-written backward: forward against explicit 2x2 rotation matrices, gradients against finite
-    differences (gradcheck), for per-token angles and for a broadcast (T, P) table."""
+    """Step 7's hand-written backward: forward against explicit 2x2 rotation
+    matrices, gradients against finite differences (gradcheck), for per-token angles
+    and for a broadcast (T, P) table."""
     torch.manual_seed(0)
     B, H, T, hs = 2, 2, 3, 4
     q = torch.randn(B, H, T, hs, dtype=torch.float64, requires_grad=True)

@@ -1,6 +1,6 @@
-"""Synthetic tasks (mqar, copy, parity): the generators against reference code written here from the task
-definitions, the loader's determinism/resume/DDP contract, a tiny model that learns copy in-process, and
-train.py + eval.py run on a task as subprocesses."""
+"""Synthetic tasks (mqar, copy, parity): the generators against reference code written here from the
+task definitions, the loader's determinism/resume/DDP contract, a tiny model that learns copy
+in-process, and train.py + eval.py run on a task as subprocesses."""
 import json
 import os
 import subprocess
@@ -20,8 +20,8 @@ DASH = '\u2013'
 
 
 def reference_mqar(x, n):
-    """The first n (key 1..63, value 64..127) pairs, then filler 0 and every key once as a query, whose answer is
-    its pair's value."""
+    """The first n (key 1..63, value 64..127) pairs, then filler 0 and every key once as a query,
+    whose answer is its pair's value."""
     pairs = {}
     for t in range(0, 2 * n, 2):
         assert 1 <= x[t] <= 63 and 64 <= x[t + 1] <= 127 and x[t] not in pairs
@@ -35,7 +35,8 @@ def reference_mqar(x, n):
 
 
 def reference_copy(x):
-    """The string is everything before the separator 1; after it, each position predicts the next copied symbol."""
+    """The string is everything before the separator 1; after it, each position
+    predicts the next copied symbol."""
     s = x.index(1)
     string = x[:s]
     assert all(2 <= c <= 63 for c in string)
@@ -47,7 +48,8 @@ def reference_copy(x):
 
 
 def reference_parity(x):
-    """The start token 2, then bits; after each bit, 2 if it has seen an even number of ones so far, else 3."""
+    """The start token 2, then bits; after each bit, 2 if it has seen an even
+    number of ones so far, else 3."""
     assert x[0] == 2
     y, ones = [-1], 0
     for bit in x[1:]:
@@ -130,12 +132,13 @@ def accuracy(model, x, y):
 
 
 def learn(task, steps, weight_decay, **model_kw):
-    """Train a 2-layer d=64 model on `task` at T=32 (batch 32, lr 3e-3) for up to `steps` steps; the answer accuracy
-    on 128 fixed sequences every 250 steps and at the end, stopping once it passes 0.95."""
+    """Train a 2-layer d=64 model on `task` at T=32 (batch 32, lr 3e-3) for up to `steps`
+    steps; the answer accuracy on 128 fixed sequences every 250 steps and at the end,
+    stopping once it passes 0.95."""
     torch.manual_seed(0)
     T = 32
-    model = GPT(GPTConfig(block_size=T, vocab_size=SYNTHETIC_TASKS[task]['vocab_size'], n_layer=2, n_embd=64,
-                          **model_kw))
+    model = GPT(GPTConfig(block_size=T, vocab_size=SYNTHETIC_TASKS[task]['vocab_size'], n_layer=2,
+                          n_embd=64, **model_kw))
     opt = model.configure_optimizers(weight_decay, 3e-3, (0.9, 0.95), 'cpu')
     loader = SyntheticLoader(task, 32, T, seed=0)
     x_val, y_val = synthetic_eval_set(task, 128, T, 0)
@@ -158,8 +161,9 @@ def test_tiny_model_learns_copy():
 
 
 def test_tiny_model_learns_mqar_with_pytorch_init():
-    """config/synthetic_mqar.py's setting: weight_init='pytorch' forms the key -> value lookup within ~1,000 steps,
-    where GPT-2's init stays at the ln(4) plateau of guessing among the 4 values in context."""
+    """config/synthetic_mqar.py's setting: weight_init='pytorch' forms the key -> value
+    lookup within ~1,000 steps, where GPT-2's init stays at the ln(4) plateau of guessing
+    among the 4 values in context."""
     acc = learn('mqar', 1500, 0.1, n_head=4, weight_init='pytorch')
     assert acc[0] < 0.05 and acc[-1] > 0.95, acc  # the plateau alone would give ~0.25
 
@@ -167,14 +171,16 @@ def test_tiny_model_learns_mqar_with_pytorch_init():
 def run(script, *args):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
     env.setdefault('OMP_NUM_THREADS', '1')
-    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, \
+        f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
-TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
-        '--batch_size=16', '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1',
-        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4']
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32',
+        '--block_size=32', '--batch_size=16', '--gradient_accumulation_steps=1', '--eval_iters=4',
+        '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4']
 
 
 def records(out_dir, key):
@@ -185,8 +191,8 @@ def records(out_dir, key):
 
 def test_train_and_eval_on_a_task(tmp_path):
     rope = str(tmp_path / 'rope')
-    run('train.py', *TINY, '--dataset=mqar', f'--out_dir={rope}', '--max_iters=40', '--lr_decay_iters=40',
-        '--eval_interval=20')
+    run('train.py', *TINY, '--dataset=mqar', f'--out_dir={rope}', '--max_iters=40',
+        '--lr_decay_iters=40', '--eval_interval=20')
     val = records(rope, 'val_loss')
     assert val[40] < val[20] < val[0]  # loss on the answers: values are 64 of the 128 tokens
     ckpt = torch.load(os.path.join(rope, 'ckpt.pt'), weights_only=True)
@@ -195,7 +201,8 @@ def test_train_and_eval_on_a_task(tmp_path):
 
     # resuming gives the losses of the straight run: the loader's batch counter is checkpointed
     straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-    common = [*TINY, '--dataset=copy', '--pos_emb=learned', '--lr_decay_iters=8', '--eval_interval=4']
+    common = [*TINY, '--dataset=copy', '--pos_emb=learned', '--lr_decay_iters=8',
+              '--eval_interval=4']
     run('train.py', *common, f'--out_dir={straight}', '--max_iters=8')
     run('train.py', *common, f'--out_dir={resumed}', '--max_iters=4')
     run('train.py', *common, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
@@ -205,8 +212,10 @@ def test_train_and_eval_on_a_task(tmp_path):
     p = run('eval.py', f'--out_dirs={rope},{straight}', '--device=cpu', '--eval_sequences=64')
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
             for line in p.stdout.splitlines() if line.startswith('| ') and 'checkpoint' not in line}
-    assert rows['rope (rope)'][:2] == ['mqar', '32'] and rows['straight (learned)'][:2] == ['copy', '32']
-    assert rows['straight (learned)'][3:] == [DASH, DASH]  # 64 and 128 are past learned's 32 positions
+    assert rows['rope (rope)'][:2] == ['mqar', '32'] \
+        and rows['straight (learned)'][:2] == ['copy', '32']
+    # 64 and 128 are past learned's 32 positions
+    assert rows['straight (learned)'][3:] == [DASH, DASH]
     assert 'Perplexity' not in p.stdout  # no text checkpoint: no val-token tables
 
     # the 1x cell is the accuracy of the checkpoint called directly on the task's eval set
