@@ -67,8 +67,6 @@ if preset == 'gpt2':
             globals()[k] = v
 names = list(ENCODINGS) if pos_embs == 'all' else \
     [n.strip() for n in pos_embs.split(',') if n.strip()]
-names = list(ENCODINGS) if pos_embs == 'all' else \
-    [n.strip() for n in pos_embs.split(',') if n.strip()]
 names = list(dict.fromkeys(names))  # once each
 if unknown := [n for n in names if n not in ENCODINGS]:
     sys.exit(f"bench.py: unknown pos_embs {', '.join(unknown)}; valid: {', '.join(ENCODINGS)} "
