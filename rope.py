@@ -247,22 +247,12 @@ ROPE_SCALINGS = ('none', 'linear', 'ntk', 'dynamic', 'yarn')  # GPTConfig.rope_s
 
 
 class RoPE(PositionEncoding):
-    """`rope`: RoFormer (arXiv:2104.09864) eq. 34. Position m rotates pair p of q and k by
-    m * theta_p, theta_p = rope_base^(-2p/hd), so <R_m q, R_n k> = <q, R_{n-m} k> depends on n - m
-    only. cos/sin are computed once per forward (prepare) and shared by every layer. Two changes of
-    the frequency table, inherited by every subclass (crope, xpos), README "Context extension":
-    p-RoPE (rope_fraction = p, arXiv:2410.06205): only the round(p hd/2) highest-frequency pairs
-      rotate.
-    rope_scaling, factor s >= 1, L = rope_scaling_length or block_size (the length RoPE was trained
-      at):
-      linear   PI (arXiv:2306.15595): theta_p / s
-      ntk      base * s^(hd/(hd-2))
-      dynamic  base * (s Lc/L - (s-1))^(hd/(hd-2)) for a forward whose length Lc exceeds L (as HF);
-               generate() recomputes its window (relative = False): past L it would switch on
-      yarn     (arXiv:2309.00071 sec. 3.2-3.4) theta_p ((1 - gamma_p)/s + gamma_p), gamma_p the
-               ramp of r_p = L theta_p / 2pi from alpha = 1 to beta = 32;
-               cos, sin times 0.1 ln s + 1
-    s = 1 changes nothing for every method. Tables in fp64, rounded once to fp32."""
+    """`rope`: RoFormer (arXiv:2104.09864) eq. 34: position m rotates pair p of q and k by
+    m theta_p, theta_p = rope_base^(-2p/hd), so <R_m q, R_n k> = <q, R_{n-m} k>. cos/sin: (T, hs/2),
+    once per forward (prepare), shared by the layers. Frequency-table options, inherited by crope
+    and xpos (formulas: README "Context extension"): p-RoPE (rope_fraction, arXiv:2410.06205);
+    rope_scaling linear (PI, arXiv:2306.15595), ntk, dynamic (HF's), yarn (arXiv:2309.00071 sec.
+    3.2-3.4), factor s, L = rope_scaling_length or block_size; fp64, rounded once to fp32."""
 
     YARN_ALPHA, YARN_BETA = 1.0, 32.0  # section 3.2's, for Llama (HF's beta_slow, beta_fast)
 
@@ -283,13 +273,13 @@ class RoPE(PositionEncoding):
         self.train_len = config.rope_scaling_length or config.block_size
         self.scaling = 'none' if s == 1 else config.rope_scaling  # s = 1: plain table, bit for bit
         self.rotated = round(p * hd / 2)  # p-RoPE: pairs 0..rotated-1 rotate
-        # ntk, dynamic: base^(-2p/hd) -> (base c^e)^(-2p/hd), e = hd/(hd-2);
-        # hd = 2: theta_0 = 1 only
+        # ntk, dynamic: base -> base c^e, e = hd/(hd-2) (hd = 2: theta_0 = 1 only)
         self.ntk_exponent = hd / (hd - 2) if hd > 2 else 0.0
         base = self.base * s ** self.ntk_exponent if self.scaling == 'ntk' else self.base
         self.register_buffer('inv_freq', self.frequencies(base), persistent=False)
         self.attention_factor = 0.1 * math.log(s) + 1 if self.scaling == 'yarn' else 1.0
-        self.relative = self.scaling != 'dynamic'  # see the docstring
+        # dynamic: generate recomputes its window (true positions past L would switch it on)
+        self.relative = self.scaling != 'dynamic'
 
     def frequencies(self, base):
         """theta'_p (hd/2,) fp32 from `base` (a float, or dynamic's 0-dim tensor): RoFormer's, then
@@ -301,8 +291,7 @@ class RoPE(PositionEncoding):
             theta = theta / s
         elif self.scaling == 'yarn':
             r = self.train_len * theta / (2 * math.pi)  # L / lambda_p: pair p's turns within L
-            # HF ramps linearly in the pair index (so in log r_p, not in r_p) between floored/ceiled
-            # bounds: the same where both are 0 or 1, different inside the ramp
+            # linear in r_p; HF's is linear in the pair index (log r_p) between rounded bounds
             gamma = ((r - self.YARN_ALPHA) / (self.YARN_BETA - self.YARN_ALPHA)).clamp(0, 1)
             theta = (1 - gamma) * theta / s + gamma * theta
         theta[self.rotated:] = 0  # p-RoPE: the lowest frequencies never rotate
@@ -328,16 +317,13 @@ class RoPE(PositionEncoding):
 
 
 class ComRoPE_AP(PositionEncoding):
-    """`comrope_ap`: ComRoPE with axial partition (arXiv:2506.03737, eq. 8). Per layer and head the
-    angle matrix is block-diagonal, A = blockdiag(B_1..B_nb) with skew-symmetric b x b blocks
-    B_j = P_j - P_j^T (P_j trainable, b = comrope_block), and position t (the integer token index;
-    text has one axis) maps block j of q and k to exp(t B_j) q_j. Blocks of one matrix commute, so
-    R(s)^T R(t) = R(t - s) (Theorem 1) and scores depend on relative positions only.
-    Fast path (exact): exp(tB) = exp(B)^t, so prepare() takes one matrix_exp per (layer, head,
-    block) and builds every position's R by doubling, R[n:2n] = R[0:n] exp(nB) (log2(T) batched
-    b x b matmuls, all layers at once); the first position's exp(start B) seeds the doubling. No
-    dense hd x hd matrix is ever formed. rotate() applies R blockwise with one einsum per tensor, q
-    viewed as (B, nh, T, nb, b)."""
+    """`comrope_ap`: ComRoPE, axial partition (arXiv:2506.03737, eq. 8). Per layer and head the
+    angle matrix A = blockdiag(B_1..B_nb), B_j = P_j - P_j^T (P_j trainable, b x b with
+    b = comrope_block); position t (the token index: text has one axis) maps block j of q and k to
+    exp(t B_j) q_j. The blocks commute: R(s)^T R(t) = R(t - s) (Theorem 1). prepare(): exactly,
+    exp(tB) = exp(B)^t, so every R(t) by doubling, R[n:2n] = R[0:n] exp(nB) (log2(T) batched b x b
+    matmuls, all layers at once, seeded by exp(start B)); rotate(): one einsum per tensor, q viewed
+    as (B, nh, T, nb, b). Init (RoPE-exact or random), fp64: README."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -376,10 +362,8 @@ class ComRoPE_AP(PositionEncoding):
 
     def prepare(self, x, pos):
         dtype = torch.promote_types(self.P.dtype, torch.float32)  # fp32 (fp64 in a float64 model)
-        # exp(start B) and the powers exp(2^k B) in fp64 (tiny: L*nh*nb matrices of b x b), each
-        # rounded once to fp32: R(t) is a product of <= log2(T) + 1 of them, error ~ log2(T) eps.
-        # Powers of an fp32 exp(B) would carry t * eps (~1e-3 at t = 4096; a fp32 matrix_exp(tB) is
-        # no better). MPS has no float64.
+        # exp(start B), exp(2^k B) in fp64 (tiny), each rounded once to fp32: R(t), a product of
+        # <= log2(T) + 1, errs ~ log2(T) eps, not fp32 powers' t eps (README). MPS has no float64
         exact = torch.float32 if x.device.type == 'mps' else torch.float64
         with torch.autocast(device_type=x.device.type, enabled=False):
             # A: (L, nh, 1, nb, b, b); fp64 also keeps P - P^T unrounded. S, E: exp(start B), exp(B)
@@ -463,24 +447,13 @@ class CRoPE(RoPE):
 
 
 class CARoPE(PositionEncoding):
-    """`carope`: Context-Aware RoPE (Veisi et al., arXiv:2507.23083, section 2 "Proposed Method").
-    RoPE's phase written as an accumulation, phi_p(m) = sum_{t<=m} theta_1^p, with the fixed base
-    theta_1 = rope_base^(-2/hd) replaced by a learned, bounded base per token and head:
-        f(x_t) = 1 / (softplus(x_t W + beta) + 1)   in (0,1)^H,  W: d x H and beta: H,
-                                                                 one pair per layer
-        phi_p^h(m) = sum_{t<=m} f(x_t)_h^p,          p = 0..hd/2-1
-    then pair p of q and k in head h is rotated by phi_p^h(m) exactly as in RoPE (RoFormer eq. 34).
-    The per-head bias beta is the project's addition (the paper writes softplus(x_t W) and says it
-    initialises from RoPE): with W = 0, softplus(beta) = 1/theta_1 - 1 gives f^p = theta_p and
-    phi_p(m) = (m+1) theta_p, i.e. RoPE with every position shifted by one, so the attention scores
-    are RoPE's.
-    Not shift invariant: the phase between key n and query m is sum_{n<t<=m} f(x_t)^p, it depends
-    on the tokens in between. Phases start at zero before the first token fed, so pos_offset has no
-    effect on CARoPE. KV-cached decoding carries each layer's phase of the last cached token
-    (B, H, P) in cache['carope_phase'].
-    x_t (GPTConfig.carope_source; the paper says "the embedding of the token at position t"):
-    'block' = the attention's LayerNorm'd input, context-aware in every layer (default);
-    'embedding' = the input token embeddings (the literal reading), still with W, beta per layer."""
+    """`carope`: Context-Aware RoPE (Veisi et al., arXiv:2507.23083, section 2 "Proposed Method"):
+    RoPE's phase sum_{t<=m} theta_1^p with theta_1 = rope_base^(-2/hd) replaced by a learned,
+    bounded base per token and head (W: d x H and beta: H, one pair per layer):
+        f(x_t) = 1 / (softplus(x_t W + beta) + 1) in (0,1)^H,   phi_p^h(m) = sum_{t<=m} f(x_t)_h^p
+    and pair p = 0..hd/2-1 of head h of q and k rotated by phi_p^h(m) as in RoPE (RoFormer eq. 34).
+    Not shift invariant. Departures (README): beta, set so that step 0 is RoPE; x_t from
+    carope_source ('block' default, 'embedding'). KV cache: cache['carope_phase'] (B, H, P)."""
 
     SOURCES = ('block', 'embedding')
 
@@ -540,37 +513,19 @@ class CARoPE(PositionEncoding):
 class SelectiveRoPE(PositionEncoding):
     """`selective`: Selective RoPE (Movahedi et al., arXiv:2511.17388, ICLR 2026). Linear attention
     whose state transition is an input-dependent rotation equals RoPE on q and k with cumulative,
-    input-dependent angles Phi_t = tau * sum_{s<=t} u_s. Transcribed from the released code,
-    authoritative where it differs from the paper's figure
-    (github.com/timurcarstensen/selective-rope, src/selective_rope/modules/
-    rotary.py, class SelectiveRoPE), per layer from the attention's input h_t = x:
+    input-dependent angles Phi_t = tau * sum_{s<=t} u_s. As the released code
+    (github.com/timurcarstensen/selective-rope, src/selective_rope/modules/rotary.py, class
+    SelectiveRoPE), per layer (parameters: leading dim n_layer) from the attention's input h_t = x:
       1. split h_t into H chunks of d/H and L2-normalise each chunk
-      2. u_t = chunk_h @ (s_h W_h / ||W_h||_col) per head, W_h: d/H x P
-         (or, selective_rank = r > 0, d -> r -> H*P)
-      3. causal depthwise conv over time on the H*P channels, width selective_conv_width, no bias,
-         optional SiLU
-      4. optional u += exp(beta)                     (selective_bias)
-      5. optional u *= sigmoid(Linear_{d->H}(h))     (selective_gate, one gate per head, on the
-                                                     normalised chunks)
-      6. Phi = cumsum_t(u) * tau_p, tau_p = rope_base^(-2p/hd), fixed (the release's
-         temp_type='rope', temp_grad=False)
-      7. rotate pair p of head h of q and k by Phi (adjacent pairs, apply_rotary inside
-         RotateByAngle)
-    With u == 1 (selective_reduce, conv/gate/bias off) Phi_t = (t+1) theta_p: RoPE at positions
-    1..T. Not shift invariant and blind to pos (and pos_offset): order enters only through the
-    cumsum. KV-cached decoding carries the conv's last width-1 inputs and the running phase in the
-    layer's cache dict. Parameters are stacked over layers (leading dim n_layer), indexed by
-    `layer`. Init follows the released model's: Linear and Conv1d weights N(0, 0.02^2), biases 0,
-    gains 1; so the angles start near zero (NoPE-like).
-    Where this departs from the release, and why: adjacent pairs instead of its half-split pairs
-    (the one pairing every encoding here uses; a fixed permutation of q/k dims that the learned
-    projections absorb); tau from the shared rope_base instead of its temp_theta=500000 (which its
-    RoPE baseline also uses); all of steps 1-6 in fp32, not the model dtype; selective_conv=False is
-    the identity (no conv), whereas the release's skip_conv puts a first difference u_t - u_{t-1} in
-    the conv's place, ahead of steps 4-6. Only with bias and gate off does the cumsum undo it,
-    giving Phi_t = tau u_t (not a running sum at all); otherwise
-    Phi_t = tau sum_{s<=t} g_s (u_s - u_{s-1} + b) with g the gate (1 when off) and b = exp(beta)
-    (0 when off)."""
+      2. u_t = chunk_h @ (s_h W_h / ||W_h||_col) per head, W_h: d/H x P (selective_rank = r > 0:
+         d -> r -> H*P)
+      3. causal depthwise conv in time (H*P channels, selective_conv_width, no bias), optional SiLU
+      4. optional u += exp(beta) (selective_bias)
+      5. optional u *= sigmoid(Linear_{d->H}(h)) (selective_gate), per head, from normalised chunks
+      6. Phi = cumsum_t(u) * tau_p, tau_p = rope_base^(-2p/hd) (temp_type='rope', temp_grad=False)
+      7. rotate pair p of head h of q and k by Phi (adjacent pairs, RotateByAngle)
+    Not shift invariant. Departures (adjacent pairs, tau's base, fp32, selective_conv=False), init
+    and selective_reduce: README."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -597,8 +552,7 @@ class SelectiveRoPE(PositionEncoding):
             # step 2, ChunkedLinear (weight norm): only W's direction matters, s_h sets the scale
             self.w = nn.Parameter(torch.empty(L, H, hd, self.P).uniform_(-1, 1))  # (L, H, d/H, P)
             self.w_gain = nn.Parameter(torch.ones(L, H))
-            # a per-head gain (1-D per layer in the release, which exempts it)
-            self.w_gain.no_weight_decay = True
+            self.w_gain.no_weight_decay = True  # per-head gain: 1-D in the release, exempt there
         else:  # step 2, low-rank phi_proj: Linear(d, r) then Linear(r, H*P), no biases
             self.w_down = nn.Parameter(torch.randn(L, d, r) * 0.02)
             self.w_up = nn.Parameter(torch.randn(L, r, C) * 0.02)
@@ -622,9 +576,8 @@ class SelectiveRoPE(PositionEncoding):
         with torch.autocast(device_type=x.device.type, enabled=False):
             dt = torch.promote_types(x.dtype, torch.float32)
             x = x.to(dt)
-            # step 1: 1/||chunk_h|| as the release's l2_norm, (B, T, H, 1). The maps of steps 2 and
-            # 5 are linear, so they read the raw chunks and are scaled by it afterwards: the same
-            # numbers without a normalised copy of x
+            # step 1: 1/||chunk_h|| as the release's l2_norm, (B, T, H, 1). Steps 2 and 5 are
+            # linear: they read the raw chunks, scaled by it after (no normalised copy of x)
             rn = torch.rsqrt(x.view(B, T, H, d // H).square().sum(-1, keepdim=True) + 1e-6)
             ws = []  # per-chunk weights (H, d/H, n) of steps 2, 5, applied by one grouped 1x1 conv
             if not self.reduce and self.rank == 0:
@@ -654,8 +607,7 @@ class SelectiveRoPE(PositionEncoding):
                 prev = cache.get('selective_conv') if cache is not None else None
                 if prev is None:
                     prev = u.new_zeros(B, W - 1, C)
-                # (B, W-1+T, C): the left context, so causal by construction
-                u = torch.cat((prev, u), dim=1)
+                u = torch.cat((prev, u), dim=1)  # (B, W-1+T, C): left context, so causal
                 if cache is not None:
                     cache['selective_conv'] = u[:, T:]  # last W-1 inputs, for the next decode step
                 # depthwise, (B, T, C)
@@ -672,8 +624,7 @@ class SelectiveRoPE(PositionEncoding):
                 if 'selective_phase' in cache:
                     phi = phi + cache['selective_phase'].view(B, 1, C)
                 cache['selective_phase'] = phi[:, -1].view(B, H, P)  # the running phase
-            # (B, H, T, P), laid out like q and k in memory
-            return phi.view(B, T, H, P).transpose(1, 2) * self.tau
+            return phi.view(B, T, H, P).transpose(1, 2) * self.tau  # (B, H, T, P), q's layout
 
     def rotate(self, layer, q, k, x, shared, cache):
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -741,20 +692,15 @@ class T5Bias(PositionEncoding):
 
 class FIRE(PositionEncoding):
     """`fire`: Functional Interpolation for Relative Positions (Li et al., ICLR 2024,
-    arXiv:2310.04418 section 3):
-        b(i, j) = f_theta(psi(i - j) / psi(max(L, i))),   psi(x) = log(|c| x + 1)
-    for query position i and key position j, f_theta an MLP 1 -> 32 -> H (ReLU), c (init 0.1) and
-    the threshold L = |l| * 512 (l init 1) learned: progressive interpolation normalises positions
-    below L as if at L. One module shared by all layers, PyTorch's default Linear init, as the
-    paper's listing. Not shift invariant: i is the query's absolute position. The paper adds
-    eps = 1e-6 to the normaliser, as here. The bias is one (H, T, Tk) fp32 table per forward, shared
-    by the layers (prepare), read with one index per score: the MLP's 32 hidden units per score pair
-    run once, not once per layer, and FlexAttention's backward (one index per captured tensor)
-    takes it."""
+    arXiv:2310.04418 section 3), for query position i and key position j:
+        b(i, j) = f_theta(psi(i - j) / (psi(max(L, i)) + eps)),   psi(x) = log(|c| x + 1)
+    f_theta an MLP 1 -> 32 -> H (ReLU); c and the threshold L = |l| * 512 learned (progressive
+    interpolation: below L as if at L); eps = 1e-6, the paper's. One module for all layers. Not
+    shift invariant: i is absolute. Bias: one (H, T, Tk) fp32 table per forward (prepare), one index
+    per score. Init, and why one table: README."""
 
     WIDTH, C_INIT, L_INIT, EPS = 32, 0.1, 512.0, 1e-6
-    # the normaliser reads the query's absolute position: generate recomputes a full window
-    relative = False
+    relative = False  # the normaliser reads the absolute i: generate recomputes a full window
 
     def __init__(self, config):
         super().__init__(config)
@@ -766,8 +712,7 @@ class FIRE(PositionEncoding):
     def table(self, qpos, kpos):
         """b(i, j) for queries at qpos (T,) and keys at kpos (Tk,), int64 -> (H, T, Tk), fp32 (fp64
         in a float64 model), outside autocast. The MLP as a sum over its hidden units: under no_grad
-        (evaluation at long T) it holds one (T, Tk) slice at a time, where nn.Sequential would hold
-        all 32."""
+        (long-T evaluation) it holds one (T, Tk) slice at a time, nn.Sequential all 32."""
         dt = self.c.dtype  # the MLP's too: _apply keeps this encoding's parameters at >= fp32
         c, L = self.c.abs(), (self.L_multiplier * self.L_INIT).abs()
         w1, b1, w2, b2 = (self.mlp[0].weight[:, 0], self.mlp[0].bias,
