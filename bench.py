@@ -81,7 +81,8 @@ if peer:  # nanoGPT's model.py, imported under its own name: ours is also called
         spec = importlib.util.spec_from_file_location('peer_model', peer_file)
         peer_model = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(peer_model)
-        peer_model.GPT, peer_model.GPTConfig
+        if missing := [n for n in ('GPT', 'GPTConfig') if not hasattr(peer_model, n)]:
+            raise AttributeError(f"no {' or '.join(missing)}")
     except Exception as e:
         sys.exit(f"bench.py: --peer={peer}: cannot import its model.py ({type(e).__name__}: {e}); "
                  f"it must define nanoGPT's GPT and GPTConfig")

@@ -95,3 +95,7 @@ def test_bad_peer_is_one_line(tmp_path):
     p = bench(f'--peer={tmp_path}')
     assert p.returncode == 1 and 'cannot import its model.py' in p.stderr \
         and 'Traceback' not in p.stderr
+    (tmp_path / 'model.py').write_text('class GPTConfig: pass\n')  # imports, but has no GPT
+    p = bench(f'--peer={tmp_path}')
+    assert p.returncode == 1 and 'Traceback' not in p.stderr \
+        and 'no GPT)' in p.stderr.strip().splitlines()[-1]
