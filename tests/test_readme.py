@@ -74,8 +74,9 @@ COMMANDS = {
     '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 '
     '--report=report.md': 'run',
     # the longer budget (the same sweep code path, other encodings and a yarn row)
-    'python eval.py --pos_embs=rope,carope,selective,alibi,fire --sweep_config=config/quickstart.py '
-    '--sweep_args=--eval_interval=100 --sweep_out=out-long --rope_scaling=yarn '
+    'python eval.py --pos_embs=rope,carope,selective,alibi,fire '
+    '--sweep_config=config/quickstart.py --sweep_args=--eval_interval=100 --sweep_out=out-long '
+    '--rope_scaling=yarn '
     '--eval_block_sizes=256,512,1024 --eval_tokens=8192 --report=report-long.md': 'run',
     # the extrapolation table: two more checkpoints, then one evaluation of the sweep's
     # (the entry above made them)
