@@ -5,10 +5,12 @@ Checkpoints trained on a synthetic task (mqar, copy, parity) get answer accuracy
 length instead.
 Checkpoints that differ only in their seed are one row: mean ± sd over the seeds, '*' where the
 row differs from the baseline row by more than the seed noise (a paired t-test over the seeds).
-$ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 --report=report.md
-$ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py --report=report.md  # train, then compare
+$ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 \
+    --report=report.md
+$ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py \
+    --report=report.md  # train, then compare
 $ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 seeds, marks vs rope
-$ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension rows
+$ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True  # + a HellaSwag table
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json
 beside it); PNG plots go to --plots (default: next to the report) when matplotlib is installed.
@@ -487,12 +489,20 @@ for r in synthetic:
     print(f"evaluated {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 # HellaSwag: each text row's model as at its training length (hellaswag.py crops a context to it)
+# (out_dir, scaling in effect) -> scores: a checkpoint's rows that are one model there, scored once
+scored = {}
 for r in runs if hellaswag else []:
-    t0 = time.time()
-    r['hellaswag'] = hellaswag_py.evaluate(at_length(r, r['block_size']), hellaswag_file,
-                                           encoders[r['tokenizer']], device, ctx,
-                                           limit=hellaswag_limit)
-    print(f"HellaSwag of {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
+    model = at_length(r, r['block_size'])
+    # factor 1 is every method's identity: xT/L rows at T = L are the trained model
+    c = model.config
+    key = (r['out_dir'],
+           (c.rope_scaling, c.rope_scaling_factor) if c.rope_scaling_factor != 1 else None)
+    if key not in scored:
+        t0 = time.time()
+        scored[key] = hellaswag_py.evaluate(model, hellaswag_file, encoders[r['tokenizer']], device,
+                                            ctx, limit=hellaswag_limit)
+        print(f"HellaSwag of {r['label']} in {time.time() - t0:.1f}s", file=sys.stderr)
+    r['hellaswag'] = scored[key]
 
 # -----------------------------------------------------------------------------
 # tables: a row per group of seeds (text_rows, task_rows), its cells the mean ± sd over them

@@ -779,6 +779,27 @@ def test_hellaswag_limit_says_subset_and_skips_synthetic_rows(evaluated, tmp_pat
     assert 'hellaswag' not in res['task (rope)']
 
 
+@pytest.mark.usefixtures('one_thread')
+def test_hellaswag_scores_each_model_in_effect_once(evaluated, tmp_path):
+    """Context-extension rows share their checkpoint's weights: at the training length a factor of
+    T/L is 1, every method's identity, so the +yarn xT/L row is the trained model, scored once and
+    equal to it; a fixed factor 4 is another model, scored on its own."""
+    path = write_hellaswag(tmp_path / 'hs.jsonl')
+    rope = evaluated['dirs']['rope']
+    for factor, times in [([], 1), (['--rope_scaling_factor=4'], 2)]:
+        report = tmp_path / f'r{times}.md'
+        p = run('eval.py', f'--out_dirs={rope}', '--eval_block_sizes=32', '--pos_offsets=0',
+                '--rope_scaling=yarn', *factor, '--hellaswag=True', f'--hellaswag_path={path}',
+                '--hellaswag_limit=7', f'--report={report}', '--device=cpu')
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stderr.count('HellaSwag of ') == times, p.stderr
+        res = json.loads(report.with_suffix('.json').read_text())['checkpoints']
+        assert len(res) == 2 and all(c['hellaswag']['n'] == 7 for c in res)
+    ref = hellaswag_direct(rope, path, limit=7)
+    first = json.loads((tmp_path / 'r1.json').read_text())['checkpoints']
+    assert [c['hellaswag'] for c in first] == [ref, ref]
+
+
 def test_hellaswag_without_the_file_fails_before_anything(evaluated, tmp_path):
     """A missing file (before a sweep trains), no network (before a checkpoint loads; the URL
     unreachable), a bad hellaswag_limit: one line, exit 1 (2: the configurator's range), nothing
