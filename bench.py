@@ -1,10 +1,10 @@
 """
 Step time, tokens/s and memory of every position encoding relative to a baseline, at one config,
 in one run. Performance is only measured here, never asserted in tests.
-$ python bench.py                                            # the CPU quick-start model, every encoding
-$ python bench.py --preset=gpt2 --compile=True               # GPT-2 small on a GPU
-$ python bench.py --pos_embs=rope,learned --report=bench.md  # some encodings; the table also to a file
-$ python bench.py --pos_embs=learned,rope --peer=../nanoGPT    # against nanoGPT's own model.py, same size
+$ python bench.py                                  # the CPU quick-start model, every encoding
+$ python bench.py --preset=gpt2 --compile=True     # GPT-2 small on a GPU
+$ python bench.py --pos_embs=rope,learned --report=bench.md  # some; the table also to a file
+$ python bench.py --pos_embs=learned,rope --peer=../nanoGPT  # against nanoGPT's model.py
 Each encoding's row is printed (and the report rewritten) as soon as its first round is timed, so a
 run cut short keeps what it measured; the final table takes the fastest of all rounds.
 Every GPTConfig field is a key too (e.g. --rope_base=500000.0), so later encodings' options can be

@@ -1,8 +1,8 @@
 """
 Datasets for nanoRoPE: the shard format, dataset preparation, and the training loader.
 
-$ python prepare_data.py --dataset=embedded       # CPython's stdlib sources, byte-level, ~1 s, no download
-$ python prepare_data.py --dataset=fineweb_edu    # FineWeb-Edu sample-10BT, GPT-2 tokens, ~100 shards
+$ python prepare_data.py --dataset=embedded     # CPython's stdlib sources, bytes, ~1 s, no download
+$ python prepare_data.py --dataset=fineweb_edu  # FineWeb-Edu sample-10BT, GPT-2 tokens, ~100 shards
 
 Shards are llm.c-compatible: a header of 256 little-endian int32 (magic, version,
 number of tokens), then the tokens as uint16. Shard 0 of a dataset is val, the rest train.

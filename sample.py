@@ -1,11 +1,13 @@
 """
 Sample from a trained model, with the tokenizer it was trained with.
 $ python sample.py --out_dir=out-quickstart
-$ python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --num_samples=3 --max_new_tokens=200
+$ python sample.py --out_dir=out-gpt2-rope --start="The meaning of life is" --num_samples=3 \
+    --max_new_tokens=200
 $ python sample.py --out_dir=out-gpt2-rope --start=FILE:prompt.txt --temperature=0
 The model sees at most its block_size last tokens, the context it was trained on (see GPT.generate);
 --extrapolate=True never crops it: past block_size that is length extrapolation (`learned` cannot).
-$ python sample.py --out_dir=out-quickstart --extrapolate=True --rope_scaling=yarn --rope_scaling_factor=4
+$ python sample.py --out_dir=out-quickstart --extrapolate=True --rope_scaling=yarn \
+    --rope_scaling_factor=4
 --rope_scaling and --rope_scaling_factor, when given, replace the checkpoint's (see rope.RoPE).
 """
 import os

@@ -10,13 +10,16 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py
 
 DDP on 2 nodes of 8 GPUs (master node IP 123.456.123.456):
 - on the master node:
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py config/gpt2_rope.py
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 \
+    --master_port=1234 train.py config/gpt2_rope.py
 - on the worker node:
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py config/gpt2_rope.py
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 \
+    --master_port=1234 train.py config/gpt2_rope.py
 (If the cluster has no Infiniband, prepend NCCL_IB_DISABLE=1.)
 
 DDP works on CPU too (gloo); the quick start's global batch of 16 sequences, split over 2 processes:
-$ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py --batch_size=8 --gradient_accumulation_steps=2
+$ torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py --batch_size=8 \
+    --gradient_accumulation_steps=2
 """
 import gc
 import json

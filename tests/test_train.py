@@ -399,7 +399,8 @@ import runpy, sys, torch, prepare_data
 next_batch = prepare_data.ShardLoader.next_batch
 def masked(self):
     x, y = next_batch(self)
-    k = 1 + self.batch % 7 * 4  # a different number of scored targets per micro-batch (batch counts calls)
+    # a different number of scored targets per micro-batch (batch counts calls)
+    k = 1 + self.batch % 7 * 4
     y[:, k:] = -1
     return x, y
 prepare_data.ShardLoader.next_batch = masked
