@@ -23,7 +23,8 @@ from datetime import datetime
 
 import torch
 
-from model import CONFIG_CHOICES, CONFIG_RANGES, GPT, GPTConfig, device_peak_flops, setup_device
+from model import CONFIG_CHOICES, GPT, GPTConfig
+from common import device_peak_flops, setup_device
 from rope import ENCODINGS
 
 # -----------------------------------------------------------------------------
@@ -55,9 +56,9 @@ globals().update({f.name: f.default for f in dataclasses.fields(GPTConfig)
                   if f.name not in globals() and f.name != 'pos_emb'})
 _choices = {**CONFIG_CHOICES, 'preset': ['', 'gpt2'],
             'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'baseline': list(ENCODINGS)}
-_ranges = {**CONFIG_RANGES, 'batch_size': '[1, inf)', 'warmup': '[0, inf)', 'steps': '[1, inf)',
-           'rounds': '[1, inf)', 'seed': '[0, 4294967295]'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+if min(batch_size, steps, rounds) < 1 or min(warmup, seed) < 0:
+    sys.exit("bench.py: batch_size, steps and rounds must be >= 1, warmup and seed >= 0")
 # -----------------------------------------------------------------------------
 # a preset fills the keys not given: explicit overrides win, even ones equal to a default
 if preset == 'gpt2':

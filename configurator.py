@@ -1,108 +1,60 @@
-"""
-nanoGPT's "poor man's configurator", made strict. A script runs it with
-    exec(open('configurator.py').read())
-after setting its defaults as module-level names. Arguments are config files and --key=value
-overrides:
-    $ python train.py config/quickstart.py --batch_size=32 --pos_emb=carope
-A config file is plain Python whose top-level names override the defaults. A script may declare,
-beside its defaults, `_choices` (key -> valid values) and `_ranges` (key -> interval such as
-'[1, inf)', '(0, 1]'). An unknown key, a value of the wrong type (an int where a float is expected
-is fine), a value outside its choices or range, or a missing config file ends the run with a
-one-line message and exit status 2, before anything is written. Only the first process of a
-torchrun job (RANK 0) prints what was overridden.
-"""
-import builtins as _builtins
+"""nanoGPT's "poor man's configurator", made strict. A script sets its defaults, then runs
+exec(open('configurator.py').read()). Config files (Python that sets some of those names) and
+--key=value apply in order. An unknown key, another type than the default's (an int for a float is
+fine), a value outside the script's _choices[key], a config file missing or failing: one line and
+exit status 2. Ranges and the rules between keys: each script's own list, beside its defaults."""
 import difflib as _difflib
 import glob as _glob
 import os as _os
 import sys as _sys
-import traceback as _traceback
 from ast import literal_eval as _literal_eval
+
+_config_defaults = {k: v for k, v in globals().items()
+                    if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+_config_given = set()  # the keys a config file or flag set, even to their default value
 
 
 def _config_fail(message):
-    if _os.environ.get('RANK', '0') == '0':  # every torchrun process stops; one speaks
+    if _os.environ.get('RANK', '0') == '0':  # every torchrun process stops; the first says why
         print(f"config error: {message}", file=_sys.stderr)
     _sys.exit(2)
 
 
-_config_defaults = {k: v for k, v in globals().items()
-                    if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-_config_verbose = _os.environ.get('RANK', '0') == '0'  # one torchrun process speaks, not eight
-_config_given = set()  # the keys a config file or flag set, even to their default value
-
-
-def _in_range(value, interval):
-    """Is value inside interval, written '[lo, hi)' etc.
-    ('inf' for no bound; [ ] closed, ( ) open)?"""
-    lo, hi = (float(v) for v in interval[1:-1].split(','))
-    return (lo <= value if interval[0] == '[' else lo < value) and \
-        (value <= hi if interval[-1] == ']' else value < hi)
-
-
-def _config_set(key, value, source):
-    if key not in _config_defaults:
-        close = _difflib.get_close_matches(key, _config_defaults, n=3)
-        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else \
-            f"the valid keys are the defaults at the top of {_os.path.basename(_sys.argv[0])}"
-        _config_fail(f"unknown key '{key}' in {source}; {hint}")
-    default = _config_defaults[key]
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not type(default):
-        _config_fail(f"'{key}' in {source} must be {type(default).__name__} "
-                     f"(like the default {default!r}), got {type(value).__name__} {value!r}")
-    choices = globals().get('_choices', {}).get(key)
-    if choices is not None and value not in choices:
-        _config_fail(f"'{key}' in {source} is {value!r}; valid: {', '.join(map(str, choices))}")
-    interval = globals().get('_ranges', {}).get(key)
-    if interval is not None and not _in_range(value, interval):
-        _config_fail(f"'{key}' in {source} is {value!r}; valid: {interval}")
-    globals()[key] = value
-    _config_given.add(key)
-
-
-# a script that declares ranges declares one, holding its default, per numeric key
-if '_ranges' in globals():
-    for _key, _default in _config_defaults.items():
-        if type(_default) in (int, float):
-            assert _key in _ranges, f"{_key} has no declared range in _ranges"
-            assert _in_range(_default, _ranges[_key]), \
-                f"{_key}'s default {_default!r} is outside {_ranges[_key]}"
 for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own list
-    if not _arg.startswith('--'):  # a config file
-        if not _os.path.isfile(_arg):
-            _available = sorted(_glob.glob(_os.path.join('config', '*.py')))
-            _config_fail(f"config file '{_arg}' not found; "
-                         f"available: {', '.join(_available) or 'none'}")
-        _namespace = {"__file__": _os.path.abspath(_arg)}  # so a config can build on another
-        try:
-            # _builtins.compile: train.py's `compile` key shadows the builtin in this namespace
-            exec(_builtins.compile(open(_arg).read(), _arg, 'exec'), _namespace)
-        except Exception as _e:  # a syntax error, a NameError, ...: where, and what
-            _tb = _traceback.extract_tb(_e.__traceback__)
-            _line = getattr(_e, 'lineno', None) or \
-                next((f.lineno for f in _tb[::-1] if f.filename == _arg), '?')
-            _config_fail(f"config file '{_arg}' line {_line}: "
-                         f"{type(_e).__name__}: {getattr(_e, 'msg', _e)}")
-        _set = []
-        for _key, _value in _namespace.items():
-            if (not _key.startswith('_') and not callable(_value)
-                    and not hasattr(_value, '__spec__')):
-                _config_set(_key, _value, _arg)
-                _set.append(f"{_key}={globals()[_key]!r}")
-        if _config_verbose:  # stdout stays the program's output
-            print(f"Overriding config with {_arg}: {', '.join(_set)}", file=_sys.stderr)
-    else:  # --key=value
+    if _arg.startswith('--'):
         if '=' not in _arg:
             _config_fail(f"argument '{_arg}' must look like --key=value")
         _key, _text = _arg[2:].split('=', 1)
+        try:  # a string key takes the text as it is (--out_dir=123 is '123'), others a literal
+            _value = _text if isinstance(_config_defaults.get(_key), str) else _literal_eval(_text)
+        except Exception:  # not a literal (also {[]: 1}, a TypeError): the type check says so
+            _value = _text
+        _pairs = {_key: _value}
+    else:  # a config file
+        if not _os.path.isfile(_arg):
+            _config_fail(f"config file '{_arg}' not found; available: "
+                         f"{', '.join(sorted(_glob.glob(_os.path.join('config', '*.py'))))}")
+        _pairs = {'__file__': _os.path.abspath(_arg)}  # so that a config can build on another
         try:
-            _value = _literal_eval(_text)  # numbers, booleans, quoted strings
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):  # e.g. {[]: 1}
-            _value = _text  # anything else is a plain string
-        if isinstance(_config_defaults.get(_key), str) and not isinstance(_value, str):
-            _value = _text  # --out_dir=123 means the string '123'
-        _config_set(_key, _value, f"--{_key}")
-        if _config_verbose:
-            print(f"Overriding: {_key} = {globals()[_key]!r}", file=_sys.stderr)
+            exec(open(_arg).read(), _pairs)
+        except Exception as _e:  # a syntax error, a NameError, ...: where (the file's frame), what
+            _line = getattr(_e, 'lineno', None) or getattr(_e.__traceback__.tb_next, 'tb_lineno', 0)
+            _config_fail(f"{_arg} line {_line}: {type(_e).__name__}: {getattr(_e, 'msg', _e)}")
+        _pairs = {k: v for k, v in _pairs.items()  # neither imports nor functions are keys
+                  if not k.startswith('_') and not callable(v) and not hasattr(v, '__spec__')}
+    for _key, _value in _pairs.items():
+        if _key not in _config_defaults:
+            _close = ' or '.join(map(repr, _difflib.get_close_matches(_key, _config_defaults, n=3)))
+            _config_fail(f"unknown key '{_key}' in {_arg}; " + (f"did you mean {_close}?" if _close
+                         else "the keys are the defaults at the top of the script"))
+        _default, _valid = _config_defaults[_key], globals().get('_choices', {}).get(_key)
+        _value = float(_value) if isinstance(_default, float) and type(_value) is int else _value
+        if type(_value) is not type(_default):
+            _config_fail(f"'{_key}' in {_arg} must be {type(_default).__name__} (like the "
+                         f"default {_default!r}), got {type(_value).__name__} {_value!r}")
+        if _valid is not None and _value not in _valid:
+            _config_fail(f"'{_key}' in {_arg} is {_value!r}; valid: {', '.join(map(str, _valid))}")
+        globals()[_key] = _value
+        _config_given.add(_key)
+        if _os.environ.get('RANK', '0') == '0':  # one torchrun process speaks; stdout is output
+            print(f"Overriding: {_key} = {_value!r}", file=_sys.stderr)

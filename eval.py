@@ -29,8 +29,8 @@ from torch.nn import functional as F
 
 import hellaswag as hellaswag_py  # hellaswag.py: `hellaswag` is this script's on/off key
 import prepare_data
-from model import (find_checkpoint, held_run, load_checkpoint, rebuild_encoding, setup_device,
-                   unwritable)
+from common import (find_checkpoint, held_run, load_checkpoint, rebuild_encoding, setup_device,
+                    unwritable)
 from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, RoPE
 
 # -----------------------------------------------------------------------------
@@ -71,8 +71,6 @@ hellaswag_limit = 0  # 0 = all 10,042 examples; n = the first n, a quick look (n
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
-_ranges = {'eval_tokens': '[0, inf)', 'batch_size': '[1, inf)', 'eval_sequences': '[1, inf)',
-           'rope_scaling_factor': '[0, inf)', 'hellaswag_limit': '[0, inf)'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
@@ -187,8 +185,8 @@ if not dirs and not sweep:
 seed_list = int_list('seeds', seeds, '1337,1,2')
 if len(set(seed_list)) < len(seed_list):
     fail(f"--seeds={seeds!r} repeats a seed; give each seed once, e.g. --seeds=1337,1,2")
-if any(not 0 <= s < 2 ** 32 for s in seed_list):
-    fail(f"--seeds={seeds!r}: a seed must be in [0, 4294967295], as train.py's")
+if any(s < 0 for s in seed_list):
+    fail(f"--seeds={seeds!r}: a seed must be >= 0, as train.py's")
 if seed_list and not sweep:
     fail("--seeds needs --pos_embs, the encodings to train once per seed (--out_dirs of several "
          "seeds are grouped into rows without it)")
@@ -200,8 +198,7 @@ if clash := [a.split('=')[0] for a in sweep_args.split()
 # plain name
 sweep_runs = [(pe, s, f"{sweep_out}-{pe}" + (f"-s{s}" if len(seed_list) > 1 else ''))
               for s in seed_list or [None] for pe in sweep]
-# baseline: matched exactly against the rows once loaded; a sweep alone is checked here, before it
-# trains
+# baseline: matched exactly against the rows once loaded; a sweep alone is checked before training
 if baseline and sweep and not dirs and \
         not any(re.search(rf'(^|\W){pe}(\W|$)', baseline) for pe in sweep):
     fail(f"--baseline={baseline!r} names none of --pos_embs={pos_embs}; give one of them, "
@@ -216,7 +213,9 @@ scalings = list(dict.fromkeys(m.strip() for m in rope_scaling.split(',') if m.st
 if unknown := [m for m in scalings if m not in ROPE_SCALINGS]:
     fail(f"--rope_scaling: unknown method {', '.join(unknown)}; valid: {', '.join(ROPE_SCALINGS)} "
          f"(a comma list)")
-if 0 < rope_scaling_factor < 1:
+if min(eval_tokens, hellaswag_limit) < 0 or min(batch_size, eval_sequences) < 1:
+    fail("eval_tokens and hellaswag_limit must be >= 0, batch_size and eval_sequences >= 1")
+if rope_scaling_factor < 1 and rope_scaling_factor != 0:
     fail(f"--rope_scaling_factor={rope_scaling_factor} is not valid; valid: >= 1, or 0 for "
          f"max(1, T / L) at each eval length T (L: the length RoPE was trained at)")
 if 'rope_scaling_factor' in _config_given and not scalings:

@@ -6,17 +6,14 @@ The encodings live in rope.py; this file only calls their hooks. References:
 2) nanoGPT, whose structure and names this follows: https://github.com/karpathy/nanoGPT
 """
 import math
-import os
-import tempfile
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import ENCODINGS, ROPE_SCALINGS, build_position_encoding
+from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, build_position_encoding
 
 
 @dataclass
@@ -29,77 +26,78 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # bias in Linears and LayerNorms, like GPT-2; False: a bit better and faster
     pos_emb: str = 'rope'  # one of rope.ENCODINGS
-    # 'gpt2': N(0, 0.02) weights (residual projections / sqrt(2 n_layer)), wte tied to lm_head.
-    # 'pytorch': the modules' own defaults (Linear U(+-1/sqrt(fan_in)), wte N(0, 1)), lm_head
-    # untied, zero biases: at tiny widths (d=64) content lookups such as MQAR's key -> value form
-    # far sooner from it (config/synthetic_mqar.py)
+    # 'gpt2': N(0, 0.02) (residual projections / sqrt(2 n_layer)), wte tied to lm_head; 'pytorch':
+    # the modules' defaults, lm_head untied (MQAR's lookups form far sooner at d=64 with it)
     weight_init: str = 'gpt2'
     rope_base: float = 10000.0  # frequency base of every encoding that derives frequencies from it
-    # ComRoPE block size b (the paper's practical choice); must divide n_embd // n_head
-    comrope_block: int = 8
-    # 'rope': angle matrices start as RoPE's generators (equals rope at step 0); 'random'
-    comrope_init: str = 'rope'
-    # std of P for comrope_init='random' (small: positions are raw token indices)
-    comrope_init_std: float = 0.02
-    # FoX forget gate (arXiv:2503.02130) in every attention layer, with any pos_emb
-    forget_gate: bool = False
-    # carope's x_t: 'block' (each attention's LayerNorm'd input) or 'embedding'
-    carope_source: str = 'block'
-    # selective (rope.SelectiveRoPE): defaults are the released code's language-modelling sweep
-    # (github.com/timurcarstensen/selective-rope, configs/language_modeling/language_modeling.yaml)
-    # 0 = per-head weight-normalised d/H -> P projection (LM sweep); r > 0: d -> r -> H*P
-    selective_rank: int = 0
-    selective_conv: bool = True  # causal depthwise conv over time on u (release's skip_conv=False)
+    comrope_block: int = 8  # ComRoPE's block size b (the paper's); divides n_embd // n_head
+    comrope_init: str = 'rope'  # 'rope': the generators start as RoPE's (rope at step 0); 'random'
+    comrope_init_std: float = 0.02  # std of P for 'random' (small: positions are token indices)
+    forget_gate: bool = False  # FoX forget gate (arXiv:2503.02130) in every layer, any pos_emb
+    carope_source: str = 'block'  # CARoPE's x_t: each attention's input, or the 'embedding'
+    # Selective RoPE: the released code's language-modelling sweep (its configs/language_modeling)
+    selective_rank: int = 0  # 0: per-head weight-normalised d/H -> P; r > 0: d -> r -> H P
+    selective_conv: bool = True  # causal depthwise conv over time on u (release: skip_conv=False)
     selective_conv_width: int = 4  # the release's d_conv
-    # SiLU after the conv (LM sweep conv_act: silu; the class default is none)
-    selective_conv_silu: bool = True
-    selective_bias: bool = False  # u += exp(beta), beta init 0 (LM sweep use_bias: false)
-    # phase gate u *= sigmoid(Linear_{d->H}(h)) (LM sweep use_gate: true, standard)
-    selective_gate: bool = True
-    # test hook: u_t = 1, no projection (conv/gate/bias off too: RoPE at 1..T)
-    selective_reduce: bool = False
-    # cope: the number of learned position embeddings e[0..npos_max-1] (positions clamp)
-    cope_npos_max: int = 64
-    # RoPE's frequency table (rope, crope: the encodings built on rope.RoPE; others raise an error)
+    selective_conv_silu: bool = True  # SiLU after the conv (sweep's conv_act)
+    selective_bias: bool = False  # u += exp(beta), beta init 0 (sweep's use_bias)
+    selective_gate: bool = True  # u *= sigmoid(Linear_{d->H}(x)) per head (sweep's use_gate)
+    cope_npos_max: int = 64  # CoPE's number of position embeddings e[0..npos_max-1]
+    # RoPE's frequency table, for the encodings built on rope.RoPE (rope.ROPE_FAMILY)
     rope_fraction: float = 1.0  # p-RoPE: only the round(p hd/2) highest-frequency pairs rotate
     rope_scaling: str = 'none'  # context extension: 'none', 'linear', 'ntk', 'dynamic' or 'yarn'
-    rope_scaling_factor: float = 1.0  # its factor s (1 = unchanged) over block_size, the training L
-    rope_scaling_length: int = 0  # L of rope_scaling: RoPE's training length (0 = block_size)
+    rope_scaling_factor: float = 1.0  # its factor s over L
+    rope_scaling_length: int = 0  # L: the length RoPE was trained at (0 = block_size)
+
+    def __post_init__(self):
+        """The model's ranges and the rules between its keys, checked once, here, for every script
+        (configurator.py checks types and CONFIG_CHOICES): a ValueError naming the fix."""
+        hd, comrope = self.n_embd // max(self.n_head, 1), self.pos_emb.startswith('comrope')
+        rope_keys = [f"{k}={getattr(self, k)!r}" for k, v in (
+            ('rope_fraction', 1), ('rope_scaling', 'none'), ('rope_scaling_factor', 1),
+            ('rope_scaling_length', 0)) if getattr(self, k) != v]
+        for bad, message in [
+            (min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd,
+                 self.cope_npos_max, self.selective_conv_width) < 1,
+             "block_size, vocab_size, n_layer, n_head, n_embd, cope_npos_max and "
+             "selective_conv_width must be >= 1"),
+            (min(self.selective_rank, self.rope_scaling_length) < 0,
+             "selective_rank and rope_scaling_length must be >= 0"),
+            (not 0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),
+            (not (self.rope_base > 1 and self.comrope_init_std > 0),
+             "rope_base must be > 1 and comrope_init_std > 0"),
+            (self.n_embd % self.n_head, f"n_embd={self.n_embd} must be a multiple of "
+             f"n_head={self.n_head} (the head dim is n_embd / n_head)"),
+            (hd % 2 and self.pos_emb in ('rope', 'crope', 'xpos', 'carope', 'selective'),
+             f"pos_emb={self.pos_emb!r} rotates pairs: it needs an even n_embd/n_head, got {hd}"),
+            (self.n_embd % 2 and self.pos_emb == 'sinusoidal',
+             f"pos_emb='sinusoidal' needs an even n_embd (sin/cos pairs), got {self.n_embd}"),
+            (comrope and (self.comrope_block < 2 or hd % self.comrope_block), f"comrope_block="
+             f"{self.comrope_block} must be >= 2 and divide the head dim n_embd/n_head={hd}"),
+            (comrope and self.comrope_init == 'rope' and self.comrope_block % 2,
+             f"comrope_init='rope' needs an even comrope_block (RoPE's pairs must not straddle "
+             f"blocks), got {self.comrope_block}"),
+            (rope_keys and self.pos_emb not in ROPE_FAMILY, f"{', '.join(rope_keys)}: only the "
+             f"encodings built on RoPE's frequency table take it ({', '.join(ROPE_FAMILY)}), not "
+             f"pos_emb={self.pos_emb!r}; leave it at its default"),
+            (not (0 <= self.rope_fraction <= 1 and self.rope_scaling_factor >= 1),
+             "rope_fraction must be in [0, 1] and rope_scaling_factor >= 1"),
+            (self.rope_scaling == 'none' and self.rope_scaling_factor != 1,
+             f"rope_scaling_factor={self.rope_scaling_factor} has no effect with rope_scaling="
+             f"'none'; choose a rope_scaling, or leave it at 1"),
+        ]:
+            if bad:
+                raise ValueError(message)
 
 
-# the valid values of GPTConfig's fields, as every script's config keys check them
-# (configurator.py's _choices and _ranges: intervals, [ ] closed, ( ) open); the encodings' own
-# constructors check what depends on several fields
-CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch'],
+CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch'],  # configurator
                   'comrope_init': ['rope', 'random'], 'carope_source': ['block', 'embedding'],
                   'rope_scaling': list(ROPE_SCALINGS)}
-CONFIG_RANGES = {'block_size': '[1, inf)', 'vocab_size': '[1, inf)', 'n_layer': '[1, inf)',
-                 'n_head': '[1, inf)', 'n_embd': '[1, inf)', 'dropout': '[0, 1)',
-                 'rope_base': '(1, inf)', 'comrope_block': '[2, inf)',
-                 'comrope_init_std': '(0, inf)', 'selective_rank': '[0, inf)',
-                 'selective_conv_width': '[1, inf)', 'cope_npos_max': '[1, inf)',
-                 'rope_scaling_length': '[0, inf)', 'rope_fraction': '[0, 1]',
-                 'rope_scaling_factor': '[1, inf)'}
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-# device types whose biased attention runs fused in FlexAttention (tests add 'cpu')
-FLEX_DEVICES = ('cuda',)
-# eager flex_attention is an unfused reference that materialises the scores: compiled, it is the
-# fused kernel. A compiled model inlines it; an eager one calls torch.compile(flex_attention), made
-# on first use (tests set it): creating it at import would import dynamo and inductor, ~3 s at
-# every start of every script
+FLEX_DEVICES = ('cuda',)  # where biased attention runs fused in FlexAttention (tests add 'cpu')
+# eager flex_attention is an unfused reference: compiled, it is the fused kernel. Made on first use
+# (importing dynamo and inductor costs ~3 s at every start of every script)
 _flex_attention = None
 
 
@@ -113,17 +111,13 @@ def fused_flex_attention(q, k, v, **kw):
 
 
 def biased_attention(q, k, v, bias, dropout_p):
-    """Causal attention with an additive score term, the one path of every attention bias
-    (rope.py's score_bias hook and the FoX forget gate):
-    softmax_j(q_i.k_j / sqrt(hs) + bias(b, h, i, j)) v_j over keys j <= Tk - T + i.
-    q: (B, nh, T, hs), the last T of the Tk positions of k, v: (B, nh, Tk, hs).
-    bias(b, h, i, j): batch, head, query index (0..T-1) and key index (0..Tk-1), int64 tensors,
-    -> the fp32 score term; written once, it serves both paths. Training and evaluation (T == Tk,
-    no dropout) on a FLEX_DEVICES device run FlexAttention with it as a score_mod, called per score
-    and never materialised; elsewhere (CPU, MPS, dropout, KV-cached decoding, where only the few
-    new queries are scored) it is evaluated on broadcast index grids into a float mask for SDPA.
-    Both add it in fp32: rounded to bf16 (ulp 0.125 at 20), a bias of -20.3 against a score of 20
-    weights that key 0.4375 instead of 0.4256."""
+    """Causal attention with an additive score term, the one path of every attention bias (rope.py's
+    score_bias and the FoX gate): softmax_j(q_i.k_j / sqrt(hs) + bias(b, h, i, j)) v_j, j <= Tk-T+i.
+    q: (B, nh, T, hs), the last T of the Tk positions of k, v: (B, nh, Tk, hs); bias: a function
+    of int64 batch, head, query and key indices -> the fp32 term. Training and evaluation on a
+    FLEX_DEVICES device run it as FlexAttention's score_mod, never materialised; elsewhere (CPU,
+    dropout, KV-cached decoding) it fills a float mask for SDPA. Both add it in fp32 (a bias of
+    -20.3 rounded to bf16 against a score of 20 weights that key 0.4375 instead of 0.4256)."""
     B, nh, T, Tk = q.size(0), q.size(1), q.size(2), k.size(2)
     if q.device.type in FLEX_DEVICES and T == Tk and dropout_p == 0.0:
         block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=q.device)
@@ -151,14 +145,10 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, pe):
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
         self.c_attn = pe.qkv_projection(config)  # d -> 3d (q, k, v)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # FoX forget gate f_t = sigmoid(w_h . x_t + b_h), one per head. GPT's init gives
-        # w ~ N(0, 0.02^2), b = 0, as FoX's official code does for its default data-dependent gate
-        # (ForgettingAttentionLayer.fgate_proj: Linear(d, H, bias=True), normal(0.02) weight, zero
-        # bias, so f = 1/2 at init)
+        # FoX forget gate f_t = sigmoid(w_h . x_t + b_h) per head; GPT's init: w ~ N(0, 0.02^2),
+        # b = 0 (f = 1/2), as the official default gate (ForgettingAttentionLayer.fgate_proj)
         self.fgate = (nn.Linear(config.n_embd, config.n_head, bias=True) if config.forget_gate
                       else None)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -171,57 +161,41 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = pe.rotate(layer, q, k, x, shared, cache)
-        cq = self.log_forget_cumsum(x) if self.fgate is not None else None  # (B, nh, T) fp32
-        # two tensors: FlexAttention's backward takes one index into each captured tensor that needs
-        # a gradient
-        ck = cq.clone() if cq is not None else None
-        mask, causal = None, True
-        if cache is not None:  # KV-cached decoding: keys/values of earlier tokens, already rotated
-            if 'k' in cache:
-                k = torch.cat((cache['k'], k), dim=2)
-                v = torch.cat((cache['v'], v), dim=2)
-                if cq is not None:  # the running sum goes on from the last cached token
-                    cq = cache['fgate_c'][..., -1:] + cq
-                    ck = torch.cat((cache['fgate_c'], cq), dim=2)  # (B, nh, Tk)
-            cache['k'], cache['v'] = k, v
-            if cq is not None:
-                cache['fgate_c'] = ck
-            Tk = k.size(2)
-            if Tk > T:  # new queries sit at the end: query i sees keys up to Tk - T + i
-                causal = False
-                mask = (None if T == 1 else
-                        torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T))
-        dropout_p = self.dropout if self.training else 0.0
-        # score terms (rope.py's score_bias; FoX: sum_{j<l<=i} log f_l = c_i - c_j), fp32, composed
-        # by addition
-        biases = [pe.score_bias(layer, q, k, x, pos, shared, cache)]
-        if cq is not None:
-            biases.append(lambda b, h, i, j: cq[b, h, i] - ck[b, h, j])
-        biases = [f for f in biases if f is not None]
-        if biases:
-            y = biased_attention(q, k, v, lambda b, h, i, j: sum(f(b, h, i, j) for f in biases),
-                                 dropout_p)
-        else:
-            # PoPE's q, k are twice v's width: the fused kernels (flash) take one width, and without
-            # it SDPA falls back to its unfused math path (1.4x the step on CPU); zeros added to v
-            # add zeros to y
-            hv = v.size(-1)
-            v = F.pad(v, (0, q.size(-1) - hv)) if q.size(-1) != hv else v
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=dropout_p)[..., :hv]
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # reassemble all head outputs side by side
-        return self.resid_dropout(self.c_proj(y))
-
-    def log_forget_cumsum(self, x):
-        """c_t = sum_{l<=t} log f_l (so c_i - c_j = sum_{j<l<=i} log f_l),
-        x: (B, T, C) -> (B, nh, T). The gate's logits, log sigmoid and the cumsum run in fp32
-        (fp64 in a float64 model), outside autocast: c is a long running sum whose differences are
-        the attention bias."""
+        # the one precision policy (rope.py): the encoding's hooks and every score bias in fp32
+        # (fp64 in a float64 model), outside autocast
         dt = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = F.linear(x.to(dt), self.fgate.weight.to(dt), self.fgate.bias.to(dt))  # (B, T, nh)
-            return F.logsigmoid(z).transpose(1, 2).cumsum(dim=-1)
+            x = x.to(dt)
+            q, k = pe.rotate(layer, q, k, x, shared, cache)
+            # FoX: c_t = sum_{l<=t} log f_l, so that c_i - c_j = sum_{j<l<=i} log f_l, (B, nh, T)
+            c = (F.logsigmoid(F.linear(x, self.fgate.weight.to(dt), self.fgate.bias.to(dt)))
+                 .transpose(1, 2).cumsum(-1) if self.fgate is not None else None)
+            if cache is not None:  # KV-cached decoding: earlier tokens' keys, already rotated
+                if 'k' in cache:
+                    k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
+                    c = None if c is None else torch.cat(  # the running sum goes on
+                        (cache['fgate_c'], cache['fgate_c'][..., -1:] + c), dim=2)
+                cache.update(k=k, v=v, fgate_c=c)
+            bias = pe.score_bias(layer, q, k, x, pos, shared, cache)
+            if c is not None:  # two copies: FlexAttention's backward takes one index into each
+                cq, ck, pe_bias = c[..., -T:].clone(), c, bias
+                bias = lambda b, h, i, j: cq[b, h, i] - ck[b, h, j] + (
+                    0 if pe_bias is None else pe_bias(b, h, i, j))
+        dropout_p = self.dropout if self.training else 0.0
+        if bias is not None:
+            y = biased_attention(q, k, v, bias, dropout_p)
+        else:
+            # PoPE's q, k are twice v's width: SDPA's fused kernels take one width (its math path
+            # is 1.4x the step on CPU); zeros added to v add zeros to y
+            Tk, hv = k.size(2), v.size(-1)
+            v = F.pad(v, (0, q.size(-1) - hv)) if q.size(-1) != hv else v
+            # KV-cached decoding: the T new queries see every cached key and the new ones before
+            mask = None if T in (1, Tk) else torch.ones(T, Tk, dtype=torch.bool,
+                                                        device=q.device).tril(Tk - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == Tk,
+                                               dropout_p=dropout_p)[..., :hv]
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -241,9 +215,9 @@ class Block(nn.Module):
 
     def __init__(self, config, pe):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, pe)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, layer, pe, pos, shared, cache):
@@ -255,7 +229,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         # the encoding is built first (its own init), passed to every layer, never registered twice
         self.pe = build_position_encoding(config)
@@ -263,7 +236,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, self.pe) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # the encoding keeps the init its paper asks for: it is not in self.transformer
@@ -273,13 +246,10 @@ class GPT(nn.Module):
             for pn, p in self.transformer.named_parameters():
                 if pn.endswith('c_proj.weight'):  # scaled init of residual projections, per GPT-2
                     torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        elif config.weight_init == 'pytorch':
-            # the modules already hold their defaults; biases start at zero
+        else:  # 'pytorch': the modules hold their defaults already; biases start at zero
             for module in self.transformer.modules():
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
-        else:
-            raise ValueError(f"weight_init={config.weight_init!r}: use 'gpt2' or 'pytorch'")
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -290,11 +260,11 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves out a `learned` table
-        (a tied wte counts: it is lm_head)."""
+        """Parameter count; non_embedding leaves out the encoding's position tables (`learned`'s
+        wpe, as nanoGPT); a tied wte counts: it is lm_head."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and hasattr(self.pe, 'wpe'):
-            n -= self.pe.wpe.weight.numel()
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in self.pe.modules() if isinstance(m, nn.Embedding))
         return n
 
     def param_summary(self):
@@ -307,18 +277,15 @@ class GPT(nn.Module):
                 f" | attention q/k/v projections: {qkv:,}")
 
     def forward(self, idx, targets=None, pos_offset=0, cache=None):
-        """idx: (B, T) token ids. targets: (B, T) or None (-1 = ignored).
-        pos_offset shifts every position.
-        cache: a list with one dict per layer for KV-cached decoding (see generate), or None.
-        Returns (logits, loss): logits (B, T, vocab) when targets are given, else (B, 1, vocab) of
-        the last position only; loss is the mean cross entropy or None."""
+        """idx, targets: (B, T) (-1: not scored); cache: a dict per layer (generate) or None.
+        Returns logits (B, T, vocab) and the mean loss; without targets (B, 1, vocab), None."""
         B, T = idx.size()
         start = pos_offset + (cache[0]['k'].size(2) if cache and 'k' in cache[0] else 0)
         self.check_length(start + T)
-        # (T,) int64, never bf16
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) int64
         x = self.transformer.drop(self.pe.embed(self.transformer.wte(idx), pos))  # (B, T, C)
-        shared = self.pe.prepare(x, pos)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # rope.py's fp32 policy
+            shared = self.pe.prepare(x.to(torch.promote_types(x.dtype, torch.float32)), pos)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, layer, self.pe, pos, shared, cache[layer] if cache is not None else None)
         x = self.transformer.ln_f(x)
@@ -334,13 +301,11 @@ class GPT(nn.Module):
         return logits, loss
 
     def check_length(self, end):
-        """Raise a clear error if position end-1 is beyond what the encoding can represent."""
-        if self.pe.max_len is not None and end > self.pe.max_len:
+        if self.pe.max_len is not None and end > self.pe.max_len:  # position end-1 is asked for
             raise ValueError(f"pos_emb={self.config.pos_emb!r} has only {self.pe.max_len} "
                              f"positions {self.pe.max_len_why} but position {end - 1} was asked "
                              f"for: keep prompt + new tokens (+ pos_offset) <= {self.pe.max_len}, "
-                             f"or train an encoding without this limit "
-                             f"(rope, none, sinusoidal, ...)")
+                             f"or train an encoding without this limit (rope, none, ...)")
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay on every >=2-D tensor (matmuls, embeddings), none on biases and
@@ -355,21 +320,17 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def flops_per_token(self, seq_len):
-        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12*L*H*Q*T
-        for attention. N counts the matmuls actually run: CRoPE's q/k/v weights are half the
-        parameters but a full matmul, and CoPE's gates (q.k again) and q.e[n] add
-        6*L*H*Q*(T + cope_npos_max), PoPE's q'.k' (2Q wide) 6*L*H*Q*T."""
+        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls + 12 L H Q T for
+        attention + what the encoding adds (pe.extra_flops). N counts the matmuls actually run:
+        CRoPE's q/k/v weights are half the parameters, a full matmul; an untied wte is a lookup."""
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         qkv_params = sum(p.numel() for b in self.transformer.h for p in b.attn.c_attn.parameters())
         qkv_matmul = L * (3 * cfg.n_embd * cfg.n_embd + (3 * cfg.n_embd if cfg.bias else 0))
         lookup = (0 if self.transformer.wte.weight is self.lm_head.weight
                   else self.transformer.wte.weight.numel())
-        # cope: N holds e once per layer
-        extra = {'cope': 6 * L * Q * (H * seq_len + (H - 1) * cfg.cope_npos_max),
-                 'pope': 6 * L * H * Q * seq_len}.get(cfg.pos_emb, 0)
         return (6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul)
-                + 12 * L * H * Q * seq_len + extra)
+                + 12 * L * H * Q * seq_len + self.pe.extra_flops(cfg, seq_len))
 
     def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
         """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at
@@ -382,22 +343,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
                  pos_offset=0, vocab_limit=None, extrapolate=False):
-        """Continue idx (B, T) by max_new_tokens tokens sampled from softmax(logits / temperature),
-        kept to the top_k most likely (None = all); temperature=0 is greedy
-        (the argmax, as top_k=1).
-        vocab_limit: the tokenizer's vocabulary size; ids >= it (vocab_size's padding) never appear.
-        The model never sees more than the block_size tokens it was trained on: as in nanoGPT, the
-        prompt is cropped to its last block_size tokens, and then
-        - use_cache=False recomputes the last block_size tokens (at positions 0..) every step;
-        - use_cache=True keeps each layer's keys/values (and the encoding's state) and feeds one
-          token a step. Once block_size keys are cached, a pe.relative encoding drops every layer's
-          oldest key, value and forget-gate sum, and goes on at the true positions: each query sees
-          the last block_size keys, which equals a forward with a banded causal mask of width
-          block_size (a cached key keeps the older context it was computed with, so past block_size
-          this is not use_cache=False). An absolute encoding (learned, sinusoidal) recomputes the
-          window as use_cache=False does once it is full.
-        extrapolate=True never crops: past block_size that is length extrapolation, which `learned`
-        refuses with an error before generating. pos_offset shifts every position."""
+        """Continue idx (B, T) by max_new_tokens tokens sampled from softmax(logits / temperature)
+        over the top_k most likely (None: all); temperature=0 is greedy. vocab_limit: the
+        tokenizer's size (vocab_size's padding ids never appear). As in nanoGPT the model sees at
+        most the last block_size tokens: use_cache=False recomputes them every step; use_cache=True
+        keeps each layer's keys, values and encoding state and feeds one token a step, and once
+        block_size keys are cached a pe.relative encoding drops the oldest (a banded causal mask),
+        an absolute one recomputes the window. extrapolate=True never crops (length
+        extrapolation). pos_offset shifts every position."""
         V, W = self.config.vocab_size, self.config.block_size
         vocab_limit = V if vocab_limit is None else vocab_limit
         if not 1 <= vocab_limit <= V:
@@ -432,152 +385,10 @@ class GPT(nn.Module):
             if cache is not None and not extrapolate and cache[0]['k'].size(2) == W:  # full window
                 if self.pe.relative:  # drop the oldest key of every layer (time is dim 2)
                     for c in cache:
-                        c.update({n: c[n][:, :, 1:] for n in ('k', 'v', 'fgate_c') if n in c})
+                        c.update({n: t[:, :, 1:] for n, t in c.items() if n in ('k', 'v', 'fgate_c')
+                                  and t is not None})
                     dropped += 1
                 else:  # absolute positions: recompute the window at 0..block_size-1 from now on
                     cache = None
             feed = idx_next if cache is not None else idx if extrapolate else idx[:, -W:]
         return idx
-
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the
-# device name.
-GPU_PEAK_FLOPS = [
-    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('GH200', 989e12),
-    ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12),
-    ('L4', 121e12), ('A10G', 125e12), ('A10', 125e12), ('A6000', 155e12), ('4090', 165e12),
-    ('3090', 71e12), ('V100', 125e12), ('T4', 65e12),
-]
-
-
-def device_peak_flops(device, dtype):
-    """Peak FLOP/s of the CUDA device for this dtype (fp32 runs on TF32 tensor cores: half the
-    bf16 peak), or None for an unknown GPU, MPS or CPU: MFU is then not reported rather than made
-    up."""
-    if not str(device).startswith('cuda'):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in name:
-            return flops if dtype in ('bfloat16', 'float16') else flops / 2
-    return None
-
-
-RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')  # what train.py writes into its out_dir
-
-
-def held_run(out_dir):
-    """The names of a training run's files that out_dir holds (empty: no run there)."""
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-
-
-def find_checkpoint(out_dir, which='best'):
-    """(path, description) of a run's checkpoint: which='best' is best.pt, the weights of the best
-    val loss (ckpt.pt where the run never wrote one), 'latest' is ckpt.pt, the state training
-    stopped at. The description says which file it is, for the user. Raises ValueError naming the
-    fix when out_dir holds neither."""
-    best, latest = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
-    if which == 'best' and os.path.isfile(best):
-        return best, f"{best} (the best val loss; --checkpoint=latest for the last state)"
-    if os.path.isfile(latest):
-        why = "the last state; no best.pt in this run" if which == 'best' else "the last state"
-        return latest, f"{latest} ({why})"
-    raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt); train one first "
-                     f"(python train.py config/quickstart.py) or fix the directory given")
-
-
-def unwritable(path, is_dir):
-    """None if the file or directory `path` can be written, else why not, in words: checked before
-    any work, so a bad --out_dir or --report fails at once and not after training. Probes the
-    nearest existing folder with a temporary file (os.access says yes to root even on read-only
-    file systems); nothing is left behind."""
-    if not path:
-        return "it is empty"
-    path = os.path.abspath(path)
-    if os.path.exists(path) and os.path.isdir(path) != is_dir:
-        return f"it is {'a file' if is_dir else 'a directory'}"
-    folder = path if is_dir else os.path.dirname(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        return f"{folder} is a file"
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        return f"{folder} cannot be written ({e.strerror})"
-    return None
-
-
-def rebuild_encoding(model, **keys):
-    """Give `model` the position encoding its config builds with these GPTConfig keys changed
-    (rope_scaling, rope_scaling_factor: keys of the encoding alone, never of a weight's shape),
-    keeping the encoding's weights, device and mode; model.config says what it now runs. A value
-    the encoding cannot take raises its ValueError and leaves the model as it was."""
-    config = replace(model.config, **keys)
-    pe = build_position_encoding(config)
-    pe.load_state_dict(model.pe.state_dict())
-    model.pe, model.config = pe.to(model.lm_head.weight.device).train(model.training), config
-    return model
-
-
-def load_checkpoint(path, build=True, overrides=None):
-    """(checkpoint dict, its uncompiled GPT with the weights loaded, or None unless build) from a
-    ckpt.pt or best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or
-    foreign file raises ValueError naming it. overrides: GPTConfig keys of the encoding
-    (rope_scaling, ...) that the model takes in place of the checkpoint's (rebuild_encoding); a
-    value its encoding cannot take raises the encoding's ValueError."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        model = GPT(GPTConfig(**checkpoint['model_args'])) if build else None
-        if build:
-            model.load_state_dict(checkpoint['model'])
-        checkpoint['config']['dataset'], checkpoint['meta']  # every train.py checkpoint has them
-    except Exception as e:
-        # else the error's first line only: not torch's advice to unpickle anything
-        why = 'not a torch checkpoint' if 'eights only load failed' in str(e) else \
-            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        other = (' (--checkpoint=latest reads ckpt.pt)' if os.path.basename(path) == 'best.pt'
-                 else '')
-        raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
-                         f"checkpoint{other}") from e
-    if build and overrides:
-        rebuild_encoding(model, **overrides)
-    return checkpoint, model
-
-
-def setup_device(device, dtype):
-    """Resolve device='auto' (cuda if available, then mps, then cpu) and dtype='auto' (bfloat16
-    autocast on CUDA where supported, else float16, which needs a GradScaler to train; float32 on
-    CPU and MPS), turn on TF32 matmuls, and return (device, device_type, dtype, autocast context).
-    train, sample, eval and bench share it. A device or dtype this torch build or machine cannot
-    use raises ValueError with a one-line fix."""
-    if device == 'auto':
-        device = ('cuda' if torch.cuda.is_available() else
-                  'mps' if torch.backends.mps.is_available() else 'cpu')
-    try:
-        device_type = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device; "
-                         f"use --device=auto, cpu, cuda, cuda:1 or mps") from None
-    index = torch.device(device).index or 0
-    if device_type not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f"device={device!r}: nanoRoPE runs on --device=cpu, cuda or mps")
-    if device_type == 'cuda' and index >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r} cannot be used: this torch {torch.__version__} sees "
-                         f"{torch.cuda.device_count()} CUDA devices"
-                         + ('' if torch.backends.cuda.is_built() else " (a CPU-only build)")
-                         + "; use --device=cpu")
-    if device_type == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"device='mps' is not available in this torch {torch.__version__} "
-                         f"on this machine; use --device=cpu")
-    if dtype == 'auto':
-        dtype = (('bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
-                 if device_type == 'cuda' else 'float32')
-    elif dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"dtype='bfloat16' is not supported by "
-                         f"{torch.cuda.get_device_name(device)}; use --dtype=float16 (or auto)")
-    torch.set_float32_matmul_precision('high')  # TF32 on Ampere and newer
-    torch.backends.cudnn.allow_tf32 = True
-    ctx = (nullcontext() if dtype == 'float32' else
-           torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
-    return device, device_type, dtype, ctx

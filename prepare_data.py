@@ -137,8 +137,8 @@ def load_meta(data_dir):
 
 def get_tokenizer(name):
     if name == 'synthetic':
-        raise DataError("a synthetic task (mqar, copy, parity) has no text tokenizer; evaluate it "
-                        "with eval.py (answer accuracy), not sample.py")
+        raise DataError("a synthetic task (mqar, copy, parity) has no text tokenizer: no sampling "
+                        "or HellaSwag; evaluate it with eval.py (answer accuracy)")
     if name == 'bytes':
         encode = lambda s: list(s.encode('utf-8'))
         # ids >= 256 are EOT (or garbage a model sampled); bytes cut mid-character still decode
@@ -639,6 +639,33 @@ def synthetic_eval_set(task, n_sequences, block_size, seed):
     x, y = _generator(task)(np.random.default_rng((seed, 1, block_size)), n_sequences, block_size)
     return torch.from_numpy(x), torch.from_numpy(y)
 
+
+def training_data(dataset, data_root, batch_size, block_size, rank, world_size, seed, eval_iters,
+                  eval_batch, eval_block_size):
+    """train.py's data: (meta, this process's training loader, the fixed eval set {split: (X, Y)},
+    eval_iters x eval_batch sequences of eval_block_size: int64 tensors (n, eval_block_size)). Real
+    data: the first tokens of each split, non-overlapping windows (every token a target once). A
+    synthetic task: 'train' its first batches, 'val' synthetic_eval_set. Raises DataError."""
+    if dataset in SYNTHETIC_TASKS:
+        loader = SyntheticLoader(dataset, batch_size, block_size, rank, world_size, seed)
+        first = SyntheticLoader(dataset, eval_batch, eval_block_size, 0, 1, seed)
+        train = [torch.cat(t) for t in zip(*[first.next_batch() for _ in range(eval_iters)])]
+        val = synthetic_eval_set(dataset, eval_iters * eval_batch, eval_block_size, seed)
+        return SYNTHETIC_TASKS[dataset], loader, {'train': train, 'val': val}
+    data_dir = ensure_dataset(data_root, dataset)
+    loader = ShardLoader(data_dir, 'train', batch_size, block_size, rank, world_size, seed)
+    eval_set, T, n_tokens = {}, eval_block_size, eval_iters * eval_batch * block_size
+    for split in ('train', 'val'):
+        tokens = torch.from_numpy(eval_tokens(data_dir, split, n_tokens))
+        n = (len(tokens) - 1) // T
+        if n == 0:  # a loss over no tokens would be nan
+            raise DataError(f"the {split} eval set ({len(tokens) - 1} tokens: eval_iters x "
+                            f"batch_size x block_size, or all the split has) holds no window of "
+                            f"eval_block_size={T}; raise eval_iters, lower eval_block_size, or "
+                            f"prepare more data")
+        eval_set[split] = tokens[:n * T].view(n, T), tokens[1:n * T + 1].view(n, T)
+    return load_meta(data_dir), loader, eval_set
+
 # -----------------------------------------------------------------------------
 # command line: python prepare_data.py --key=value ...
 
@@ -656,9 +683,11 @@ def main(argv):
         streaming=False,
     )
     config['_argv'] = argv  # the same strict --key=value parsing as train.py
-    # a shard's token count is an int32 in its header
-    config['_ranges'] = {'shard_size': '[1, 2147483647]', 'num_proc': '[1, inf)'}
     exec(open(os.path.join(HERE, 'configurator.py')).read(), config)
+    if not 1 <= config['shard_size'] < 2 ** 31:  # a shard's header holds its count as an int32
+        raise DataError(f"--shard_size={config['shard_size']} must be in [1, 2**31)")
+    if config['num_proc'] < 1:
+        raise DataError(f"--num_proc={config['num_proc']} must be >= 1")
 
     out_dir = os.path.join(config['out_root'], config['dataset'])
     typo = difflib.get_close_matches(config['dataset'], ['embedded', *SYNTHETIC_TASKS], n=1,

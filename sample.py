@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from model import find_checkpoint, load_checkpoint, setup_device
+from common import find_checkpoint, load_checkpoint, setup_device
 from prepare_data import DataError, get_tokenizer
 from rope import ROPE_SCALINGS
 
@@ -41,10 +41,14 @@ rope_scaling = 'none'  # 'none', 'linear', 'ntk', 'dynamic' or 'yarn' (see rope.
 rope_scaling_factor = 1.0  # its factor s over the length the checkpoint's RoPE was trained at
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest'],
             'rope_scaling': list(ROPE_SCALINGS)}
-_ranges = {'num_samples': '[1, inf)', 'max_new_tokens': '[0, inf)', 'temperature': '[0, inf)',
-           'top_k': '[0, inf)', 'seed': '[0, 18446744073709551616)',  # seed: torch takes a uint64
-           'rope_scaling_factor': '[1, inf)'}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+for _bad, _message in [  # the ranges GPT.generate and GPTConfig do not check
+    (num_samples < 1, f"num_samples={num_samples} must be >= 1"),
+    (top_k < 0, f"top_k={top_k} must be >= 0 (0 = all tokens)"),
+    (not 0 <= seed < 2 ** 64, f"seed={seed} must be in [0, 2**64) (torch takes a uint64)"),
+]:
+    if _bad:
+        _config_fail(_message)
 # -----------------------------------------------------------------------------
 
 

@@ -4,6 +4,9 @@
 # 16 x 1024 tokens x 4 micro-steps x 8 GPUs = 524,288 tokens per step (~0.5M); 19,073 steps = 10B
 # tokens. On fewer GPUs gradient accumulation keeps the same global batch (it is divided by the
 # process count).
+# Any other encoding is this run with --pos_emb=NAME --out_dir=out-gpt2-NAME (docs/training.md):
+# $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py --pos_emb=alibi \
+#     --out_dir=out-gpt2-alibi
 out_dir = 'out-gpt2-rope'
 dataset = 'fineweb_edu'
 pos_emb = 'rope'

@@ -1,6 +1,8 @@
 # A small GPT on the embedded dataset (the Python standard library's sources, byte-level tokens, no
 # download), in a few minutes on a laptop CPU:
 # $ python train.py config/quickstart.py && python sample.py --out_dir=out-quickstart
+# Any other encoding: --pos_emb=NAME with its own out_dir, e.g.
+# $ python train.py config/quickstart.py --pos_emb=carope --out_dir=out-carope-cpu
 out_dir = 'out-quickstart'
 dataset = 'embedded'
 device = 'cpu'

@@ -1,13 +1,10 @@
-"""bench.py as a user runs it: the nanoGPT comparison (--peer), rows streamed as they finish,
-one-line errors. Times are never asserted (they are noise here); what is checked is the table's
-structure and its bookkeeping."""
-import os
-import subprocess
-import sys
+"""bench.py as a user runs it (in this process, conftest.run): the nanoGPT comparison (--peer),
+rows streamed as they finish, one-line errors. Times are never asserted (they are noise here); what
+is checked is the table's structure and its bookkeeping."""
+from conftest import run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
-         '--warmup=0', '--steps=1']
+SMALL = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16',
+         '--batch_size=2', '--warmup=0', '--steps=1']
 
 # a stand-in for nanoGPT's model.py with its interface (GPTConfig fields, GPT(config),
 # forward(idx, targets), get_num_params, configure_optimizers, transformer.wpe):
@@ -51,9 +48,7 @@ class GPT(nn.Module):
 
 
 def bench(*args):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, 'bench.py', *SMALL, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run('bench.py', *SMALL, *args)
 
 
 def test_peer_row_and_ratios_against_nanogpt(tmp_path):

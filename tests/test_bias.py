@@ -228,8 +228,8 @@ def test_parameter_counts():
 @pytest.mark.parametrize('pos_emb', BIASES)
 def test_flex_score_mod_equals_masked_path(pos_emb, monkeypatch):
     """The one bias function as FlexAttention's score_mod (CUDA's path; here eager flex_attention,
-    and for t5 and fire a dynamo fullgraph trace with aot_eager; forward only: flex's CPU backward
-    is not built) against the masked SDPA path, composed with the forget gate."""
+    forward only: flex's CPU backward is not built) against the masked SDPA path, composed with the
+    forget gate. Traced by dynamo + AOTAutograd: test_flex_backward_takes_every_score_mod."""
     m = make(pos_emb, dtype=torch.float32, forget_gate=True)
     idx = torch.randint(64, (2, 24))
     with torch.no_grad():
@@ -237,28 +237,29 @@ def test_flex_score_mod_equals_masked_path(pos_emb, monkeypatch):
         monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
         monkeypatch.setattr(model_py, '_flex_attention', flex_attention)
         torch.testing.assert_close(m(idx, idx)[0], masked, rtol=0, atol=1e-5)
-        # traced: t5 and fire, which index tables and unroll an MLP (the rest: ~5 s each)
-        if pos_emb not in ('t5', 'fire'):
-            return
-        torch._dynamo.reset()
-        traced = torch.compile(m, fullgraph=True, backend='aot_eager')(idx, idx)[0]
-        torch.testing.assert_close(traced, masked, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('pos_emb,gate',
-                         [(n, False) for n in BIASES] + [('rope', True), ('fire', True)])
-def test_flex_backward_takes_every_score_mod(pos_emb, gate, monkeypatch):
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
+@pytest.mark.parametrize('pos_emb', BIASES + ['rope'])
+def test_flex_backward_takes_every_score_mod(pos_emb, monkeypatch):
     """CUDA's compiled FlexAttention backward refuses a score_mod that indexes a captured tensor
     needing a gradient more than once (NotImplementedError at the first backward; FIRE's unrolled
     MLP and the gate's c_i - c_j did). Its check runs on the joint graphs that dynamo + AOTAutograd
     trace, which CPU can trace too: every flex call of the model's backward, traced here, passes it.
-    Private torch APIs: skipped where they moved."""
+    Each bias is traced composed with the forget gate (rope: the gate alone): the composed
+    score_mod indexes the bias's tensors as the bias alone does, so a second index fails there
+    too. The traced forward (fullgraph, run eagerly) equals the masked path. One layer: the layers'
+    score_mods are one code. Private torch APIs: skipped where they moved."""
     try:
         import torch.nn.attention.flex_attention as flex_module
         from torch._dynamo.backends.common import aot_autograd
         from torch._inductor.kernel.flex.flex_attention import validate_joint_graph
     except ImportError as e:
         pytest.skip(f"torch's flex internals moved: {e}")
+    m = make(pos_emb, dtype=torch.float32, forget_gate=True, n_layer=1).train()
+    idx = torch.randint(64, (2, 24))
+    with torch.no_grad():
+        masked = m(idx, idx)[0]
     monkeypatch.setattr(model_py, 'FLEX_DEVICES', ('cpu',))
     monkeypatch.setattr(model_py, '_flex_attention', flex_attention)
     # it refuses CPU gradients up front
@@ -270,40 +271,74 @@ def test_flex_backward_takes_every_score_mod(pos_emb, gate, monkeypatch):
             if node.target is torch.ops.higher_order.flex_attention_backward:
                 graphs.append(getattr(gm, node.args[8].target).graph)  # the score_mod's joint graph
         return gm
-    m = make(pos_emb, dtype=torch.float32, forget_gate=gate).train()
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True, backend=aot_autograd(fw_compiler=lambda gm, _: gm,
                                                                      bw_compiler=backward_compiler))
-    idx = torch.randint(64, (2, 24))
+    logits, loss = compiled(idx, idx)
+    torch.testing.assert_close(logits.detach(), masked, rtol=0, atol=1e-5)
     try:
-        compiled(idx, idx)[1].backward()  # traces the backward; CPU then has no kernel to run it
+        loss.backward()  # traces the backward; CPU then has no kernel to run it
     except RuntimeError:
         pass
-    assert len(graphs) == 2  # one flex call per layer
+    assert len(graphs) == 1  # one flex call per layer
     for graph in graphs:
         validate_joint_graph(graph)
 
 
 @pytest.mark.parametrize('pos_emb', BIASES)
 def test_biases_are_fp32_in_a_bf16_model_under_autocast(pos_emb):
-    """A model cast to bf16 and run under bf16 autocast: the bias is fp32 and
-    equals the fp64 model's to fp32 rounding at distances up to 3000 (ALiBi:
-    -m_h * 3000 in bf16 is off by up to 8)."""
+    """A model cast to bf16 (its encoding's parameters stay fp32) and run under bf16 autocast:
+    every layer's score_bias runs outside autocast on fp32 x with bf16 q and k, and its bias is
+    fp32 and equals the fp64 model's to fp32 rounding (cope: its bias reads the bf16 q, k, so
+    only its dtype). Then the KV-cached decoding call at distance 3000 (one query at position 3000
+    over 3001 keys), made as the model makes it: the same, where a bf16 bias would be off by up
+    to 8 (ALiBi's -m_h * 3000)."""
     m64 = make(pos_emb, block_size=4096)
     m16 = make(pos_emb, block_size=4096).to(torch.bfloat16)
-    T = 3001 if pos_emb != 'cope' else 301  # cope's gates are T x T
-    q = torch.randn(1, 3, T, 8, dtype=F64)
-    pos = torch.arange(T)
-    # the index grid: b, h, i, j
-    grid = [torch.arange(1).view(1, 1, 1, 1), torch.arange(3).view(1, 3, 1, 1),
-            torch.tensor([T - 1, T // 2]).view(1, 1, 2, 1), torch.tensor([0, 7]).view(1, 1, 1, 2)]
-    with torch.no_grad():  # FIRE: a (3, T, T) table per model
-        ref = m64.pe.score_bias(0, q, q, None, pos, m64.pe.prepare(None, pos), None)(*grid)
+    seen, score_bias = [], m16.pe.score_bias
+
+    def record(layer, q, k, x, pos, shared, cache):
+        bias = score_bias(layer, q, k, x, pos, shared, cache)
+        T = q.size(2)
+        grid = [torch.arange(n).view([-1 if d == a else 1 for d in range(4)])
+                for a, n in enumerate((q.size(0), q.size(1), T, T))]
+        seen.append((q.dtype, k.dtype, x.dtype, torch.is_autocast_enabled('cpu'), bias(*grid)))
+        return bias
+    m16.pe.score_bias = record
+    idx = torch.randint(64, (2, 16))
     with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
-        got = m16.pe.score_bias(0, q.bfloat16(), q.bfloat16(), None, pos, m16.pe.prepare(None, pos),
-                                None)(*grid)
+        m16(idx, idx)
+    assert len(seen) == 2
+    pos = torch.arange(16)
+    for layer, (q_dtype, k_dtype, x_dtype, autocast_on, got) in enumerate(seen):
+        assert (q_dtype, k_dtype, x_dtype, autocast_on) == (torch.bfloat16,) * 2 + (
+            torch.float32, False)
+        assert got.dtype == torch.float32
+        if pos_emb != 'cope':  # the fp64 model's bias, from its own hooks
+            q = torch.zeros(2, 3, 16, 8, dtype=F64)
+            x = torch.zeros(2, 16, 24, dtype=F64)
+            with torch.no_grad():
+                ref = m64.pe.score_bias(layer, q, q, x, pos, m64.pe.prepare(x, pos), None)
+                grid = [torch.arange(n).view([-1 if d == a else 1 for d in range(4)])
+                        for a, n in enumerate((2, 3, 16, 16))]
+                ref = ref(*grid).expand(got.shape).tril()
+            torch.testing.assert_close(got.double().tril(), ref, rtol=2 ** -20, atol=1e-5)
+    # decoding at distance 3000: q (1 query) after 3000 cached keys, x fp32, q and k bf16
+    T = 3001
+    torch.manual_seed(1)
+    k64 = torch.randn(1, 3, T, 8, dtype=F64)
+    q64, pos, cache = k64[:, :, -1:], torch.tensor([T - 1]), {}
+    grid = [torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(3).view(1, 3, 1, 1),
+            torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.tensor([0, 7, T - 1]).view(1, 1, 1, 3)]
+    with torch.no_grad():
+        ref = m64.pe.score_bias(0, q64, k64, torch.zeros(1, 1, 24, dtype=F64), pos, None,
+                                cache)(*grid)
+        got = score_bias(0, q64.bfloat16(), k64.bfloat16(), torch.zeros(1, 1, 24), pos, None,
+                         cache)(*grid)
     assert got.dtype == torch.float32
-    if pos_emb != 'cope':  # cope's bias reads q, k themselves, which are bf16 here
+    if pos_emb == 'alibi':  # -m_h * 2993 = -748.25 for m_h = 1/4: bf16 has it as -748 (ulp 4)
+        assert ref.abs().max() > 500
+    if pos_emb != 'cope':
         torch.testing.assert_close(got.double(), ref, rtol=2 ** -20, atol=1e-5)
 
 

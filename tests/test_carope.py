@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig  # noqa: E402
+from model import CONFIG_CHOICES, GPT, GPTConfig  # noqa: E402
 from rope import RotateByAngle  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
@@ -48,11 +48,18 @@ def reference_phase(x, W, beta, P=P_):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def f_of(pe, layer, x):
+    """f(x_t) (B, H, T) through phase(): each token alone is a sequence of one, whose phase of pair
+    p = 1 is f^1 = f itself."""
+    B, T, C = x.shape
+    return pe.phase(layer, x.reshape(B * T, 1, C))[:, :, 0, 1].view(B, T, -1).transpose(1, 2)
+
+
 def test_f_strictly_inside_unit_interval_even_for_huge_inputs():
     model = carope_model(dtype=torch.float32)
     x = torch.randn(2, 50, 32)
     for scale in (1.0, 1e4, -1e4, 1e30):
-        f = model.pe.log_f(0, x * scale).exp()
+        f = f_of(model.pe, 0, x * scale)
         assert torch.isfinite(f).all()
         assert (f > 0).all() and (f < 1).all(), (scale, f.min().item(), f.max().item())
     phi = model.pe.phase(0, x * 1e4)
@@ -67,9 +74,9 @@ def test_phase_and_rotation_match_loops_over_the_equation():
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     proj = pe.proj[1]
     ref = reference_phase(x, proj.weight.detach(), proj.bias.detach())  # (B, H, T, P)
-    phi = pe.phase(1, x)
-    assert phi.dtype == torch.float32 and phi.shape == ref.shape
-    torch.testing.assert_close(phi.double(), ref, rtol=2e-6, atol=2e-6)
+    phi = pe.phase(1, x)  # fp64 in a float64 model (fp32 in any other)
+    assert phi.dtype == torch.float64 and phi.shape == ref.shape
+    torch.testing.assert_close(phi, ref, rtol=1e-12, atol=1e-12)
     # rotate(): pair p of head h at position m turned by phi[b, h, m, p] via an
     # explicit 2x2 rotation matrix
     q, k = torch.randn(2, 2, 2, 7, 16, dtype=torch.float64).unbind(0)
@@ -84,8 +91,7 @@ def test_phase_and_rotation_match_loops_over_the_equation():
                         R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
                                          dtype=torch.float64)
                         expect[b, h, m, 2 * p:2 * p + 2] = R @ src[b, h, m, 2 * p:2 * p + 2]
-        torch.testing.assert_close(out, expect, rtol=0, atol=2e-5)
-
+        torch.testing.assert_close(out, expect, rtol=0, atol=1e-12)
 
 
 def test_rotate_by_phase_backward_matches_finite_differences():
@@ -103,6 +109,7 @@ def test_rotate_by_phase_backward_matches_finite_differences():
     (oq.float().sum() + ok.float().square().sum()).backward()
     assert qb.grad.dtype == kb.grad.dtype == torch.bfloat16 and phi.grad.dtype == torch.float32
 
+
 @pytest.mark.parametrize('source', ['block', 'embedding'])
 def test_init_reproduces_rope_logits(source):
     torch.manual_seed(0)
@@ -111,18 +118,19 @@ def test_init_reproduces_rope_logits(source):
     missing, unexpected = carope.load_state_dict(rope.state_dict(), strict=False)
     assert not unexpected and missing and all(n.startswith('pe.proj.') for n in missing)
     idx = torch.randint(64, (3, 32))
-    f = carope.pe.log_f(0, torch.randn(1, 4, 32)).exp()
+    f = f_of(carope.pe, 0, torch.randn(1, 4, 32, dtype=torch.float64))
     # f = theta_1
+    # beta is made in fp32: f = theta_1 to fp32 rounding of beta
     torch.testing.assert_close(f, torch.full_like(f, 10000 ** (-2 / 16)), rtol=1e-6, atol=0)
     l_rope, _ = rope(idx, idx)
     l_carope, _ = carope(idx, idx)
     torch.testing.assert_close(l_carope, l_rope, rtol=0, atol=1e-5)
     # position shifted by one: carope's phases are rope's at m + 1
-    phi = carope.pe.phase(0, torch.randn(1, 32, 32))
+    phi = carope.pe.phase(0, torch.randn(1, 32, 32, dtype=torch.float64))
     theta = 10000 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-    torch.testing.assert_close(phi[0, 0].double(),
+    torch.testing.assert_close(phi[0, 0],
                                torch.arange(1, 33, dtype=torch.float64)[:, None] * theta,
-                               rtol=1e-5, atol=0)
+                               rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize('source', ['block', 'embedding'])
@@ -172,9 +180,9 @@ def test_cached_decoding_equals_uncached(source):
         full, _ = model(fast, fast)  # logits at every position
         steps, cache = step_logits(model, fast, 10)
         torch.testing.assert_close(steps, full[:, 9:], rtol=0, atol=1e-4)
-        assert cache[1]['carope_phase'].shape == (2, 2, P_)
+        assert cache[1]['carope_phase'].shape == (2, 2, 1, P_)
         torch.testing.assert_close(cache[1]['carope_phase'],
-                                   model.pe.phase(1, _layer_input(model, fast, 1))[:, :, -1],
+                                   model.pe.phase(1, _layer_input(model, fast, 1))[:, :, -1:],
                                    rtol=1e-5, atol=1e-4)
         # phases start at the first token fed: pos_offset leaves carope unchanged
         torch.testing.assert_close(model(fast, fast, pos_offset=100)[0], full, rtol=0, atol=0)
@@ -227,30 +235,42 @@ def test_source_embedding_reads_input_embeddings(source):
         torch.testing.assert_close(a0[:, :, :6].double(), ref, rtol=2e-6, atol=2e-6)
 
 
-def test_phases_fp32_under_bf16_autocast():
+@pytest.mark.parametrize('cast', ['bf16 autocast', 'bf16 model'])
+def test_phases_fp32_under_bf16(cast):
+    """An fp32 model under bf16 autocast, or a model cast to bf16: the model hands phase() its x in
+    fp32, so the phases are fp32, and layer 0's (whose x is LayerNorm(wte) in both) equal those of
+    the fp32 model to fp32 rounding of x (bit for bit under autocast, where wte and ln_1 stay
+    fp32). q comes into rotate() in bf16 and leaves in bf16; W gets a finite gradient."""
     model = carope_model(dtype=torch.float32).train()
     idx = torch.randint(64, (2, 32))
-    x = torch.randn(2, 32, 32)
-    plain = model.pe.phase(1, x)
-    seen, rotated, orig_rotate = record_phases(model), [], model.pe.rotate
+    seen = record_phases(model)
+    with torch.no_grad():
+        model(idx, idx)
+    plain = [phi for _, phi in seen]
+    seen.clear()
+    if cast == 'bf16 model':
+        model.to(torch.bfloat16)
+    rotated, orig_rotate = [], model.pe.rotate
     model.pe.rotate = lambda *a: rotated.append((a[1].dtype, orig_rotate(*a))) or rotated[-1][1]
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=cast == 'bf16 autocast'):
         _, loss = model(idx, idx)
-        under_autocast = model.pe.phase(1, x)
     loss.backward()
-    assert len(seen) == 3 and all(phi.dtype == torch.float32 for _, phi in seen)
-    assert rotated[0][0] == torch.bfloat16  # q came in bf16 (autocast's q/k/v projection) ...
-    # ... and leaves in q's dtype
-    assert all(rq.dtype == rk.dtype == dtype for dtype, (rq, rk) in rotated)
-    # a bf16 x W would be off by ~1e-2
-    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
-    assert torch.isfinite(model.pe.proj[0].weight.grad).all() \
-        and model.pe.proj[0].weight.grad.abs().max() > 0
+    assert [layer for layer, _ in seen] == [0, 1]
+    assert all(phi.dtype == torch.float32 for _, phi in seen)
+    # q came in bf16 (autocast's q/k/v projection, or the bf16 model's) and leaves in q's dtype
+    assert all(dtype == rq.dtype == rk.dtype == torch.bfloat16 for dtype, (rq, rk) in rotated)
+    if cast == 'bf16 autocast':
+        torch.testing.assert_close(seen[0][1], plain[0], rtol=0, atol=0)
+    else:  # x from bf16 wte and ln_1: 2^-9 relative on x, on phases of size ~32 (p = 0 counts)
+        torch.testing.assert_close(seen[0][1], plain[0], rtol=2e-2, atol=0)
+    grad = model.pe.proj[0].weight.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().max() > 0
 
 
-def test_bad_source_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"carope_source='layer'.*'block', 'embedding'"):
-        GPT(GPTConfig(**TINY, pos_emb='carope', carope_source='layer'))
+def test_source_choices_are_the_configurators():
+    """carope_source is checked by the configurator (model.CONFIG_CHOICES); the class reads
+    'embedding' as the token embeddings and every other value as each attention's input."""
+    assert CONFIG_CHOICES['carope_source'] == ['block', 'embedding']
 
 
 def test_weight_decay_on_W_only():

@@ -10,7 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import GPT, GPTConfig  # noqa: E402
+from model import CONFIG_CHOICES, GPT, GPTConfig  # noqa: E402
 from rope import ComRoPE_LD, RotateByMatrix, build_position_encoding  # noqa: E402
 
 VARIANTS = ['comrope_ap', 'comrope_ld']
@@ -228,26 +228,36 @@ def test_cached_decoding_equals_full_forward(name):
         assert (step[:, -1] - full[:, t]).abs().max() < 1e-4, t
 
 
+@pytest.mark.parametrize('cast', ['bf16 autocast', 'bf16 model'])
 @pytest.mark.parametrize('name', VARIANTS)
-def test_fp32_rotations_under_bf16_autocast(name):
-    pe = randomise(build_position_encoding(config(name)))
-    pos = torch.arange(1000, 1040)
-    x = torch.randn(2, 40, 32)
-    want = pe.prepare(x, pos)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        got = pe.prepare(x, pos)
-        q = torch.randn(2, 2, 40, 16).bfloat16()
-        rq, rk = pe.rotate(0, q, q, x, got, None)
-    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
-    assert rq.dtype == rk.dtype == torch.bfloat16
-    exact, _ = pe.rotate(0, q.float(), q.float(), x, want, None)
-    # only the final cast is bf16
-    assert (rq.float() - exact).abs().max() < 2e-2 * exact.abs().max()
+def test_fp32_rotations_under_bf16(name, cast):
+    """An fp32 model under bf16 autocast, or a model cast to bf16 (P, s stay fp32): prepare gets
+    fp32 x outside autocast, so every R(t) is fp32 and equal to the fp32 model's at positions
+    1000..1031; q and k come into rotate() in bf16 and leave in bf16, within bf16 rounding of the
+    fp32 rotation of the same q; the logits stay near the fp32 model's."""
     m = model(name, dtype=torch.float32)
     idx = torch.randint(64, (2, 32))
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        logits, _ = m(idx, idx)
-    assert (logits.float() - m(idx, idx)[0]).abs().max() < 5e-2
+    seen = {'prepare': [], 'rotate': []}
+    prepare, rotate = m.pe.prepare, m.pe.rotate
+    m.pe.prepare = lambda x, pos: seen['prepare'].append(prepare(x, pos)) or seen['prepare'][-1]
+    m.pe.rotate = lambda layer, q, k, *a: seen['rotate'].append(
+        (layer, q, *rotate(layer, q, k, *a), *a)) or seen['rotate'][-1][2:4]
+    with torch.no_grad():
+        ref, _ = m(idx, idx, pos_offset=1000)
+    if cast == 'bf16 model':
+        m.to(torch.bfloat16)
+        assert m.pe.P.dtype == torch.float32
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16,
+                                         enabled=cast == 'bf16 autocast'):
+        logits, _ = m(idx, idx, pos_offset=1000)
+    want, got = seen['prepare']
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+    for layer, q, rq, rk, x, shared, _ in seen['rotate'][2:]:
+        assert q.dtype == rq.dtype == rk.dtype == torch.bfloat16 and x.dtype == torch.float32
+        exact, _ = rotate(layer, q.float(), q.float(), x, shared, None)
+        # only the final cast is bf16
+        assert (rq.float() - exact).abs().max() < 2e-2 * exact.abs().max()
+    assert (logits.float() - ref).abs().max() < 5e-2
 
 
 @pytest.mark.parametrize('name', VARIANTS)
@@ -273,8 +283,12 @@ def test_bad_config_is_a_clear_error(name):
     for block in (3, 32, 0):  # head dim 16
         with pytest.raises(ValueError, match=r'comrope_block=.*head dim.*16'):
             GPT(config(name, comrope_block=block))
-    with pytest.raises(ValueError, match=r"comrope_init='orthogonal'.*'rope', 'random'"):
-        GPT(config(name, comrope_init='orthogonal'))
+    # an odd block straddles RoPE's pairs: the 'rope' init needs an even one (head dim 18)
+    with pytest.raises(ValueError, match=r"comrope_init='rope' needs an even comrope_block.*3"):
+        config(name, n_embd=36, comrope_block=3)
+    GPT(config(name, n_embd=36, comrope_block=3, comrope_init='random'))
+    # the configurator checks comrope_init's choices
+    assert CONFIG_CHOICES['comrope_init'] == ['rope', 'random']
 
 
 @pytest.mark.parametrize('name', VARIANTS)

@@ -149,21 +149,28 @@ def test_cached_decoding_equals_uncached_past_block_size():
 
 
 def test_fp32_angles_under_bf16_autocast():
+    """Under bf16 autocast the model calls prepare outside autocast (fp32 x, int64 positions):
+    cos and sin are fp32 to ~1e-7 of the angles at m ~ 1000, where bf16 angles would be ~1 off;
+    the complex-linear q, k come to rotate() in bf16 and leave in bf16."""
     m = model(dtype=torch.float32)
     idx = torch.randint(64, (2, 24))
+    tables, dtypes = [], []
+    prepare, rotate = m.pe.prepare, m.pe.rotate
+    m.pe.prepare = lambda x, pos: tables.append(prepare(x, pos)) or tables[-1]
+    m.pe.rotate = lambda layer, q, k, *a: dtypes.append(
+        (q.dtype, *(t.dtype for t in rotate(layer, q, k, *a)))) or rotate(layer, q, k, *a)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        x = m.transformer.wte(idx)
-        cos, sin = m.pe.prepare(x, torch.arange(1000, 1024))
-        logits = m(idx, idx)[0]
+        logits = m(idx, idx, pos_offset=1000)[0]
+    (cos, sin), = tables
     assert cos.dtype == sin.dtype == torch.float32
+    assert dtypes == [(torch.bfloat16,) * 3] * 2
     angle = torch.arange(1000, 1024, dtype=torch.float64)[:, None] * m.pe.inv_freq.double()
-    # bf16 angles would be ~1 off here
     torch.testing.assert_close(cos.double(), angle.cos(), rtol=0, atol=1e-4)
-    torch.testing.assert_close(logits.float(), m(idx, idx)[0], rtol=0, atol=5e-2)
+    torch.testing.assert_close(sin.double(), angle.sin(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits.float(), m(idx, idx, pos_offset=1000)[0], rtol=0, atol=5e-2)
 
 
 def test_bad_config_raises():
-    with pytest.raises(ValueError, match='n_embd'):
+    """An odd head dim has no pairs (GPTConfig's one line); the configurator's checks end there."""
+    with pytest.raises(ValueError, match=r"pos_emb='crope' rotates pairs.*even n_embd/n_head"):
         GPT(tiny(n_embd=18, n_head=2))  # head dim 9 has no pairs
-    with pytest.raises(ValueError, match='even'):
-        ComplexLinear(3, 6, bias=False)

@@ -8,7 +8,8 @@ suite (test_model.py, test_bias.py, test_forget_gate.py) checks the rest against
   table, FIRE's MLP, CoPE's bias, the gate's sums), has no CPU build: this is its only check;
 - KV-cached greedy decoding against uncached (full forwards run flex, cached steps the masked
   path);
-- a model cast to bf16 (a module cast, not autocast) trains and decodes, its angle tensors fp32.
+- a model cast to bf16 (a module cast, not autocast) trains and decodes, its encoding's tensors
+  fp32.
 Skipped without CUDA; nothing is compiled at import. One small model per case (2 layers, 4 heads,
 d = 128, T = 256, vocab 320, batch 4), every weight moved off its init so that attention and the
 encoding matter. Expected time on an H100-class GPU: about 5-15 minutes with a cold inductor cache
@@ -28,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import common  # noqa: E402
 import model as model_py  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from rope import ENCODINGS, PositionEncoding  # noqa: E402
@@ -281,34 +283,37 @@ def test_cached_decoding_equals_uncached(case):
         assert (gap <= 2 * DECODE_ATOL).all(), (t, gap.tolist())
 
 
-def angle_tensors(model):
-    """The encoding's floating tensors that set angles or biases (as test_model.py's): its fixed
-    tables and, in every encoding but learned (whose table is added to the embeddings), its
-    parameters."""
+def pe_tensors(model):
+    """Every floating tensor of the encoding (as test_model.py's): its fixed tables, its parameters
+    (learned's table too: PositionEncoding._apply keeps them all >= fp32 under a module cast) and
+    their gradients."""
     pe = model.pe
-    params = list(pe.named_parameters()) if model.config.pos_emb != 'learned' else []
-    return {n: t for n, t in [*pe.named_buffers(), *params] if t.is_floating_point()}
+    grads = [(n + '.grad', p.grad) for n, p in pe.named_parameters() if p.grad is not None]
+    return {n: t for n, t in [*pe.named_buffers(), *pe.named_parameters(), *grads]
+            if t.is_floating_point()}
 
 
 @pytest.mark.parametrize('case', CASES)
 def test_bf16_module_cast_trains_and_decodes(case):
-    """model.to(torch.bfloat16) on CUDA: the angle tensors keep their fp32 values; forward and
-    backward run (flex with bf16 q, k, v and fp32 biases); the gradients are finite and in each
-    parameter's dtype; the logits stay near the fp32 model's; cached greedy decoding runs."""
+    """model.to(torch.bfloat16) on CUDA: the encoding's tensors keep their fp32 values and move to
+    the GPU with the model; forward and backward run (flex with bf16 q, k, v and fp32 biases); the
+    gradients are finite and in each parameter's dtype (the encoding's fp32, the rest bf16); the
+    logits stay near the fp32 model's; cached greedy decoding runs."""
     model, (X, Y) = make(case), batch()
     with torch.no_grad(), attention_path(flex=False):
         ref_logits, ref_loss = model(X, Y)
-    before = {n: t.clone() for n, t in angle_tensors(model).items()}
+    before = {n: t.clone() for n, t in pe_tensors(model).items()}
     model.to(BF16)
     assert model.lm_head.weight.dtype == BF16
-    for n, t in angle_tensors(model).items():
-        assert t.dtype == torch.float32 and torch.equal(t, before[n]), n
+    for n, t in pe_tensors(model).items():
+        assert t.dtype == torch.float32 and t.is_cuda and torch.equal(t, before[n]), n
     with attention_path(flex=True):
         logits, loss, grads = run(model, X, Y)
     assert abs(loss - ref_loss.item()) <= LOSS_ATOL_CAST, (loss, ref_loss.item())
     assert rel_rms(logits, ref_logits) <= LOGITS_RTOL_CAST, rel_rms(logits, ref_logits)
     assert_finite_gradients(grads)
     assert all(p.grad.dtype == p.dtype for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.pe.parameters())
     out = model.generate(X[:2, :16], 8, temperature=0)
     assert out.shape == (2, 24) and ((out >= 0) & (out < CFG['vocab_size'])).all()
 
@@ -316,11 +321,11 @@ def test_bf16_module_cast_trains_and_decodes(case):
 def test_bench_gpt2_preset_streams_rows_with_mfu(tmp_path):
     """bench.py --preset=gpt2 --compile=True on this GPU, cut to two encodings, two layers and
     one round: each row comes with an MFU against the detected device's peak (a fraction in
-    (0, 1); None-free: the GPU must be in model.GPU_PEAK_FLOPS, else add it there), and the
+    (0, 1); None-free: the GPU must be in common.GPU_PEAK_FLOPS, else add it there), and the
     report holds the final table."""
     import subprocess
-    if model_py.device_peak_flops('cuda', 'bfloat16') is None:
-        pytest.skip(f"{torch.cuda.get_device_name()} is not in model.GPU_PEAK_FLOPS: "
+    if common.device_peak_flops('cuda', 'bfloat16') is None:
+        pytest.skip(f"{torch.cuda.get_device_name()} is not in common.GPU_PEAK_FLOPS: "
                     "no MFU to check")
     report = tmp_path / 'bench.md'
     p = subprocess.run([sys.executable, 'bench.py', '--preset=gpt2', '--compile=True',

@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import prepare_data as pd  # noqa: E402
+from conftest import run  # noqa: E402
 from prepare_data import DataError  # noqa: E402
 
 EOT = 256
@@ -693,24 +694,24 @@ def test_bad_data_files_is_one_line(tmp_path, monkeypatch):
                                        ('--num_proc=0', 'num_proc'),
                                        ('--shard_size=2147483648', 'shard_size')])
 def test_cli_rejects_bad_arguments(tmp_path, arg, named):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), arg,
-                        f'--out_root={tmp_path}'], capture_output=True, text=True, timeout=60)
+    r = run('prepare_data.py', arg, f'--out_root={tmp_path}')  # in this process, as from a shell
     assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
+    lines = own_lines(r.stderr)
     assert len(lines) == 1 and named in lines[0]  # one line naming the bad key or argument
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_rerun_of_a_finished_preparation_is_a_no_op(tmp_path):
+def test_cli_rerun_of_a_finished_preparation_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda name: tiny_encoding())
     docs = make_docs()
     args = ['--dataset=fw', f'--out_root={tmp_path / "data"}', '--shard_size=2000', '--num_proc=2',
             f'--data_files={write_jsonl(tmp_path / "docs.jsonl", docs)}']
-    r = run_cli(tmp_path, *args, tiny=True)
+    r = run('prepare_data.py', *args)  # in this process, as from a shell
     assert r.returncode == 0, r.stderr
     out = str(tmp_path / 'data' / 'fw')
     check_shards(out, docs, 2000)
     before = files_stat(out)
-    r = run_cli(tmp_path, *args, tiny=True)  # crashed with IndexError: Index 200 out of range
+    r = run('prepare_data.py', *args)  # crashed with IndexError: Index 200 out of range
     assert r.returncode == 0 and own_lines(r.stderr) == [], r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and 'already complete' in lines[0]

@@ -1,12 +1,11 @@
 """HellaSwag (hellaswag.py, train.py's hellaswag_interval) on a made-up file in the val file's
 JSON-lines format, with the byte tokenizer (the embedded dataset's). A unigram stub whose per-token
 losses are set by hand gives acc and acc_norm computed here by hand; a tiny GPT is checked against
-scoring each ending alone, 2 gloo processes against one, train.py's records against its checkpoint
-evaluated directly. No network."""
+scoring each ending alone, train.py's records against its checkpoint evaluated directly. No
+network."""
 import json
 import math
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -20,11 +19,9 @@ import hellaswag  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from prepare_data import DataError  # noqa: E402
 
+from conftest import errors, records, train  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures('one_thread')
-TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
-        '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1',
-        '--eval_iters=2', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2',
-        '--min_lr=3e-4']  # as tests/test_train.py
 LN2 = math.log(2)
 
 
@@ -137,44 +134,6 @@ def test_a_gpt_scores_each_ending_as_it_would_alone(pos_emb, block_size, example
     assert r['n'] == 5 and r['acc'] * 5 == round(r['acc'] * 5) and 0 <= r['acc_norm'] <= 1
 
 
-# 2 gloo processes, each scoring its share of the examples, all-reduced: the counts of one process
-DDP_SCRIPT = """
-import json, os, sys
-sys.path[:0] = sys.argv[1:3]  # the repo, the tests
-import torch, torch.distributed as dist
-import hellaswag
-from model import GPT, GPTConfig
-from test_hellaswag import Unigram, encode
-torch.set_num_threads(1)
-dist.init_process_group('gloo')
-rank, world = dist.get_rank(), dist.get_world_size()
-torch.manual_seed(0)
-gpt = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32))
-out = {name: hellaswag.evaluate(m, sys.argv[3], encode, 'cpu', rank=rank, world_size=world)
-       for name, m in (('unigram', Unigram()), ('gpt', gpt))}
-json.dump(out, open(os.path.join(sys.argv[4], f'rank{rank}.json'), 'w'))
-dist.destroy_process_group()
-"""
-
-
-def test_two_gloo_processes_give_the_counts_of_one(tmp_path, examples_file):
-    script = tmp_path / 'ddp.py'
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                        '--nproc_per_node=2', str(script), REPO, os.path.dirname(__file__),
-                        examples_file, str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=32))
-    one = hellaswag.evaluate(gpt, examples_file, encode, 'cpu')
-    for r in ranks:  # alone, process 0 would have 3 of 3 right by sum, process 1 0 of 2
-        assert r['unigram'] == dict(acc=ACC, acc_norm=ACC_NORM, n=5)
-        assert r['gpt'] == one
-
-
 def test_bad_files_are_one_line_naming_the_fix(tmp_path):
     four = ['a', 'b', 'c', 'd']
     bad = {  # what -> the file's bytes (None: no file)
@@ -233,69 +192,37 @@ def test_downloads_once_atomically_and_a_failed_download_leaves_nothing(tmp_path
 
 
 # ----------------------------------------------------------------------------- train.py
-
-def run(*args, launcher=(sys.executable, 'train.py'), env_extra=None):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1', **(env_extra or {}))
-    env.setdefault('OMP_NUM_THREADS', '1')
-    return subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-def errors(p):
-    return [line for line in p.stderr.splitlines() if not line.startswith('Overriding')]
-
-
-def records(out_dir, key):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        rows = [json.loads(line) for line in f]
-    return {r['iter']: r for r in rows if key in r}
-
+# in this process (conftest.run); on 2 gloo processes: tests/test_train.py's
+# test_ddp_two_processes_match_one (each process scores its share, all-reduced: the records of one)
 
 def test_train_logs_hellaswag_every_interval_and_at_the_end(tmp_path, data_root, examples_file):
-    """Records at 0, 2, 4 and the end, 5; the last is the final checkpoint's score; 2 processes
-    log what one does."""
-    common = [*TINY, f'--data_root={data_root}', '--max_iters=5', '--lr_decay_iters=5',
-              '--eval_interval=5', '--gradient_accumulation_steps=2', '--hellaswag_interval=2',
-              f'--hellaswag_path={examples_file}']
-    one, two = tmp_path / 'one', tmp_path / 'two'
-    p = run(*common, f'--out_dir={one}')
-    assert p.returncode == 0, p.stderr[-3000:]
+    """Records at 0, 2, 4 and the end, 5; the last is the final checkpoint's score."""
+    out = tmp_path / 'out'
+    p = train(out, data_root, '--max_iters=5', '--lr_decay_iters=5', '--eval_interval=5',
+              '--hellaswag_interval=2', f'--hellaswag_path={examples_file}')
     assert p.stdout.count('hellaswag acc') == 4 and '(5 examples)' in p.stdout
-    logged = records(one, 'hellaswag_acc')
+    logged = {it: (acc, records(out, 'hellaswag_acc_norm')[it])
+              for it, acc in records(out, 'hellaswag_acc').items()}
     assert sorted(logged) == [0, 2, 4, 5]
-    assert all(set(r) == {'iter', 'hellaswag_acc', 'hellaswag_acc_norm'} for r in logged.values())
-    ckpt = torch.load(one / 'ckpt.pt', weights_only=True)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     r = hellaswag.evaluate(model, examples_file, encode, 'cpu')
-    last = logged[5]
-    assert [last['hellaswag_acc'], last['hellaswag_acc_norm']] == [r['acc'], r['acc_norm']]
-
-    # torchrun: each process scores its share (the same global batch: same weights, same scores)
-    launcher = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                'train.py')
-    p = run(*common, f'--out_dir={two}', launcher=launcher)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count('hellaswag acc') == 4  # printed by the first process only
-    assert records(two, 'hellaswag_acc') == logged
+    assert logged[5] == (r['acc'], r['acc_norm'])
 
 
-def test_train_without_the_file_fails_before_training(tmp_path, data_root):
+def test_train_without_the_file_fails_before_training(tmp_path, data_root, monkeypatch):
     """A missing file, no network (the download's URL unreachable) or a synthetic dataset: one line,
     nothing written: no out_dir, no hellaswag directory in data_root."""
     out = tmp_path / 'out'
-    p = run(*TINY, f'--out_dir={out}', f'--data_root={data_root}', '--hellaswag_interval=1',
-            f'--hellaswag_path={tmp_path / "missing.jsonl"}')
+    p = train(out, data_root, '--hellaswag_interval=1',
+              f'--hellaswag_path={tmp_path / "missing.jsonl"}', check=False)
     assert p.returncode == 1 and len(errors(p)) == 1 and 'missing.jsonl' in errors(p)[0], p.stderr
-    offline = ("import runpy, sys; import hellaswag; "
-               "hellaswag.URL = 'http://127.0.0.1:9/hellaswag_val.jsonl'; "
-               "sys.argv = ['train.py'] + sys.argv[1:]; "
-               "runpy.run_path('train.py', run_name='__main__')")
-    p = run('-c', offline, *TINY, f'--out_dir={out}', f'--data_root={data_root}',
-            '--hellaswag_interval=1', launcher=(sys.executable,))
+    monkeypatch.setattr(hellaswag, 'URL', 'http://127.0.0.1:9/hellaswag_val.jsonl')  # no server
+    p = train(out, data_root, '--hellaswag_interval=1', check=False)
     assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
     assert 'cannot download HellaSwag' in errors(p)[0] and 'hellaswag_path' in errors(p)[0]
     assert not os.path.exists(os.path.join(data_root, 'hellaswag'))
-    p = run(*TINY, f'--out_dir={out}', '--dataset=copy', '--hellaswag_interval=1')
-    assert p.returncode == 2 and 'synthetic task' in p.stderr.splitlines()[-1], p.stderr
+    p = train(out, data_root, '--dataset=copy', '--hellaswag_interval=1', check=False)
+    assert p.returncode == 1 and 'synthetic task' in errors(p)[0], p.stderr
     assert not out.exists()

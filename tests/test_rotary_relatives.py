@@ -21,7 +21,8 @@ import model as model_py  # noqa: E402
 import rope  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
-from test_model import LONG, all_logits, make_model, tiny_config, tokens  # noqa: E402
+from test_model import (LONG, all_logits, hook_input, make_model, record_hooks,  # noqa: E402
+                        tiny_config, tokens)
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -33,9 +34,10 @@ def encoding(name, dtype=F64, **kw):
 
 
 def rotated(pe, q, k, positions, layer=0):
-    """(q', k') of q, k: (B, nh, T, hs) at `positions`, through the encoding's hooks."""
+    """(q', k') of q, k: (B, nh, T, hs) at `positions`, through the encoding's hooks called as the
+    model calls them (x in fp32, fp64 in a float64 model; q, k in the model's dtype)."""
     pos = torch.as_tensor(positions, dtype=torch.long)
-    x = torch.zeros(q.size(0), pos.numel(), q.size(1) * q.size(-1), dtype=q.dtype)
+    x = hook_input(q.size(0), pos.numel(), q.size(1) * q.size(-1), q.dtype)
     return pe.rotate(layer, q, k, x, pe.prepare(x, pos), None)
 
 
@@ -248,7 +250,8 @@ def ref_rotated(name, q, k, n, m):
 @pytest.mark.parametrize('name', ['xpos', 'pope'])
 def test_scores_match_fp64_at_distance_4000(name, mode):
     """q at position 4095 on k at 95 (xPos: q scaled by zeta^8 ~ 4e-5 at pair 0), rotated by a
-    bf16-cast model or an fp32 one under bf16 autocast, against fp64 from the papers' formulas.
+    bf16-cast model or an fp32 one under bf16 autocast (the hooks called as that model calls them,
+    checked on a forward), against fp64 from the papers' formulas.
     Bound per element of q', k': their bf16 rounding (2^-9, relative; 2^-8 allowed) plus fp32
     angles at 4095 (theta and the product rounded: 2 x 4095 x 2^-24 = 5e-4 rad) times the pair's
     magnitude; per score the same over sum_i |q'_i k'_i| and the pairs' magnitudes. Scales from a
@@ -258,11 +261,16 @@ def test_scores_match_fp64_at_distance_4000(name, mode):
     model = GPT(tiny_config(name, **LONG))
     if mode == 'bf16 model':
         model.to(torch.bfloat16)
-    q, k = (torch.randn(1, LONG['n_head'], T, hd).to(torch.bfloat16) for _ in range(2))
-    x, pos = torch.zeros(1, T, LONG['n_embd'], dtype=torch.bfloat16), torch.arange(T)
+    # the model's calls: prepare and rotate outside autocast on fp32 x; q, k in bf16 both ways
+    seen = record_hooks(model.pe)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'bf16 autocast'):
-        shared = model.pe.prepare(x, pos)
-        qr, kr = model.pe.rotate(0, q, k, x, shared, None)
+        model(tokens(1, 8))
+    assert [entry[:3] for entry in seen['prepare']] == [(torch.float32, torch.long, False)]
+    assert seen['rotate'] == [(torch.bfloat16,) * 4 + (False,)]  # q, k in and out; autocast off
+    q, k = (torch.randn(1, LONG['n_head'], T, hd).to(torch.bfloat16) for _ in range(2))
+    x, pos = hook_input(1, T, LONG['n_embd']), torch.arange(T)
+    shared = model.pe.prepare(x, pos)
+    qr, kr = model.pe.rotate(0, q, k, x, shared, None)
     tables = [shared] if name == 'pope' else [t for pair in shared for t in pair]
     assert all(t.dtype == torch.float32 for t in tables) and qr.dtype == kr.dtype == torch.bfloat16
     qn, km = qr[0, :, n].double(), kr[0, :, m].double()  # (nh, hs or 2 hs)

@@ -1,12 +1,10 @@
 """Tests of GPT.generate and sample.py: greedy decoding, the range of every sampling argument, no
 padded vocabulary id ever sampled, and the sliding block_size window, cross-checked against slow
 references written out here (a banded-mask attention; nanoGPT's crop-and-recompute loop). sample.py
-runs end to end as a subprocess on a tiny checkpoint that train.py writes, as in test_train.py."""
-import ast
+runs end to end (in this process, conftest.run) on the session's tiny checkpoint."""
 import contextlib
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +15,7 @@ sys.path.insert(0, REPO)
 
 from rope import ENCODINGS  # noqa: E402
 import test_model  # noqa: E402
+from conftest import errors, run  # noqa: E402
 from test_model import tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -220,83 +219,45 @@ def test_extrapolate_never_crops(use_cache):
 
 
 # ----------------------------------------------------------------------------- sample.py end to end
+# on the session's tiny `learned` checkpoint (conftest.runs: block_size 16, the embedded bytes,
+# vocab 257 padded to 320), run as `python sample.py ...` would be, in this process
 
-TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
-        '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1',
-        '--eval_iters=2', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4',
-        '--max_iters=2', '--lr_decay_iters=2', '--eval_interval=2']
-
-
-def run(script, *args):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
-    env.setdefault('OMP_NUM_THREADS', '1')
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-@pytest.fixture(scope='module')
-def learned_ckpt(tmp_path_factory):
-    """A `learned` checkpoint (block_size 32) on the embedded bytes (vocab 257 padded to 320)."""
-    root = tmp_path_factory.mktemp('sample')
-    from prepare_data import ensure_dataset
-    ensure_dataset(str(root / 'data'), 'embedded')
-    out = root / 'out'
-    p = run('train.py', *TINY, '--pos_emb=learned', f'--out_dir={out}',
-            f'--data_root={root / "data"}')
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
-
-
-def error_lines(p):
-    """stderr without the configurator's 'Overriding: ...' echo and the
-    'loaded <checkpoint>' note."""
-    return [line for line in p.stderr.splitlines()
-            if not line.startswith(('Overriding', 'loaded '))]
-
-
-def test_sample_py_defaults_and_greedy(learned_ckpt):
-    p = run('sample.py', f'--out_dir={learned_ckpt}')  # 500 new tokens against 32 positions
+def test_sample_py_defaults_and_greedy(runs):
+    p = run('sample.py', f"--out_dir={runs['learned']}")  # 500 new tokens against 16 positions
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count('---------------') == 3
-    p = run('sample.py', f'--out_dir={learned_ckpt}', '--temperature=0', '--num_samples=2',
+    p = run('sample.py', f"--out_dir={runs['learned']}", '--temperature=0', '--num_samples=2',
             '--max_new_tokens=50', '--start=def ')
     assert p.returncode == 0, p.stderr[-3000:]
     first, second, rest = p.stdout.split('---------------\n')
     assert first == second and first.startswith('def ') and rest == ''  # greedy: the same twice
-    p = run('sample.py', f'--out_dir={learned_ckpt}', '--max_new_tokens=50', '--extrapolate=True')
-    line, = error_lines(p)
-    assert p.returncode == 1 and line.startswith('sample.py: ') and 'block_size' in line
-    assert p.stdout == ''
 
 
-@pytest.mark.parametrize('arg,key,valid', [('--top_k=-5', 'top_k', '[0, inf)'),
-                                           ('--temperature=-1', 'temperature', '[0, inf)'),
-                                           ('--num_samples=0', 'num_samples', '[1, inf)')])
-def test_sample_py_rejects_out_of_range_values(learned_ckpt, arg, key, valid):
-    p = run('sample.py', f'--out_dir={learned_ckpt}', arg)
-    assert p.returncode == 2 and p.stdout == '', p.stderr
-    line, = error_lines(p)
-    assert line.startswith(f"config error: '{key}' in --{key} is ")
-    assert line.endswith(f"; valid: {valid}")
+@pytest.mark.parametrize('arg,status,words', [
+    ('--num_samples=0', 2, ['num_samples=0 must be >= 1']),
+    ('--max_new_tokens=-1', 1, ['max_new_tokens=-1', '[0, inf)']),
+    ('--temperature=-1', 1, ['temperature=-1.0', '[0, inf)']),
+    ('--top_k=-5', 2, ['top_k=-5 must be >= 0']),
+    ('--seed=-1', 2, ['seed=-1']),
+    ('--rope_scaling_factor=0.5', 1, ['rope_scaling_factor']),
+    ('--max_new_tokens=50 --extrapolate=True', 1, ["pos_emb='learned'", 'block_size']),
+])
+def test_sample_py_bad_values_are_one_line(runs, arg, status, words):
+    """Every numeric key out of its range, and `learned` asked to extrapolate: one line, no
+    sample. Status 2: sample.py's own list of ranges; 1: what generate or the model refuses."""
+    p = run('sample.py', f"--out_dir={runs['learned']}", *arg.split())
+    assert p.returncode == status and p.stdout == '' and len(errors(p)) == 1, p.stderr
+    assert errors(p)[0].startswith('config error: ' if status == 2 else 'sample.py: ')
+    assert all(w in errors(p)[0] for w in words), errors(p)
 
 
-def test_sample_py_declares_a_range_for_every_numeric_key():
-    tree = ast.parse(open(os.path.join(REPO, 'sample.py')).read())
-    names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
-             for t in node.targets if isinstance(t, ast.Name)}
-    numeric = {k for k, v in names.items() if not k.startswith('_') and isinstance(v, ast.Constant)
-               and type(v.value) in (int, float)}
-    assert numeric >= {'num_samples', 'max_new_tokens', 'temperature', 'top_k', 'seed'}
-    assert numeric == set(ast.literal_eval(names['_ranges']))
-
-
-def test_sample_py_unreadable_start_file_is_one_line(learned_ckpt, tmp_path):
+def test_sample_py_unreadable_start_file_is_one_line(runs, tmp_path):
     (tmp_path / 'latin1.txt').write_bytes('caf\xe9\n'.encode('latin-1'))
     for path, why in ((tmp_path / 'missing.txt', 'No such file'), (tmp_path, 'Is a directory'),
                       (tmp_path / 'latin1.txt', 'not UTF-8')):
-        p = run('sample.py', f'--out_dir={learned_ckpt}', f'--start=FILE:{path}')
+        p = run('sample.py', f"--out_dir={runs['learned']}", f'--start=FILE:{path}')
         assert p.returncode == 1 and p.stdout == '', p.stderr
-        line, = error_lines(p)
+        line, = errors(p)
         assert line.startswith('sample.py: --start=FILE:') and str(path) in line, line
         assert why in line, line
 

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
 from rope import RotateByAngle, conv_time  # noqa: E402
+from test_model import SELECTIVE_UNIT_U, unit_u  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64, bias=False, dropout=0.0)
 # the LM default; every option on at once (low-rank instead of per-head); no SiLU and another width
@@ -19,8 +20,6 @@ OPTIONS = {
     'gate+bias+lowrank': dict(selective_gate=True, selective_bias=True, selective_rank=4),
     'no-silu, width 2': dict(selective_conv_silu=False, selective_conv_width=2),
 }
-REDUCE = dict(selective_reduce=True, selective_conv=False, selective_gate=False,
-              selective_bias=False)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -62,9 +61,7 @@ def reference_phase(pe, layer, x):
             hn = torch.cat(chunks)
             for h in range(H):
                 for p in range(P):
-                    if pe.reduce:
-                        u[b, t, h, p] = 1.0
-                    elif pe.rank == 0:  # step 2: weight-normalised column p of W_h, scaled by s_h
+                    if pe.rank == 0:  # step 2: weight-normalised column p of W_h, scaled by s_h
                         col = get('w')[h, :, p]
                         col = get('w_gain')[h] * col / math.sqrt(sum(float(v) ** 2 for v in col))
                         u[b, t, h, p] = sum(chunks[h][i] * col[i] for i in range(hd))
@@ -113,7 +110,7 @@ def test_phase_equals_loop_reference(opts):
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     for layer in range(2):
         with torch.no_grad():
-            fast = model.pe.phase(layer, x, None)
+            fast = model.pe.phase(layer, x, {})
         ref = reference_phase(model.pe, layer, x)
         assert fast.dtype == torch.float64 and fast.shape == ref.shape == (2, 2, 9, 8)
         assert ref.abs().max() > 1.0  # large angles: the comparison means something
@@ -121,20 +118,21 @@ def test_phase_equals_loop_reference(opts):
         torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-9)
 
 
-def test_reduction_reproduces_rope_logits():
-    """u == 1 and tau = RoPE frequencies: Phi_t = (t+1) theta_p, i.e. RoPE at positions 1..T;
-    scores depend on relative positions only, so the logits also equal a rope model's at
-    0..T-1 (same other weights)."""
-    sel = make(strong=False, **REDUCE)
+def test_unit_u_reproduces_rope_logits():
+    """u_t = 1 (step 2 at gain 0, step 4's exp(beta) = 1, no conv or gate) and tau = RoPE's
+    frequencies: Phi_t = (t+1) theta_p, i.e. RoPE at positions 1..T, through the real steps 1-7;
+    scores depend on relative positions only, so the logits also equal a rope model's at 0..T-1
+    (same other weights). Also KV-cached, where Phi goes on from the cache's running phase."""
+    sel = unit_u(make(strong=False, **SELECTIVE_UNIT_U))
     torch.manual_seed(1)
     rope = GPT(GPTConfig(**TINY, pos_emb='rope')).eval()
     # sharp attention (O(1) scores), so that positions visibly matter in the logits
     with torch.no_grad():
         for block in rope.transformer.h:
             block.attn.c_attn.weight.mul_(25)
-    assert sum(p.numel() for p in sel.pe.parameters()) == 0
-    # the reduction has no parameters of its own: every weight is shared
-    sel.load_state_dict(rope.state_dict())
+    # every weight but the encoding's own is shared
+    missing, unexpected = sel.load_state_dict(rope.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ['pe.beta', 'pe.w', 'pe.w_gain']
     nope = GPT(GPTConfig(**TINY, pos_emb='none')).eval()
     nope.load_state_dict(rope.state_dict())
     idx = torch.randint(64, (3, 40))
@@ -144,9 +142,14 @@ def test_reduction_reproduces_rope_logits():
         l0, _ = rope(idx, idx)
         # the comparison below can see a wrong angle
         assert (l0 - nope(idx, idx)[0]).abs().max() > 0.1
+        cache = [{} for _ in sel.transformer.h]
+        steps = [sel(idx[:, :30], cache=cache)[0]] + [sel(idx[:, t:t + 1], cache=cache)[0]
+                                                      for t in range(30, 40)]
     torch.testing.assert_close(ls, l1, rtol=0, atol=1e-6)  # the same fp32 angles (t+1) * theta_p
     # shifted by one: equal up to fp32 angle rounding
     torch.testing.assert_close(ls, l0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1), l1[:, 29:], rtol=0, atol=1e-5)
+    assert torch.equal(cache[1]['selective_phase'], torch.full((3, 1, 16), 40.0))  # sum of 40 ones
 
 
 def test_conv_time_equals_loop_reference_and_is_causal():
@@ -180,7 +183,7 @@ def test_layer_conv_is_causal():
     x = torch.randn(1, T, 32, dtype=torch.float64)
 
     def v(x):
-        phi = pe.phase(0, x, None) / pe.tau.double()
+        phi = pe.phase(0, x, {}) / pe.tau.double()
         return torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1]))
     with torch.no_grad():
         base = v(x)
@@ -205,7 +208,7 @@ def test_weight_norm_columns_have_norm_gain():
             x = torch.zeros(1, hd, 32, dtype=torch.float64)
             for i in range(hd):  # token i = e_i in every chunk
                 x[0, i, i::hd] = 1.0
-            phi = pe.phase(0, x, None) / pe.tau.double()  # (1, H, hd, P)
+            phi = pe.phase(0, x, {}) / pe.tau.double()  # (1, H, hd, P)
             # returns (H, rows i, P)
             return torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1]))[0]
         w_eff = effective()
@@ -225,6 +228,9 @@ def test_low_rank_shapes_params_and_rank():
     model = make(dtype=torch.float64, selective_rank=r, selective_gate=False, selective_conv=False)
     pe = model.pe
     assert pe.w_down.shape == (L, d, r) and pe.w_up.shape == (L, r, C) and not hasattr(pe, 'w')
+    # the options that are off hold no parameters
+    assert pe.conv_weight is None and pe.gate_weight is None and pe.gate_bias is None \
+        and pe.beta is None
     assert sum(p.numel() for p in pe.parameters()) == L * (d * r + r * C)
     # + conv (C*W), gate (d*H + H), bias (C) per layer
     full = make(selective_rank=r, selective_bias=True)
@@ -232,7 +238,7 @@ def test_low_rank_shapes_params_and_rank():
         L * (d * r + r * C + C * W + d * H + H + C)
     x = torch.randn(2, 20, d, dtype=torch.float64)
     with torch.no_grad():
-        phi = pe.phase(0, x, None) / pe.tau.double()
+        phi = pe.phase(0, x, {}) / pe.tau.double()
     u = torch.diff(phi, dim=2, prepend=torch.zeros_like(phi[:, :, :1])) \
         .permute(0, 2, 1, 3).reshape(40, C)
     # u_t lives in an r-dimensional subspace of the H*P channels
@@ -259,9 +265,9 @@ def test_causality(opts):
 @pytest.mark.parametrize('opts', OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize('prompt', [1, 2, 7])  # shorter and longer than the conv's width - 1 = 3
 def test_cached_decoding_equals_full_forward(opts, prompt):
-    model = make(**opts)
+    model = make(**opts, block_size=16)
     idx = torch.randint(64, (2, prompt))
-    n = 70 - prompt  # past block_size = 64
+    n = 24 - prompt  # past block_size = 16: a sliding window
     a = model.generate(idx, n, top_k=1, use_cache=True)
     b = model.generate(idx, n, top_k=1, use_cache=False)
     assert torch.equal(a, b)
@@ -273,7 +279,7 @@ def test_cached_decoding_equals_full_forward(opts, prompt):
         for t in range(prompt, a.size(1)):
             step, _ = model(a[:, t:t + 1], cache=cache)
             torch.testing.assert_close(step[:, -1], full[:, t], rtol=0, atol=1e-4)
-        assert cache[0]['selective_phase'].shape == (2, 2, 8)
+        assert cache[0]['selective_phase'].shape == (2, 1, 16)  # (B, 1, H P)
         if model.pe.conv:
             assert cache[0]['selective_conv'].shape == (2, model.pe.W - 1, 16)
 
@@ -315,7 +321,7 @@ def test_bad_config_raises():
         GPT(GPTConfig(**{**TINY, 'pos_emb': 'selective', 'selective_rank': -1}))
     with pytest.raises(ValueError, match='multiple of n_head'):
         GPT(GPTConfig(**{**TINY, 'pos_emb': 'selective', 'n_embd': 30, 'n_head': 4}))
-    with pytest.raises(ValueError, match='even head dim'):
+    with pytest.raises(ValueError, match="pos_emb='selective' rotates pairs.*even n_embd/n_head"):
         GPT(GPTConfig(**{**TINY, 'pos_emb': 'selective', 'n_embd': 30, 'n_head': 2}))
 
 

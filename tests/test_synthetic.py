@@ -1,9 +1,7 @@
 """Synthetic tasks (mqar, copy, parity): the generators against reference code written here from the
 task definitions, the loader's determinism/resume/DDP contract, a tiny model that learns copy
-in-process, and train.py + eval.py run on a task as subprocesses."""
-import json
+in-process, and train.py + eval.py run on a task."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +12,7 @@ sys.path.insert(0, REPO)
 from model import GPT, GPTConfig  # noqa: E402
 from prepare_data import (SYNTHETIC_TASKS, DataError, SyntheticLoader, get_tokenizer,  # noqa: E402
                           synthetic_eval_set)
+from conftest import records, run, train  # noqa: E402
 
 TASKS = list(SYNTHETIC_TASKS)
 DASH = '\u2013'
@@ -133,7 +132,7 @@ def accuracy(model, x, y):
 
 def learn(task, steps, weight_decay, **model_kw):
     """Train a 2-layer d=64 model on `task` at T=32 (batch 32, lr 3e-3) for up to `steps`
-    steps; the answer accuracy on 128 fixed sequences every 250 steps and at the end,
+    steps; the answer accuracy on 128 fixed sequences every 50 steps and at the end,
     stopping once it passes 0.95."""
     torch.manual_seed(0)
     T = 32
@@ -144,7 +143,7 @@ def learn(task, steps, weight_decay, **model_kw):
     x_val, y_val = synthetic_eval_set(task, 128, T, 0)
     acc = []
     for step in range(steps + 1):
-        if step % 250 == 0 or step == steps:
+        if step % 50 == 0 or step == steps:
             acc.append(accuracy(model, x_val, y_val))
             if acc[-1] > 0.95 or step == steps:
                 return acc
@@ -168,48 +167,31 @@ def test_tiny_model_learns_mqar_with_pytorch_init():
     assert acc[0] < 0.05 and acc[-1] > 0.95, acc  # the plateau alone would give ~0.25
 
 
-def run(script, *args):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
-    env.setdefault('OMP_NUM_THREADS', '1')
-    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, \
-        f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
-
-
-TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32',
-        '--block_size=32', '--batch_size=16', '--gradient_accumulation_steps=1', '--eval_iters=4',
-        '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4']
-
-
-def records(out_dir, key):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        rows = [json.loads(line) for line in f]
-    return {r['iter']: r[key] for r in rows if key in r}
-
-
-def test_train_and_eval_on_a_task(tmp_path):
-    rope = str(tmp_path / 'rope')
-    run('train.py', *TINY, '--dataset=mqar', f'--out_dir={rope}', '--max_iters=40',
-        '--lr_decay_iters=40', '--eval_interval=20')
+def test_train_and_eval_on_a_task(tmp_path, data_root):
+    """train.py and eval.py (in this process, conftest.run) on tasks: the loss falls, a resume is
+    exact (the loader's batch counter is checkpointed), eval.py's accuracy table."""
+    rope = tmp_path / 'rope'
+    task = ['--batch_size=16', '--eval_iters=4', '--block_size=32', '--n_embd=32']
+    train(rope, data_root, *task, '--dataset=mqar', '--max_iters=40', '--lr_decay_iters=40',
+          '--eval_interval=20')
     val = records(rope, 'val_loss')
     assert val[40] < val[20] < val[0]  # loss on the answers: values are 64 of the 128 tokens
-    ckpt = torch.load(os.path.join(rope, 'ckpt.pt'), weights_only=True)
+    ckpt = torch.load(rope / 'ckpt.pt', weights_only=True)
     assert ckpt['meta'] == SYNTHETIC_TASKS['mqar'] and ckpt['model_args']['vocab_size'] == 128
     assert ckpt['loader'] == {'batch': 40}
 
-    # resuming gives the losses of the straight run: the loader's batch counter is checkpointed
-    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-    common = [*TINY, '--dataset=copy', '--pos_emb=learned', '--lr_decay_iters=8',
+    # resuming gives the losses of the straight run
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    common = [*task, '--dataset=copy', '--pos_emb=learned', '--lr_decay_iters=8',
               '--eval_interval=4']
-    run('train.py', *common, f'--out_dir={straight}', '--max_iters=8')
-    run('train.py', *common, f'--out_dir={resumed}', '--max_iters=4')
-    run('train.py', *common, f'--out_dir={resumed}', '--max_iters=8', '--init_from=resume')
+    train(straight, data_root, *common, '--max_iters=8')
+    train(resumed, data_root, *common, '--max_iters=4')
+    train(resumed, data_root, *common, '--max_iters=8', '--init_from=resume')
     a, b = records(straight, 'train_loss'), records(resumed, 'train_loss')
     assert sorted(a) == sorted(b) == list(range(8)) and all(abs(a[i] - b[i]) < 1e-6 for i in a)
 
     p = run('eval.py', f'--out_dirs={rope},{straight}', '--device=cpu', '--eval_sequences=64')
+    assert p.returncode == 0, p.stderr[-3000:]
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
             for line in p.stdout.splitlines() if line.startswith('| ') and 'checkpoint' not in line}
     assert rows['rope (rope)'][:2] == ['mqar', '32'] \

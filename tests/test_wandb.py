@@ -1,38 +1,30 @@
 """train.py's wandb_log: every log.jsonl record also goes to Weights & Biases, from the first
 process only. wandb is an optional dependency: asked for where it is not installed, train.py stops
 in one line before anything is written (always tested: its absence is simulated). The real run is
-tested in wandb's offline mode, and skipped where wandb is not installed."""
+tested in wandb's offline mode (as a subprocess: wandb reads its settings from the environment), and
+skipped where wandb is not installed."""
 import glob
 import json
-import os
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from test_hellaswag import errors, run  # noqa: E402  (train.py as a subprocess, its error lines)
+from conftest import TINY, TORCHRUN, errors, subprocess_run, train
 
-TINY = ['--device=cpu', '--compile=False', '--dataset=embedded', '--n_layer=2', '--n_head=2',
-        '--n_embd=32', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=2',
-        '--eval_iters=2', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=2',
-        '--min_lr=3e-4', '--max_iters=3', '--lr_decay_iters=3', '--eval_interval=2']
-# train.py in an interpreter where `import wandb` fails, as where it is not installed
-WITHOUT_WANDB = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = ['train.py'] + "
-                 "sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
+STEPS = ['--gradient_accumulation_steps=2', '--max_iters=3', '--lr_decay_iters=3',
+         '--eval_interval=2']
 
 
-def test_wandb_log_without_wandb_is_one_line_and_writes_nothing(tmp_path, data_root):
+def test_wandb_log_without_wandb_is_one_line_and_writes_nothing(tmp_path, data_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # `import wandb` fails, as where not installed
     out = tmp_path / 'out'
-    p = run('-c', WITHOUT_WANDB, *TINY, f'--out_dir={out}', f'--data_root={data_root}',
-            '--wandb_log=True', launcher=(sys.executable,))
+    p = train(out, data_root, *STEPS, '--wandb_log=True', check=False)
     assert p.returncode == 1 and errors(p) == ["train.py: wandb_log=True needs the wandb package: "
                                                "pip install wandb (or --wandb_log=False)"]
     assert not out.exists()
-    # without wandb_log the same interpreter trains: wandb is imported only when asked for
-    p = run('-c', WITHOUT_WANDB, *TINY, f'--out_dir={out}', f'--data_root={data_root}',
-            launcher=(sys.executable,))
-    assert p.returncode == 0 and (out / 'ckpt.pt').exists(), p.stderr[-3000:]
+    # without wandb_log it trains: wandb is imported only when asked for
+    train(out, data_root, *STEPS)
+    assert (out / 'ckpt.pt').exists()
 
 
 def history(path, key):
@@ -64,8 +56,10 @@ def test_offline_run_holds_every_record_of_the_log(tmp_path, data_root, offline)
     (tmp_path / 'hellaswag.jsonl').write_text(json.dumps(example) + '\n')
     hellaswag = ['--hellaswag_interval=2', f"--hellaswag_path={tmp_path / 'hellaswag.jsonl'}"]
     out = tmp_path / 'out'
-    p = run(*TINY, *hellaswag, f'--out_dir={out}', f'--data_root={data_root}', '--wandb_log=True',
-            '--wandb_project=nanorope-test', '--wandb_run_name=tiny-run', env_extra=offline)
+    p = subprocess_run(sys.executable, 'train.py', *TINY, *STEPS, *hellaswag, f'--out_dir={out}',
+                       f'--data_root={data_root}', '--wandb_log=True',
+                       '--wandb_project=nanorope-test', '--wandb_run_name=tiny-run',
+                       env_extra=offline)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = glob.glob(str(out / 'wandb' / 'offline-run-*' / 'run-*.wandb'))  # in the run's out_dir
     assert len(runs) == 1
@@ -83,18 +77,17 @@ def test_offline_run_holds_every_record_of_the_log(tmp_path, data_root, offline)
 
     # under torchrun only the first process logs: one wandb run
     two = tmp_path / 'two'
-    launcher = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                'train.py')
-    p = run(*TINY, f'--out_dir={two}', f'--data_root={data_root}', '--wandb_log=True',
-            launcher=launcher, env_extra=offline)
+    p = subprocess_run(*TORCHRUN, 'train.py', *TINY, *STEPS, f'--out_dir={two}',
+                       f'--data_root={data_root}', '--wandb_log=True', env_extra=offline)
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(glob.glob(str(two / 'wandb' / 'offline-run-*'))) == 1
 
 
 def test_wandb_init_failure_is_one_line_and_writes_nothing(tmp_path, data_root, offline):
     out = tmp_path / 'out'
-    p = run(*TINY, f'--out_dir={out}', f'--data_root={data_root}', '--wandb_log=True',
-            env_extra={**offline, 'WANDB_MODE': 'bogus'})  # wandb.init rejects the setting
+    p = subprocess_run(sys.executable, 'train.py', *TINY, *STEPS, f'--out_dir={out}',
+                       f'--data_root={data_root}', '--wandb_log=True',
+                       env_extra={**offline, 'WANDB_MODE': 'bogus'})  # wandb.init rejects it
     assert p.returncode == 1 and len(errors(p)) == 1, p.stderr[-3000:]
     assert 'wandb.init failed' in errors(p)[0] and '--wandb_log=False' in errors(p)[0]
     assert not out.exists()

@@ -1,0 +1,165 @@
+"""
+What every script shares that is not the model: device and precision setup, GPU peak FLOPs (for
+MFU), the run folder's files and checkpoint loading. train.py, sample.py, eval.py and bench.py
+import it.
+"""
+import os
+import tempfile
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+
+from model import GPT, GPTConfig
+from rope import build_position_encoding
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the
+# device name.
+GPU_PEAK_FLOPS = [
+    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('GH200', 989e12),
+    ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12),
+    ('L4', 121e12), ('A10G', 125e12), ('A10', 125e12), ('A6000', 155e12), ('4090', 165e12),
+    ('3090', 71e12), ('V100', 125e12), ('T4', 65e12),
+]
+
+
+def device_peak_flops(device, dtype):
+    """Peak FLOP/s of the CUDA device for this dtype (fp32 runs on TF32 tensor cores: half the
+    bf16 peak), or None for an unknown GPU, MPS or CPU: MFU is then not reported rather than made
+    up."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops if dtype in ('bfloat16', 'float16') else flops / 2
+    return None
+
+
+RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')  # what train.py writes into its out_dir
+
+
+def held_run(out_dir):
+    """The names of a training run's files that out_dir holds (empty: no run there)."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
+def find_checkpoint(out_dir, which='best'):
+    """(path, description) of a run's checkpoint: which='best' is best.pt, the weights of the best
+    val loss (ckpt.pt where the run never wrote one), 'latest' is ckpt.pt, the state training
+    stopped at. The description says which file it is, for the user. Raises ValueError naming the
+    fix when out_dir holds neither."""
+    best, latest = os.path.join(out_dir, 'best.pt'), os.path.join(out_dir, 'ckpt.pt')
+    if which == 'best' and os.path.isfile(best):
+        return best, f"{best} (the best val loss; --checkpoint=latest for the last state)"
+    if os.path.isfile(latest):
+        why = "the last state; no best.pt in this run" if which == 'best' else "the last state"
+        return latest, f"{latest} ({why})"
+    raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt); train one first "
+                     f"(python train.py config/quickstart.py) or fix the directory given")
+
+
+def unwritable(path, is_dir):
+    """None if the file or directory `path` can be written, else why not, in words: checked before
+    any work, so a bad --out_dir or --report fails at once and not after training. Probes the
+    nearest existing folder with a temporary file (os.access says yes to root even on read-only
+    file systems); nothing is left behind."""
+    if not path:
+        return "it is empty"
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        return f"it is {'a file' if is_dir else 'a directory'}"
+    folder = path if is_dir else os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file"
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"{folder} cannot be written ({e.strerror})"
+    return None
+
+
+def rebuild_encoding(model, **keys):
+    """Give `model` the position encoding its config builds with these GPTConfig keys changed
+    (rope_scaling, rope_scaling_factor: keys of the encoding alone, never of a weight's shape),
+    keeping the encoding's weights, device and mode; model.config says what it now runs. A value
+    the encoding cannot take raises its ValueError and leaves the model as it was."""
+    config = replace(model.config, **keys)
+    pe = build_position_encoding(config)
+    pe.load_state_dict(model.pe.state_dict())
+    model.pe, model.config = pe.to(model.lm_head.weight.device).train(model.training), config
+    return model
+
+
+def load_checkpoint(path, build=True, overrides=None):
+    """(checkpoint dict, its uncompiled GPT with the weights loaded, or None unless build) from a
+    ckpt.pt or best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or
+    foreign file raises ValueError naming it. overrides: GPTConfig keys of the encoding
+    (rope_scaling, ...) that the model takes in place of the checkpoint's (rebuild_encoding); a
+    value its encoding cannot take raises the encoding's ValueError."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        model = GPT(GPTConfig(**checkpoint['model_args'])) if build else None
+        if build:
+            model.load_state_dict(checkpoint['model'])
+        checkpoint['config']['dataset'], checkpoint['meta']  # every train.py checkpoint has them
+    except Exception as e:
+        # else the error's first line only: not torch's advice to unpickle anything
+        why = 'not a torch checkpoint' if 'eights only load failed' in str(e) else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        other = (' (--checkpoint=latest reads ckpt.pt)' if os.path.basename(path) == 'best.pt'
+                 else '')
+        raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
+                         f"checkpoint{other}") from e
+    if build and overrides:
+        rebuild_encoding(model, **overrides)
+    return checkpoint, model
+
+
+def setup_device(device, dtype):
+    """Resolve device='auto' (cuda if available, then mps, then cpu) and dtype='auto' (bfloat16
+    autocast on CUDA where supported, else float16, which needs a GradScaler to train; float32 on
+    CPU and MPS), turn on TF32 matmuls, and return (device, device_type, dtype, autocast context).
+    train, sample, eval and bench share it. A device or dtype this torch build or machine cannot
+    use raises ValueError with a one-line fix."""
+    if device == 'auto':
+        device = ('cuda' if torch.cuda.is_available() else
+                  'mps' if torch.backends.mps.is_available() else 'cpu')
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; "
+                         f"use --device=auto, cpu, cuda, cuda:1 or mps") from None
+    index = torch.device(device).index or 0
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device={device!r}: nanoRoPE runs on --device=cpu, cuda or mps")
+    if device_type == 'cuda' and index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} cannot be used: this torch {torch.__version__} sees "
+                         f"{torch.cuda.device_count()} CUDA devices"
+                         + ('' if torch.backends.cuda.is_built() else " (a CPU-only build)")
+                         + "; use --device=cpu")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device='mps' is not available in this torch {torch.__version__} "
+                         f"on this machine; use --device=cpu")
+    if dtype == 'auto':
+        dtype = (('bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+                 if device_type == 'cuda' else 'float32')
+    elif dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype='bfloat16' is not supported by "
+                         f"{torch.cuda.get_device_name(device)}; use --dtype=float16 (or auto)")
+    torch.set_float32_matmul_precision('high')  # TF32 on Ampere and newer
+    torch.backends.cudnn.allow_tf32 = True
+    ctx = (nullcontext() if dtype == 'float32' else
+           torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
+    return device, device_type, dtype, ctx
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, synced, then renamed to path: a crash never leaves half a file."""
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
