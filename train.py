@@ -1,6 +1,5 @@
 """
-Train a GPT with any position encoding, on a CPU, a GPU, or with DDP (torchrun; nccl on GPUs, gloo
-on CPUs; gradient_accumulation_steps is the global count):
+Train a GPT with any position encoding, on a CPU, a GPU, or with DDP over GPUs and nodes (torchrun):
 $ python train.py config/quickstart.py
 $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py --pos_emb=carope
 """
@@ -99,6 +98,8 @@ for _bad, _message in [  # the other keys' ranges (where a bad value fails uncle
      f"processes, e.g. {math.lcm(gradient_accumulation_steps, ddp_world_size)}"),
     (rope_scaling != 'none' and rope_scaling_factor == 1, f"rope_scaling={rope_scaling!r} with "
      f"rope_scaling_factor=1 changes nothing; give a factor > 1, or leave rope_scaling at 'none'"),
+    (rope_scaling == 'none' and rope_scaling_length, f"rope_scaling_length={rope_scaling_length} "
+     f"has no effect with rope_scaling='none'; choose a rope_scaling or leave it at 0"),
 ]:
     if _bad:
         _config_fail(_message)
@@ -153,8 +154,7 @@ if not eval_only and (why := unwritable(out_dir, is_dir=True)):
 if init_from != 'resume' and not eval_only and (held := held_run(out_dir)):
     fail(f"out_dir={out_dir!r} already holds a run ({', '.join(held)}); continue it with "
          f"--init_from=resume, or use another --out_dir (or delete that one)")
-# resume: the run goes on with its checkpoint's architecture and eval set. finetune: a new run from
-# another's weights and architecture; only FINETUNE_KEYS may change (e.g. to extend the context)
+# finetune: a new run from another's weights and architecture, but for FINETUNE_KEYS (e.g. longer)
 FINETUNE_KEYS = ('block_size', 'dropout', 'rope_scaling', 'rope_scaling_factor',
                  'rope_scaling_length')
 checkpoint, eval_batch = None, batch_size  # the eval set: eval_iters x eval_batch sequences
@@ -167,25 +167,26 @@ if init_from != 'scratch':
         fail(f"init_from={init_from!r}: {e}")
     was, ran = checkpoint['model_args'], checkpoint['config']
     changed = {k: model_args[k] for k in was if k in _config_given and model_args[k] != was[k]
-               and not (k == 'vocab_size' and vocab_size == 0)} if init_from == 'finetune' else {}
-    if init_from == 'resume' and ran['dataset'] != dataset:
-        fail(f"{path} was trained on dataset={ran['dataset']!r}; resume it with "
-             f"--dataset={ran['dataset']}")
-    if other := [f"{k}={v!r}" for k, v in changed.items() if k not in FINETUNE_KEYS]:
-        fail(f"init_from='finetune' keeps {path}'s architecture; only {', '.join(FINETUNE_KEYS)} "
-             f"may change, not {', '.join(other)}")
-    if 'block_size' in changed and was['pos_emb'] == 'learned':
-        fail(f"{path}: pos_emb='learned' has exactly block_size={was['block_size']} trained "
-             f"positions; fine-tune it at that block_size, or use an encoding that extrapolates")
-    if 'block_size' in changed and was['pos_emb'] in ROPE_FAMILY \
-            and not was['rope_scaling_length'] and 'rope_scaling_length' not in _config_given:
-        changed['rope_scaling_length'] = was['block_size']  # L: the length RoPE was trained at
-    model_args = {**was, **changed}
-    if init_from == 'resume':
+               and not (k == 'vocab_size' and vocab_size == 0)}  # the command's model keys
+    if init_from == 'resume':  # the checkpoint's architecture and eval set; its dataset
+        if ran['dataset'] != dataset:
+            fail(f"{path} was trained on dataset={ran['dataset']!r}; resume it with "
+                 f"--dataset={ran['dataset']}")
         eval_iters, eval_batch = ran['eval_iters'], ran.get('eval_batch_size', ran['batch_size'])
-        log(f"resuming from {path} at iter {checkpoint['iter_num']}, with its architecture and "
-            f"its eval set (eval_iters={eval_iters} x batch_size={eval_batch})")
+        log(f"resuming from {path} at iter {checkpoint['iter_num']} with its architecture and eval "
+            f"set" + ''.join(f"; {k}={was[k]!r} (not {v!r})" for k, v in changed.items()))
+        model_args, trained_on = was, checkpoint['meta'].get('content_hash')
     else:
+        if other := [f"{k}={v!r}" for k, v in changed.items() if k not in FINETUNE_KEYS]:
+            fail(f"init_from='finetune' keeps {path}'s architecture; only "
+                 f"{', '.join(FINETUNE_KEYS)} may change, not {', '.join(other)}")
+        if 'block_size' in changed and was['pos_emb'] == 'learned':
+            fail(f"{path}: pos_emb='learned' has exactly block_size={was['block_size']} positions;"
+                 f" fine-tune it at that block_size, or use an encoding that extrapolates")
+        if 'block_size' in changed and was['pos_emb'] in ROPE_FAMILY \
+                and not was['rope_scaling_length'] and 'rope_scaling_length' not in _config_given:
+            changed['rope_scaling_length'] = was['block_size']  # L: the length RoPE trained at
+        model_args = {**was, **changed}
         log(f"fine-tuning the weights of {path} (iter {checkpoint['iter_num']}); changed: "
             + (', '.join(f"{k}={v!r}" for k, v in changed.items()) or 'nothing'))
 block_size = model_args['block_size']
@@ -203,6 +204,8 @@ try:  # data: this process's loader, and each split's fixed eval sequences of ev
         hellaswag_file = hellaswag.ensure_file(hellaswag_path, data_root)
 except DataError as e:
     fail(str(e))
+if init_from == 'resume' and trained_on and meta.get('content_hash') != trained_on:
+    log(f"warning: dataset {dataset!r} has another content hash than the checkpoint's data")
 
 # model
 if init_from == 'scratch':
@@ -290,8 +293,7 @@ def save_checkpoint(path, resumable):
     print(f"saved {path} (iter {iter_num})")
 
 
-# SIGTERM (a cluster's preemption) or Ctrl-C: finish the step, write a resumable checkpoint, exit 0
-stop_requested = threading.Event()
+stop_requested = threading.Event()  # SIGTERM (preemption), Ctrl-C: end the step, checkpoint, exit 0
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: stop_requested.set())
 wandb_run = None
@@ -366,9 +368,8 @@ while True:
     iters_since_log += 1
 
     if (iter_num - 1) % log_interval == 0:
-        # the mean loss since the last log over every process's micro-batches (the global
-        # batches'), and the stop requests: DDP processes must all stop at the same step, or the
-        # next all-reduce hangs, so they agree here, where the host waits for the device anyway
+        # the mean loss since the last log over every process, and the stop requests: DDP processes
+        # agree here (the host waits for the device anyway) to stop at one step, or the next hangs
         flag = torch.tensor(float(stop_requested.is_set()), device=device)
         stats = torch.stack([loss_accum, flag])
         if ddp:
@@ -392,8 +393,7 @@ if not eval_only:  # max_iters or a stop request: always a resumable checkpoint
     save_checkpoint(ckpt_path, resumable=True)
 if wandb_run is not None:
     wandb_run.finish()
-if ddp:
-    # a process group freed only at exit can abort it (SIGABRT): drop DDP, then the group
+if ddp:  # a process group freed only at exit can abort it (SIGABRT): drop DDP, then the group
     dist.barrier()
     del model
     gc.collect()

@@ -234,6 +234,7 @@ def script_error(tmp_path, script, *args, status=2):
     (['--min_lr=1.0'], ['min_lr=1.0 must be in [0, learning_rate]']), (['--min_lr=-1'], ['min_lr']),
     (['--beta2=1.0'], ['beta2=1.0', '[0, 1)']),
     (['--rope_scaling=yarn'], ["rope_scaling='yarn' with rope_scaling_factor=1 changes nothing"]),
+    (['--rope_scaling_length=512'], ['rope_scaling_length=512 has no effect', "'none'"]),
     # the model's: GPTConfig's (vocab_size 0 is the dataset's)
     (['--dropout=1.0'], ['dropout=1.0']), (['--n_layer=0'], ['n_layer']),
     (['--vocab_size=-1'], ['vocab_size']), (['--n_head=5'], ['n_embd=768', 'n_head=5']),

@@ -140,6 +140,8 @@ COMMANDS = {
     # no checkout beside the scratch copy: the one-line error that names it
     # (tests/test_bench.py runs a stand-in)
     'python bench.py --pos_embs=learned,rope --peer=../nanoGPT': ('error', 'nanoGPT checkout'),
+    'NANOROPE_SLOW_TESTS=1 python -m pytest -q -n 2 tests/test_model.py -k compile':
+        ('skip', "part of the test suite: .ci/run runs this exact line after the quick one"),
     'python -m pytest -q tests/test_cuda.py':
         ('skip', "needs CUDA; the suite collects this file and skips it without CUDA"),
 }

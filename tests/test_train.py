@@ -270,11 +270,20 @@ def test_best_weights_survive_a_worse_ending_and_readers_say_which_they_load(tmp
     assert float(row.split('|')[4]) == pytest.approx(val[10], abs=2e-4)
 
 
+def test_resume_on_other_data_of_the_same_name_warns(tmp_path, data_root, runs):
+    out = copy_run(runs['rope'], tmp_path / 'out')
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    ckpt['meta']['content_hash'] = 'another'
+    torch.save(ckpt, out / 'ckpt.pt')
+    p = train(out, data_root, '--init_from=resume', '--eval_only=True')
+    assert "warning: dataset 'embedded' has another content hash" in p.stdout, p.stdout
+
+
 def test_resume_takes_the_architecture_and_eval_set_from_the_checkpoint(tmp_path, data_root, runs):
     out = copy_run(runs['learned'], tmp_path / 'out')
     p = train(out, data_root, '--pos_emb=carope', '--init_from=resume', '--max_iters=12',
               '--lr_decay_iters=12', '--eval_interval=12')
-    assert 'with its architecture and its eval set (eval_iters=2 x batch_size=4)' in p.stdout
+    assert "with its architecture and eval set; pos_emb='learned' (not 'carope')" in p.stdout
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     # what ran is recorded
     assert ckpt['config']['pos_emb'] == ckpt['model_args']['pos_emb'] == 'learned'
