@@ -53,7 +53,7 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
             _config_fail(f"'{_key}' in {_arg} must be {type(_default).__name__} (like the "
                          f"default {_default!r}), got {type(_value).__name__} {_value!r}")
         if _valid is not None and _value not in _valid:
-            _config_fail(f"'{_key}' in {_arg} is {_value!r}; valid: {', '.join(map(str, _valid))}")
+            _config_fail(f"'{_key}' in {_arg} is {_value!r}; valid: {', '.join(map(repr, _valid))}")
         globals()[_key] = _value
         _config_given.add(_key)
         if _os.environ.get('RANK', '0') == '0':  # one torchrun process speaks; stdout is output

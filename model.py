@@ -56,16 +56,16 @@ class GPTConfig:
         rope_keys = [f"{k}={getattr(self, k)!r}" for k, v in (
             ('rope_fraction', 1), ('rope_scaling', 'none'), ('rope_scaling_factor', 1),
             ('rope_scaling_length', 0)) if getattr(self, k) != v]
+        for key, low in dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1,
+                             cope_npos_max=1, selective_conv_width=1, selective_rank=0,
+                             rope_scaling_length=0).items():
+            if getattr(self, key) < low:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= {low}")
         for bad, message in [
-            (min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd,
-                 self.cope_npos_max, self.selective_conv_width) < 1,
-             "block_size, vocab_size, n_layer, n_head, n_embd, cope_npos_max and "
-             "selective_conv_width must be >= 1"),
-            (min(self.selective_rank, self.rope_scaling_length) < 0,
-             "selective_rank and rope_scaling_length must be >= 0"),
             (not 0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),
-            (not (self.rope_base > 1 and self.comrope_init_std > 0),
-             "rope_base must be > 1 and comrope_init_std > 0"),
+            (not self.rope_base > 1, f"rope_base={self.rope_base} must be > 1"),
+            (not self.comrope_init_std > 0,
+             f"comrope_init_std={self.comrope_init_std} must be > 0"),
             (self.n_embd % self.n_head, f"n_embd={self.n_embd} must be a multiple of "
              f"n_head={self.n_head} (the head dim is n_embd / n_head)"),
             (hd % 2 and self.pos_emb in ('rope', 'crope', 'xpos', 'carope', 'selective'),
@@ -80,8 +80,10 @@ class GPTConfig:
             (rope_keys and self.pos_emb not in ROPE_FAMILY, f"{', '.join(rope_keys)}: only the "
              f"encodings built on RoPE's frequency table take it ({', '.join(ROPE_FAMILY)}), not "
              f"pos_emb={self.pos_emb!r}; leave it at its default"),
-            (not (0 <= self.rope_fraction <= 1 and self.rope_scaling_factor >= 1),
-             "rope_fraction must be in [0, 1] and rope_scaling_factor >= 1"),
+            (not 0 <= self.rope_fraction <= 1,
+             f"rope_fraction={self.rope_fraction} must be in [0, 1]"),
+            (not self.rope_scaling_factor >= 1,
+             f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1"),
             (self.rope_scaling == 'none' and self.rope_scaling_factor != 1,
              f"rope_scaling_factor={self.rope_scaling_factor} has no effect with rope_scaling="
              f"'none'; choose a rope_scaling, or leave it at 1"),

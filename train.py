@@ -85,11 +85,13 @@ try:  # the model keys' ranges and rules are GPTConfig's (vocab_size 0: the data
     GPTConfig(**{**model_args, 'vocab_size': vocab_size or 1})
 except ValueError as e:
     _config_fail(str(e))
-for _bad, _message in [  # the other keys' ranges (where a bad value fails unclearly), and rules
-    (min(eval_interval, log_interval, eval_iters, batch_size, gradient_accumulation_steps) < 1,
-     "eval_interval, log_interval, eval_iters, batch_size and gradient_accumulation_steps: >= 1"),
-    (min(eval_block_size, weight_decay, grad_clip, seed) < 0,
-     "eval_block_size, weight_decay, grad_clip and seed must be >= 0"),
+for _key, _low in dict(eval_interval=1, log_interval=1, eval_iters=1, batch_size=1,
+                       gradient_accumulation_steps=1, eval_block_size=0, max_iters=0,
+                       warmup_iters=0, lr_decay_iters=0, weight_decay=0, grad_clip=0, seed=0,
+                       hellaswag_interval=0).items():  # the other keys' lower bounds
+    if globals()[_key] < _low:
+        _config_fail(f"{_key}={globals()[_key]} must be >= {_low}")
+for _bad, _message in [  # and the other ranges and rules between keys
     (not 0 < learning_rate, f"learning_rate={learning_rate} must be > 0"),
     (not 0 <= min_lr <= learning_rate, f"min_lr={min_lr} must be in [0, learning_rate]"),
     (not (0 <= beta1 < 1 and 0 <= beta2 < 1), f"beta1={beta1}, beta2={beta2}: must be in [0, 1)"),
@@ -131,11 +133,6 @@ def get_lr(it):  # linear warmup, then a cosine down to min_lr at lr_decay_iters
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-if wandb_log:  # an optional dependency, imported only when asked for
-    try:
-        import wandb
-    except ImportError:
-        fail("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)")
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
@@ -169,6 +166,8 @@ if init_from != 'scratch':
     changed = {k: model_args[k] for k in was if k in _config_given and model_args[k] != was[k]
                and not (k == 'vocab_size' and vocab_size == 0)}  # the command's model keys
     if init_from == 'resume':  # the checkpoint's architecture and eval set; its dataset
+        if 'optimizer' not in checkpoint:
+            fail(f"{path} holds weights only (as best.pt does), not a run to resume")
         if ran['dataset'] != dataset:
             fail(f"{path} was trained on dataset={ran['dataset']!r}; resume it with "
                  f"--dataset={ran['dataset']}")
@@ -177,9 +176,7 @@ if init_from != 'scratch':
             f"set" + ''.join(f"; {k}={was[k]!r} (not {v!r})" for k, v in changed.items()))
         model_args, trained_on = was, checkpoint['meta'].get('content_hash')
     else:
-        if other := [f"{k}={v!r}" for k, v in changed.items() if k not in FINETUNE_KEYS]:
-            fail(f"init_from='finetune' keeps {path}'s architecture; only "
-                 f"{', '.join(FINETUNE_KEYS)} may change, not {', '.join(other)}")
+        kept = {k: changed.pop(k) for k in list(changed) if k not in FINETUNE_KEYS}
         if 'block_size' in changed and was['pos_emb'] == 'learned':
             fail(f"{path}: pos_emb='learned' has exactly block_size={was['block_size']} positions;"
                  f" fine-tune it at that block_size, or use an encoding that extrapolates")
@@ -188,7 +185,8 @@ if init_from != 'scratch':
             changed['rope_scaling_length'] = was['block_size']  # L: the length RoPE trained at
         model_args = {**was, **changed}
         log(f"fine-tuning the weights of {path} (iter {checkpoint['iter_num']}); changed: "
-            + (', '.join(f"{k}={v!r}" for k, v in changed.items()) or 'nothing'))
+            + (', '.join(f"{k}={v!r}" for k, v in changed.items()) or 'nothing')
+            + ''.join(f"; {k}={was[k]!r} (not {v!r}), as the source" for k, v in kept.items()))
 block_size = model_args['block_size']
 eval_block_size = eval_block_size or block_size
 config.update(model_args, eval_iters=eval_iters, eval_batch_size=eval_batch)  # what ran, eval set
@@ -207,8 +205,7 @@ except DataError as e:
 if init_from == 'resume' and trained_on and meta.get('content_hash') != trained_on:
     log(f"warning: dataset {dataset!r} has another content hash than the checkpoint's data")
 
-# model
-if init_from == 'scratch':
+if init_from == 'scratch':  # the model
     model_args['vocab_size'] = vocab_size or -(-meta['vocab_size'] // 64) * 64
 if model_args['vocab_size'] < meta['vocab_size']:
     fail(f"vocab_size={model_args['vocab_size']} is smaller than dataset '{dataset}' needs "
@@ -222,9 +219,8 @@ if checkpoint:
 raw_model = model.to(device)  # uncompiled: for checkpoints, HellaSwag and eval at other lengths
 log(model.param_summary())
 if raw_model.pe.max_len is not None and eval_block_size > raw_model.pe.max_len:
-    fail(f"pos_emb={model_args['pos_emb']!r} has only {raw_model.pe.max_len} positions and cannot "
-         f"evaluate at eval_block_size={eval_block_size}; use eval_block_size<="
-         f"{raw_model.pe.max_len} or an encoding that extrapolates")
+    fail(f"pos_emb={model_args['pos_emb']!r} has only {raw_model.pe.max_len} positions: use "
+         f"eval_block_size<={raw_model.pe.max_len} or an encoding that extrapolates")
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss = 0, float('inf')
@@ -241,8 +237,8 @@ if init_from == 'resume':  # all of the state: the run goes on as if it had neve
         log(f"iter {iter_num} >= max_iters={max_iters}: nothing to train; raise --max_iters")
         eval_only = True
     elif decay_lr and lr_decay_iters <= iter_num:  # a longer run needs a longer schedule too
-        log(f"note: iter {iter_num} is past lr_decay_iters={lr_decay_iters}: the LR stays at "
-            f"min_lr={min_lr}; to go on down the cosine, pass --lr_decay_iters={max_iters} too")
+        log(f"note: past lr_decay_iters={lr_decay_iters} the LR stays at min_lr={min_lr}; to go "
+            f"on down the cosine, pass --lr_decay_iters={max_iters} too")
 checkpoint = None  # free the memory
 if compile:  # takes a minute or so
     model = torch.compile(model)
@@ -275,7 +271,7 @@ def estimate_loss():
 
 
 def save_checkpoint(path, resumable):
-    """The weights and what describes them (best.pt); resumable (ckpt.pt) adds the optimizer, grad
+    """best.pt: the weights and what describes them; resumable (ckpt.pt): + the optimizer, grad
     scaler, loader position and every process's RNG state (every process calls this)."""
     rng = [{'cpu': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}]
@@ -300,15 +296,16 @@ wandb_run = None
 if master_process and not eval_only:
     made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    if wandb_log:  # its local files go to out_dir/wandb
+    if wandb_log:  # an optional dependency, imported only when asked for; files: out_dir/wandb
         try:
+            import wandb
             name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
             wandb_run = wandb.init(project=wandb_project, name=name, config=config, dir=out_dir)
-        except Exception as e:  # not logged in, a bad WANDB_* setting, ...
+        except Exception as e:  # not installed, not logged in, a bad WANDB_* setting, ...
             if made:
                 shutil.rmtree(out_dir, ignore_errors=True)
-            fail(f"wandb.init failed ({' '.join(str(e).split())[:300]}); run `wandb login`, set "
-                 f"WANDB_MODE=offline, or --wandb_log=False")
+            fail(f"wandb failed ({' '.join(str(e).split())[:300]}); pip install wandb, run `wandb "
+                 f"login`, set WANDB_MODE=offline, or --wandb_log=False")
     if 'unigram_loss' in meta:
         print(f"unigram baseline val loss: {meta['unigram_loss']:.4f}")
 loss_accum = torch.zeros((), device=device)
@@ -391,6 +388,8 @@ while True:
 
 if not eval_only:  # max_iters or a stop request: always a resumable checkpoint
     save_checkpoint(ckpt_path, resumable=True)
+for sig in (signal.SIGTERM, signal.SIGINT):  # the run is done: a late signal must not kill it
+    signal.signal(sig, signal.SIG_IGN)
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:  # a process group freed only at exit can abort it (SIGABRT): drop DDP, then the group

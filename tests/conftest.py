@@ -9,7 +9,11 @@ import sys
 import tempfile
 
 import pytest
-import torch
+
+# one thread a process: the suite runs one process per core (pytest -n 2), tiny models gain nothing
+# from more, and more only contend for the cores. Before torch's import; subprocesses inherit it
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

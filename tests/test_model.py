@@ -678,8 +678,8 @@ def test_compile_fullgraph_matches_eager(case):
     """torch.compile(fullgraph=True): no graph break (dynamo traces the whole forward,
     apply_rotary's compiled branch included), and AOTAutograd's joint forward and backward give the
     same logits and gradients of every parameter as eager, with every parameter moved off its init
-    (carope's W starts at zero). Without inductor's codegen unless NANOROPE_SLOW_TESTS=1: inductor's C++ builds
-    take 10-20 s a case with a cold cache on 2 CPUs (3 min for these cases, ComRoPE ~80 s);
+    (carope's W starts at zero). Without inductor's codegen unless NANOROPE_SLOW_TESTS=1: its C++
+    builds take 10-20 s a case with a cold cache on 2 CPUs (3 min for these cases, ComRoPE ~80 s);
     tests/test_cuda.py compiles every case with inductor on a GPU."""
     kw = {'pos_emb': case, **CASES[case]}
     slow_ok = bool(os.environ.get('NANOROPE_SLOW_TESTS'))

@@ -299,10 +299,11 @@ def test_rope_keys_on_other_encodings_are_one_line_errors(name, keys):
 
 
 def test_rope_bad_values_are_one_line_errors():
-    for kw, words in [(dict(rope_scaling_factor=2.0), "no effect with rope_scaling='none'"),
-                      (dict(rope_fraction=1.5), 'rope_fraction must be in [0, 1]'),
-                      (dict(rope_scaling='yarn', rope_scaling_factor=0.5), 'factor >= 1'),
-                      (dict(rope_scaling='ntk', rope_scaling_factor=math.nan), 'factor >= 1')]:
+    for kw, words in [
+            (dict(rope_scaling_factor=2.0), "no effect with rope_scaling='none'"),
+            (dict(rope_fraction=1.5), 'rope_fraction=1.5 must be in [0, 1]'),
+            (dict(rope_scaling='yarn', rope_scaling_factor=0.5), 'factor=0.5 must be >= 1'),
+            (dict(rope_scaling='ntk', rope_scaling_factor=math.nan), 'factor=nan must be >= 1')]:
         with pytest.raises(ValueError) as e:
             tiny_config('rope', **kw)
         assert '\n' not in str(e.value) and words in str(e.value), (kw, str(e.value))

@@ -4,6 +4,7 @@ start) or, for DDP and signals, as real processes under torchrun. Each test asse
 the run (losses, checkpoints, exit codes, messages), not that it ran."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,8 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
     (tmp_path / 'file').write_text('')
     held = copy_run(runs['rope'], tmp_path / 'held')
     before = files(held)
+    weights = copy_run(runs['rope'], tmp_path / 'weights')
+    shutil.copy(weights / 'best.pt', weights / 'ckpt.pt')  # a checkpoint of weights only
     rope, learned = (f"--finetune_from={runs[pe]}" for pe in ('rope', 'learned'))
     for out, args, words in [
         (corrupt, ['--init_from=resume'], ['ckpt.pt', 'corrupt']),
@@ -190,7 +193,7 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
         (held, ['--dataset=copy', '--init_from=resume'], ['dataset=', '--dataset=embedded']),
         (held, [], ['already holds a run', '--init_from=resume']),
         (held, ['--init_from=finetune', rope], ['already holds a run']),
-        (never, ['--init_from=finetune', rope, '--n_layer=3'], ['not n_layer=3']),
+        (weights, ['--init_from=resume'], ['holds weights only', 'not a run to resume']),
         (never, ['--init_from=finetune', learned, '--block_size=32'],
          ["pos_emb='learned' has exactly block_size=16"]),
         (never, [f'--data_root={tmp_path / "nodata"}', '--dataset=fineweb_edu'],
@@ -211,6 +214,17 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
     assert (corrupt / 'ckpt.pt').read_bytes() == b'not a checkpoint'  # nothing overwritten
     assert files(held) == before  # not even the log appended to
     assert not fresh.exists() and not never.exists() and not (tmp_path / 'nodata').exists()
+
+
+def test_finetune_takes_the_sources_other_model_keys_and_names_them(tmp_path, data_root, runs):
+    """A config file or flag that sets a model key other than FINETUNE_KEYS (quickstart.py's
+    pos_emb='rope' on a learned source, say) gives way to the source's, and the run says so."""
+    source = f"--finetune_from={runs['learned']}"
+    p = train(tmp_path / 'dst', data_root, '--init_from=finetune', source, '--pos_emb=rope',
+              '--max_iters=1', '--eval_interval=1')
+    assert "pos_emb='learned' (not 'rope'), as the source" in p.stdout, p.stdout
+    assert torch.load(tmp_path / 'dst' / 'ckpt.pt', weights_only=True)['model_args']['pos_emb'] \
+        == 'learned'
 
 
 def test_eval_set_without_a_window_in_the_data_is_an_error_not_nan(tmp_path):

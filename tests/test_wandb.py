@@ -19,8 +19,9 @@ def test_wandb_log_without_wandb_is_one_line_and_writes_nothing(tmp_path, data_r
     monkeypatch.setitem(sys.modules, 'wandb', None)  # `import wandb` fails, as where not installed
     out = tmp_path / 'out'
     p = train(out, data_root, *STEPS, '--wandb_log=True', check=False)
-    assert p.returncode == 1 and errors(p) == ["train.py: wandb_log=True needs the wandb package: "
-                                               "pip install wandb (or --wandb_log=False)"]
+    [line] = errors(p)
+    assert p.returncode == 1 and line.startswith('train.py: wandb failed (') and \
+        'pip install wandb' in line and '--wandb_log=False' in line, line
     assert not out.exists()
     # without wandb_log it trains: wandb is imported only when asked for
     train(out, data_root, *STEPS)
@@ -89,5 +90,5 @@ def test_wandb_init_failure_is_one_line_and_writes_nothing(tmp_path, data_root, 
                        f'--data_root={data_root}', '--wandb_log=True',
                        env_extra={**offline, 'WANDB_MODE': 'bogus'})  # wandb.init rejects it
     assert p.returncode == 1 and len(errors(p)) == 1, p.stderr[-3000:]
-    assert 'wandb.init failed' in errors(p)[0] and '--wandb_log=False' in errors(p)[0]
+    assert 'wandb failed' in errors(p)[0] and '--wandb_log=False' in errors(p)[0]
     assert not out.exists()
