@@ -1,7 +1,7 @@
 """
 What every script shares that is not the model: device and precision setup, GPU peak FLOPs (for
-MFU), the run folder's files and checkpoint loading. train.py, sample.py, eval.py and bench.py
-import it.
+MFU), the run folder's files and checkpoint loading (writing them: prepare_data.write_atomic).
+train.py, sample.py, eval.py and bench.py import it.
 """
 import os
 import tempfile
@@ -154,12 +154,3 @@ def setup_device(device, dtype):
     ctx = (nullcontext() if dtype == 'float32' else
            torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
     return device, device_type, dtype, ctx
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file, synced, then renamed to path: a crash never leaves half a file."""
-    with open(path + '.tmp', 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)

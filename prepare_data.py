@@ -47,14 +47,24 @@ def _prepare_cmd(data_dir):
     return f"`python prepare_data.py --dataset={name}{where}`"
 
 
-def _write_json(path, obj):
-    # same tmp + rename dance as shards: a reader sees the old file or the new one, never half
+def write_atomic(path, write):
+    """write(f) into a temporary file, synced, then renamed to path: a reader or a crash sees the
+    old file or the new one, never half of one (shards, meta.json, train.py's checkpoints)."""
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 # -----------------------------------------------------------------------------
 # shard format
@@ -66,19 +76,11 @@ def write_shard(path, tokens):
                         f"(0..65535); use a tokenizer with a vocab of at most 65536")
     header = np.zeros(HEADER_INTS, dtype='<i4')
     header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype('<u2').tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        # atomic: a crash leaves the old shard or the new one, never half of one
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(tokens.astype('<u2').tobytes())
+    write_atomic(path, write)
 
 
 def read_shard(path):

@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from common import (RUN_FILES, device_peak_flops, find_checkpoint, held_run, load_checkpoint,
-                    save_atomic, setup_device, unwritable)
+                    setup_device, unwritable)
 from model import CONFIG_CHOICES, GPT, GPTConfig
-from prepare_data import DataError, get_tokenizer, training_data
+from prepare_data import DataError, get_tokenizer, training_data, write_atomic
 from rope import ROPE_FAMILY
 
 # -----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def save_checkpoint(path, resumable):
     if resumable:
         checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                           loader=train_loader.state_dict(), rng=rng)
-    save_atomic(checkpoint, path)
+    write_atomic(path, lambda f: torch.save(checkpoint, f))
     print(f"saved {path} (iter {iter_num})")
 
 

@@ -66,21 +66,20 @@ def test_resume_is_exact(tmp_path, data_root):
 def test_stop_request_writes_a_resumable_checkpoint_and_exits_0(tmp_path, data_root, monkeypatch):
     """SIGTERM (a preemption) during step 5 stops the run after that step: a resumable checkpoint,
     exit 0. Ctrl-C twice while that checkpoint is written: it is written whole all the same."""
-    import common
     import prepare_data
-    next_batch, save = prepare_data.ShardLoader.next_batch, common.save_atomic
+    next_batch, save = prepare_data.ShardLoader.next_batch, prepare_data.write_atomic
 
     def preempted(loader):
         if loader.batch == 4:
             os.kill(os.getpid(), signal.SIGTERM)
         return next_batch(loader)
 
-    def interrupted(obj, path):
+    def interrupted(path, write):
         for _ in range(2):
             os.kill(os.getpid(), signal.SIGINT)
-        return save(obj, path)
+        return save(path, write)
     monkeypatch.setattr(prepare_data.ShardLoader, 'next_batch', preempted)
-    monkeypatch.setattr(common, 'save_atomic', interrupted)
+    monkeypatch.setattr(prepare_data, 'write_atomic', interrupted)
     out = tmp_path / 'out'
     p = train(out, data_root, '--max_iters=100000', '--lr_decay_iters=100000',
               '--eval_interval=100000')
