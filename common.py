@@ -4,6 +4,7 @@ MFU), the run folder's files and checkpoint loading (writing them: prepare_data.
 train.py, sample.py, eval.py and bench.py import it.
 """
 import os
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import replace
@@ -57,6 +58,20 @@ def find_checkpoint(out_dir, which='best'):
         return latest, f"{latest} ({why})"
     raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt); train one first "
                      f"(python train.py config/quickstart.py) or fix the directory given")
+
+
+def exit_on_out_of_memory(script, fix):
+    """From here on, an out-of-memory error the script does not catch (CUDA, MPS, the CPU
+    allocator, numpy) is one line with the fix and exit status 1, not an allocator's traceback."""
+    def hook(kind, e, tb):
+        text = str(e)
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or 'out of memory' in text \
+                or "can't allocate memory" in text:
+            first = (text.splitlines() or [''])[0][:200]
+            print(f"{script}: out of memory ({first}); {fix}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, e, tb)
+    sys.excepthook = hook
 
 
 def unwritable(path, is_dir):

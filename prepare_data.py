@@ -49,18 +49,28 @@ def _prepare_cmd(data_dir):
 
 def write_atomic(path, write):
     """write(f) into a temporary file, synced, then renamed to path: a reader or a crash sees the
-    old file or the new one, never half of one (shards, meta.json, train.py's checkpoints)."""
-    tmp = path + '.tmp'
+    old file or the new one, never half of one (shards, meta.json, train.py's checkpoints). The
+    temporary name is this process's own, and it is removed on any failure. A failed write (a
+    full disk, a quota, an I/O error) raises DataError naming the path and the space it needs."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        if not isinstance(e, OSError) or not os.path.isdir(os.path.dirname(tmp) or '.'):
+            raise
+        # the old file's size is the best guess of the new one's (a checkpoint keeps its size)
+        need = max(written, os.path.getsize(path) if os.path.isfile(path) else 0)
+        free = shutil.disk_usage(os.path.dirname(tmp) or '.').free
+        raise DataError(f"cannot write {path} ({e.strerror or e}): it needs about "
+                        f"{need / 1e6:,.0f} MB, {free / 1e6:,.0f} MB are free there; free some "
+                        f"space or write elsewhere") from e
 
 
 def _write_json(path, obj):
