@@ -3,7 +3,13 @@ What every script shares that is not the model: device and precision setup, GPU 
 MFU), the run folder's files and checkpoint loading (writing them: prepare_data.write_atomic).
 train.py, sample.py, eval.py and bench.py import it.
 """
+import atexit
+import glob
+import json
+import math
 import os
+import shutil
+import socket
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -43,6 +49,68 @@ RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')  # what train.py writes into its
 def held_run(out_dir):
     """The names of a training run's files that out_dir holds (empty: no run there)."""
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
+def lock_run(out_dir):
+    """One run per out_dir at a time: make out_dir and its lock file, with an exclusive create,
+    naming this process. A lock whose process is gone (kill -9, a crash) is taken over, and its
+    killed saves' temporary files removed. Returns unlock(), which runs at exit at the latest and
+    removes the lock, and out_dir too if this made it and no run was written; a lock held by a
+    live (or unknown) process raises ValueError naming it and the fix."""
+    made, path = not os.path.exists(out_dir), os.path.join(out_dir, 'lock')
+    os.makedirs(out_dir, exist_ok=True)
+    while True:
+        try:
+            with open(path, 'x') as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            break
+        except FileExistsError:
+            holder = '?'
+            try:
+                host, pid = open(path).read().split()
+                holder = f"process {pid} on {host}"
+                if host == socket.gethostname():
+                    os.kill(int(pid), 0)  # signal 0 only asks whether the process is there
+            except ProcessLookupError:  # gone without its exit: the lock is stale
+                if os.path.exists(path):  # (unless another process found so first)
+                    os.remove(path)
+                continue
+            except (OSError, ValueError):  # being removed, or half-written just now
+                pass
+            raise ValueError(f"out_dir={out_dir!r} is in use by another run ({holder}, see "
+                             f"{path}): wait for it, or use another --out_dir; if that run is "
+                             f"gone, delete {path}")
+    for name in RUN_FILES:
+        for tmp in glob.glob(glob.escape(os.path.join(out_dir, name)) + '.*.tmp'):
+            os.remove(tmp)
+
+    def unlock():
+        if os.path.exists(path):
+            os.remove(path)
+            if made and not held_run(out_dir):
+                shutil.rmtree(out_dir, ignore_errors=True)
+    atexit.register(unlock)
+    return unlock
+
+
+def json_line(record):
+    """A log.jsonl line: strict JSON, a non-finite number (a diverged loss) written as null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False) + '\n'
+
+
+def log_before(log_path, iter_num):
+    """log.jsonl's text without its records from iter_num on: a run resumed from a checkpoint of
+    iter_num does those steps again, so the log keeps one history. A line cut off by a kill goes."""
+    kept = []
+    for line in open(log_path):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record['iter'] < iter_num:
+            kept.append(json_line(record))
+    return ''.join(kept)
 
 
 def find_checkpoint(out_dir, which='best'):
@@ -113,7 +181,8 @@ def load_checkpoint(path, build=True, overrides=None):
     ckpt.pt or best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or
     foreign file raises ValueError naming it. overrides: GPTConfig keys of the encoding
     (rope_scaling, ...) that the model takes in place of the checkpoint's (rebuild_encoding); a
-    value its encoding cannot take raises the encoding's ValueError."""
+    value its encoding cannot take raises the encoding's ValueError. A model with a nan or inf
+    weight (a diverged run's) raises ValueError naming it: its samples and losses would be noise."""
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         model = GPT(GPTConfig(**checkpoint['model_args'])) if build else None
@@ -128,6 +197,16 @@ def load_checkpoint(path, build=True, overrides=None):
                  else '')
         raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
                          f"checkpoint{other}") from e
+    bad = build and next((name for name, t in checkpoint['model'].items()
+                          if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad:
+        name = os.path.basename(path)
+        other = {'best.pt': ('ckpt.pt', 'latest'), 'ckpt.pt': ('best.pt', 'best')}.get(name)
+        use = (f"use --checkpoint={other[1]} ({other[0]}) or " if other and
+               os.path.isfile(os.path.join(os.path.dirname(path), other[0])) else '')
+        raise ValueError(f"checkpoint {path} has non-finite (nan/inf) weights, first {bad}: a "
+                         f"diverged run; {use}retrain it with a lower --learning_rate (it was "
+                         f"{checkpoint['config'].get('learning_rate')})")
     if build and overrides:
         rebuild_encoding(model, **overrides)
     return checkpoint, model

@@ -4,10 +4,8 @@ $ python train.py config/quickstart.py
 $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_rope.py --pos_emb=carope
 """
 import gc
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -17,10 +15,12 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import hellaswag
-from common import (RUN_FILES, device_peak_flops, find_checkpoint, held_run, load_checkpoint,
-                    setup_device, unwritable)
+from common import (RUN_FILES, device_peak_flops, exit_on_out_of_memory, find_checkpoint,
+                    held_run, json_line, load_checkpoint, lock_run, log_before, setup_device,
+                    unwritable)
 from model import CONFIG_CHOICES, GPT, GPTConfig
 from prepare_data import DataError, get_tokenizer, training_data, write_atomic
 from rope import ROPE_FAMILY
@@ -31,6 +31,7 @@ from rope import ROPE_FAMILY
 out_dir = 'out'
 eval_interval = 250
 log_interval = 10
+sample_interval = 0  # print a short sample from the model every sample_interval steps; 0 = never
 eval_iters = 20  # evaluate on a fixed eval_iters * batch_size * block_size tokens of each split
 eval_block_size = 0  # context length of evaluation; 0 = block_size (larger = length extrapolation)
 eval_only = False  # evaluate once, then exit
@@ -85,10 +86,11 @@ try:  # the model keys' ranges and rules are GPTConfig's (vocab_size 0: the data
     GPTConfig(**{**model_args, 'vocab_size': vocab_size or 1})
 except ValueError as e:
     _config_fail(str(e))
+# the other keys' lower bounds
 for _key, _low in dict(eval_interval=1, log_interval=1, eval_iters=1, batch_size=1,
                        gradient_accumulation_steps=1, eval_block_size=0, max_iters=0,
                        warmup_iters=0, lr_decay_iters=0, weight_decay=0, grad_clip=0, seed=0,
-                       hellaswag_interval=0).items():  # the other keys' lower bounds
+                       hellaswag_interval=0, sample_interval=0).items():
     if globals()[_key] < _low:
         _config_fail(f"{_key}={globals()[_key]} must be >= {_low}")
 for _bad, _message in [  # and the other ranges and rules between keys
@@ -105,12 +107,36 @@ for _bad, _message in [  # and the other ranges and rules between keys
 ]:
     if _bad:
         _config_fail(_message)
+exit_on_out_of_memory('train.py', f"lower --batch_size={max(1, batch_size // 2)} and raise "
+                      f"--gradient_accumulation_steps={gradient_accumulation_steps * 2}: the same "
+                      f"tokens per step in smaller micro-batches" if batch_size > 1 else
+                      "at batch_size=1, lower --block_size or use a smaller model")
+unlock = lambda: None  # replaced by common.lock_run's once this run holds out_dir's lock
 
 
 def fail(message):  # one line, exit 1, nothing written; every process stops, the first speaks
     if master_process:
         print(f"train.py: {message}", file=sys.stderr)
+    unlock()
     sys.exit(1)
+
+
+def last_good():  # where a stopped run goes on from: the fix a failure's message names
+    if os.path.isfile(ckpt_path):
+        return f"{ckpt_path} is the last good state: go on from it with --init_from=resume"
+    return f"no checkpoint was written: rerun into a new --out_dir (or delete {out_dir})"
+
+
+def write_or_fail(path, write):  # a failed write (a full disk): one line, the old file kept
+    try:
+        write_atomic(path, write)
+    except DataError as e:
+        fail(f"{e}; {last_good()}")
+
+
+def diverged(what):  # stop before a checkpoint holds the diverged state
+    fail(f"{what} not finite: the run diverged; {last_good()}, with a lower --learning_rate "
+         f"(now {learning_rate:g})")
 
 
 def log(text, record=None):  # the first process prints text, and writes record (not if eval_only)
@@ -118,8 +144,11 @@ def log(text, record=None):  # the first process prints text, and writes record 
         return
     print(text, flush=True)
     if record is not None and not eval_only:
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(log_path, 'a') as f:
+                f.write(json_line(record))
+        except OSError as e:
+            fail(f"cannot write {log_path} ({e.strerror}); free some space; {last_good()}")
         if wandb_run is not None:
             wandb_run.log(record, step=record['iter'])  # the records of one iter merge into one row
 
@@ -148,6 +177,11 @@ if ddp:
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in RUN_FILES)
 if not eval_only and (why := unwritable(out_dir, is_dir=True)):
     fail(f"out_dir={out_dir!r} cannot be used: {why}; give a directory this user can write")
+if master_process and not eval_only:  # one run per out_dir at a time
+    try:
+        unlock = lock_run(out_dir)
+    except ValueError as e:
+        fail(str(e))
 if init_from != 'resume' and not eval_only and (held := held_run(out_dir)):
     fail(f"out_dir={out_dir!r} already holds a run ({', '.join(held)}); continue it with "
          f"--init_from=resume, or use another --out_dir (or delete that one)")
@@ -160,8 +194,11 @@ if init_from != 'scratch':
         path = find_checkpoint(out_dir, 'latest')[0] if init_from == 'resume' else \
             finetune_from if os.path.isfile(finetune_from) else find_checkpoint(finetune_from)[0]
         checkpoint, _ = load_checkpoint(path, build=False)
-    except ValueError as e:
-        fail(f"init_from={init_from!r}: {e}")
+    except ValueError as e:  # a run with a damaged ckpt.pt can go on from its best weights
+        fix = (f"; to go on from its best weights in a new run: --init_from=finetune "
+               f"--finetune_from={best_path} --out_dir=<a new one>"
+               if init_from == 'resume' and os.path.isfile(best_path) else '')
+        fail(f"init_from={init_from!r}: {e}{fix}")
     was, ran = checkpoint['model_args'], checkpoint['config']
     changed = {k: model_args[k] for k in was if k in _config_given and model_args[k] != was[k]
                and not (k == 'vocab_size' and vocab_size == 0)}  # the command's model keys
@@ -200,6 +237,8 @@ try:  # data: this process's loader, and each split's fixed eval sequences of ev
     if hellaswag_interval:  # the tokenizer and the file now: a missing one fails before training
         hellaswag_encode, _ = get_tokenizer(meta['tokenizer'])
         hellaswag_file = hellaswag.ensure_file(hellaswag_path, data_root)
+    if sample_interval:
+        _, sample_decode = get_tokenizer(meta['tokenizer'])
 except DataError as e:
     fail(str(e))
 if init_from == 'resume' and trained_on and meta.get('content_hash') != trained_on:
@@ -239,6 +278,9 @@ if init_from == 'resume':  # all of the state: the run goes on as if it had neve
     elif decay_lr and lr_decay_iters <= iter_num:  # a longer run needs a longer schedule too
         log(f"note: past lr_decay_iters={lr_decay_iters} the LR stays at min_lr={min_lr}; to go "
             f"on down the cosine, pass --lr_decay_iters={max_iters} too")
+if init_from == 'resume' and master_process and not eval_only and os.path.exists(log_path):
+    kept = log_before(log_path, iter_num)  # steps this run does again are logged again
+    write_or_fail(log_path, lambda f: f.write(kept.encode()))
 checkpoint = None  # free the memory
 if compile:  # takes a minute or so
     model = torch.compile(model)
@@ -278,14 +320,17 @@ def save_checkpoint(path, resumable):
     if ddp and resumable:
         rng = rng * ddp_world_size
         dist.all_gather_object(rng, rng[0])
+    state = raw_model.state_dict()  # the same weights on every process: all stop, or none
+    if not torch.stack([torch.isfinite(t).all() for t in state.values()]).all():
+        diverged(f"iter {iter_num}: the weights are")
     if not master_process:
         return
-    checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'config': config,
+    checkpoint = {'model': state, 'model_args': model_args, 'config': config,
                   'meta': meta, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'lr': lr}
     if resumable:
         checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                           loader=train_loader.state_dict(), rng=rng)
-    write_atomic(path, lambda f: torch.save(checkpoint, f))
+    write_or_fail(path, lambda f: torch.save(checkpoint, f))
     print(f"saved {path} (iter {iter_num})")
 
 
@@ -294,16 +339,12 @@ for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: stop_requested.set())
 wandb_run = None
 if master_process and not eval_only:
-    made = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     if wandb_log:  # an optional dependency, imported only when asked for; files: out_dir/wandb
         try:
             import wandb
             name = wandb_run_name or os.path.basename(os.path.abspath(out_dir))
             wandb_run = wandb.init(project=wandb_project, name=name, config=config, dir=out_dir)
         except Exception as e:  # not installed, not logged in, a bad WANDB_* setting, ...
-            if made:
-                shutil.rmtree(out_dir, ignore_errors=True)
             fail(f"wandb failed ({' '.join(str(e).split())[:300]}); pip install wandb, run `wandb "
                  f"login`, set WANDB_MODE=offline, or --wandb_log=False")
     if 'unigram_loss' in meta:
@@ -322,6 +363,8 @@ while True:
         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"(eval_block_size {eval_block_size})", {'iter': iter_num, 'val_loss': losses['val'],
             'train_eval_loss': losses['train'], 'eval_block_size': eval_block_size})
+        if not all(map(math.isfinite, losses.values())):
+            diverged(f"step {iter_num}: the eval loss is")
         if losses['val'] < best_val_loss and iter_num > 0 and not eval_only:
             best_val_loss = losses['val']
             save_checkpoint(best_path, resumable=False)
@@ -333,6 +376,14 @@ while True:
         log(f"step {iter_num}: hellaswag acc {hs['acc']:.4f}, acc_norm {hs['acc_norm']:.4f} "
             f"({hs['n']} examples)", {'iter': iter_num, 'hellaswag_acc': hs['acc'],
                                       'hellaswag_acc_norm': hs['acc_norm']})
+    if sample_interval and master_process and (iter_num % sample_interval == 0 or final):
+        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx:
+            torch.manual_seed(seed)  # its own stream: sampling leaves training's RNG as it was
+            raw_model.eval()
+            y = raw_model.generate(torch.tensor([[meta['eot']]], device=device), 64,
+                                   temperature=0.8, top_k=200, vocab_limit=meta['vocab_size'])
+            raw_model.train()
+        print(f"step {iter_num}: sample: {sample_decode(y[0, 1:].tolist())!r}")
     t_last += time.time() - t_eval  # evaluation time is not training time
     if final:
         break
@@ -377,9 +428,12 @@ while True:
         mfu = raw_model.estimate_mfu(tokens_per_iter, dt, block_size,
                                      device_peak_flops(device, dtype))
         log(f"iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, tok/s "
-            f"{tokens_per_iter / dt:,.0f}, mfu {'n/a' if mfu is None else f'{mfu * 100:.2f}%'}",
+            f"{tokens_per_iter / dt:,.0f}, mfu {'n/a' if mfu is None else f'{mfu * 100:.2f}%'}, "
+            f"time left {tqdm.format_interval((max_iters - iter_num) * dt)}",
             {'iter': iter_num - 1, 'train_loss': lossf, 'lr': lr, 'ms': dt * 1000,
              'tok_per_s': tokens_per_iter / dt, 'mfu': mfu})
+        if not math.isfinite(lossf):
+            diverged(f"iter {iter_num - 1}: the training loss is")
         loss_accum.zero_()
         t_last, iters_since_log = time.time(), 0
     if stops or (stop_requested.is_set() and not ddp):  # one process: after any step
@@ -397,3 +451,4 @@ if ddp:  # a process group freed only at exit can abort it (SIGABRT): drop DDP, 
     del model
     gc.collect()
     dist.destroy_process_group()
+unlock()

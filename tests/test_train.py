@@ -385,3 +385,170 @@ def test_finetune_extends_the_context_from_another_runs_weights(tmp_path, data_r
     x, y = tokens[:n * 32].view(n, 32), tokens[1:n * 32 + 1].view(n, 32)
     with torch.no_grad():
         assert model.eval()(x, y)[1].item() == pytest.approx(records(dst, 'val_loss')[0], abs=1e-5)
+
+
+# ------------------------------------------------------ failures keep the last good state, one line
+
+def strict_json(path):
+    """log.jsonl's records, parsed as strict JSON (a bare NaN or Infinity is an error)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_root, runs):
+    """A learning rate far too high: the run stops at the first log step that sees a non-finite
+    loss, exit 1, one line naming the iteration and the fixes; ckpt.pt and best.pt stay the last
+    good state, and the log is strict JSON. Following the fix works. A fresh run that diverges
+    before any checkpoint is told to rerun elsewhere."""
+    out = copy_run(runs['rope'], tmp_path / 'out')
+    before = {'best.pt': (out / 'best.pt').read_bytes(),
+              'model': torch.load(out / 'ckpt.pt', weights_only=True)['model']}
+    high = ['--learning_rate=1000.0', '--min_lr=0.0', '--warmup_iters=0', '--grad_clip=0.0']
+    p = train(out, data_root, '--init_from=resume', '--max_iters=30', '--eval_interval=5', *high,
+              check=False)
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    line = errors(p)[0]
+    assert 'the training loss is not finite' in line and '--init_from=resume' in line
+    assert 'lower --learning_rate (now 1000)' in line
+    stopped = int(line.split('iter ')[1].split(':')[0])
+    assert 10 <= stopped < 15  # before the eval at 15 could write anything
+    assert (out / 'best.pt').read_bytes() == before['best.pt']
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)  # iter 10's again, from the resume
+    assert ckpt['iter_num'] == 10 and all(torch.equal(t, before['model'][k])
+                                          for k, t in ckpt['model'].items())
+    assert strict_json(out / 'log.jsonl')[-1]['train_loss'] is None
+    train(out, data_root, '--init_from=resume', '--max_iters=12', '--eval_interval=5')
+
+    p = train(tmp_path / 'fresh', data_root, '--max_iters=30', *high, check=False)
+    assert p.returncode == 1 and 'no checkpoint was written' in errors(p)[0], p.stderr
+    assert sorted(os.listdir(tmp_path / 'fresh')) == ['log.jsonl']
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, data_root, monkeypatch):
+    """A stop request between log steps saves without an eval: the weights themselves are checked,
+    and ckpt.pt from before stays."""
+    import prepare_data
+    next_batch = prepare_data.ShardLoader.next_batch
+
+    def preempted(loader):
+        if loader.batch == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next_batch(loader)
+    out = tmp_path / 'out'
+    train(out, data_root, '--max_iters=2', '--eval_interval=2')
+    before = (out / 'ckpt.pt').read_bytes()
+    monkeypatch.setattr(prepare_data.ShardLoader, 'next_batch', preempted)
+    p = train(out, data_root, '--init_from=resume', '--max_iters=100', '--eval_interval=100',
+              '--log_interval=100', '--learning_rate=1000.0', '--warmup_iters=0',
+              '--grad_clip=0.0', check=False)
+    assert p.returncode == 1 and 'iter 9: the weights are not finite' in errors(p)[0], p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data_root,
+                                                                       monkeypatch):
+    """A full disk while ckpt.pt is written: one line naming the path and the space, no temporary
+    file left, the previous ckpt.pt whole, exit 1."""
+    import errno
+    save, calls = torch.save, []
+
+    def disk_full(obj, f):
+        calls.append(1)
+        if len(calls) < 4:  # best.pt and ckpt.pt at iter 2, best.pt at iter 4 are written
+            return save(obj, f)
+        f.write(b'x' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    out = tmp_path / 'out'
+    p = train(out, data_root, '--max_iters=6', '--eval_interval=2', check=False)
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    assert errors(p)[0].startswith(f"train.py: cannot write {out / 'ckpt.pt'} (No space left")
+    assert 'MB are free there' in errors(p)[0] and '--init_from=resume' in errors(p)[0]
+    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'log.jsonl']  # no *.tmp, no lock
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+
+
+def test_one_run_per_out_dir(tmp_path, data_root):
+    """Two runs started into the same new out_dir: one trains, the other is refused in one line
+    and writes nothing; the log holds one run. A lock whose process is gone does not block."""
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_root={data_root}', f'--out_dir={out}', '--max_iters=20',
+            '--eval_interval=10']
+    procs = [subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, env=env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 1], results
+    refused = [e for e in results[1][1].splitlines() if not e.startswith('Overriding')]
+    assert len(refused) == 1 and refused[0].startswith(
+        f"train.py: out_dir='{out}' is in use by another run (process "), refused
+    assert refused[0].endswith(f"if that run is gone, delete {out / 'lock'}")
+    assert sorted(records(out, 'train_loss')) == list(range(20))  # one run's records, once each
+    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'log.jsonl']
+
+    gone = subprocess.Popen(['true'])
+    gone.wait()  # its pid names no process now
+    (out / 'lock').write_text(f"{os.uname().nodename} {gone.pid}\n")
+    (out / 'ckpt.pt.4242.tmp').write_bytes(b'half a checkpoint')  # what a kill -9 leaves
+    train(out, data_root, '--init_from=resume', '--max_iters=22', '--eval_interval=10')
+    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'log.jsonl']
+
+
+def test_resume_keeps_one_history(tmp_path, data_root):
+    """A run resumed from an older checkpoint than its log reached (the log went on after the last
+    save) writes each iteration once: the log reads as the uninterrupted run's."""
+    straight, out = tmp_path / 'straight', tmp_path / 'out'
+    common = ['--lr_decay_iters=8', '--eval_interval=4']
+    train(straight, data_root, '--max_iters=8', *common)
+    train(out, data_root, '--max_iters=4', *common)
+    at_4 = (out / 'ckpt.pt').read_bytes()
+    train(out, data_root, '--max_iters=8', '--init_from=resume', *common)
+    (out / 'ckpt.pt').write_bytes(at_4)  # the state at 4, as if the saves after it were lost
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 9, "train_lo')  # and a record cut off by a kill
+    train(out, data_root, '--max_iters=8', '--init_from=resume', *common)
+    a, b = strict_json(straight / 'log.jsonl'), strict_json(out / 'log.jsonl')
+    assert [(r['iter'], sorted(r)) for r in a] == [(r['iter'], sorted(r)) for r in b]
+    assert [r.get('train_loss') for r in a] == pytest.approx([r.get('train_loss') for r in b])
+
+
+def test_progress_time_left_and_samples_leave_training_as_it_was(tmp_path, data_root):
+    """Each log line says the time left; sample_interval prints a sample at its steps from its own
+    random stream: the losses are those of a run without samples (dropout: the RNG matters)."""
+    args = ['--max_iters=4', '--lr_decay_iters=4', '--dropout=0.1', '--eval_interval=100']
+    plain = train(tmp_path / 'plain', data_root, *args)
+    sampled = train(tmp_path / 'sampled', data_root, *args, '--sample_interval=2')
+    assert [line.split(': sample: ')[0] for line in sampled.stdout.splitlines()
+            if ': sample: ' in line] == ['step 0', 'step 2', 'step 4']
+    assert all('time left 00:0' in line for line in plain.stdout.splitlines()
+               if line.startswith('iter '))
+    assert records(tmp_path / 'plain', 'train_loss') == \
+        records(tmp_path / 'sampled', 'train_loss')
+    p = train(tmp_path / 'copy', data_root, '--dataset=copy', '--sample_interval=2', check=False)
+    assert p.returncode == 1 and 'no text tokenizer' in errors(p)[0]
+
+
+OOM = """
+import os, runpy, sys, torch
+sys.path.insert(0, os.getcwd())
+import model
+def forward(self, *args, **kw):
+    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+model.GPT.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_out_of_memory_is_one_line_with_a_fix_that_keeps_the_batch(tmp_path, data_root):
+    (tmp_path / 'oom.py').write_text(OOM)
+    out = tmp_path / 'out'
+    p = subprocess.run([sys.executable, tmp_path / 'oom.py', 'train.py', *TINY,
+                        f'--data_root={data_root}', f'--out_dir={out}',
+                        '--gradient_accumulation_steps=3'],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and errors(p) == [
+        "train.py: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower "
+        "--batch_size=2 and raise --gradient_accumulation_steps=6: the same tokens per step in "
+        "smaller micro-batches"], p.stderr
+    assert not out.exists()  # the lock is released, and the folder it made goes with it
