@@ -58,11 +58,12 @@ def lock_run(out_dir):
     removes the lock, and out_dir too if this made it and no run was written; a lock held by a
     live (or unknown) process raises ValueError naming it and the fix."""
     made, path = not os.path.exists(out_dir), os.path.join(out_dir, 'lock')
+    me = f"{socket.gethostname()} {os.getpid()}\n"
     os.makedirs(out_dir, exist_ok=True)
     while True:
         try:
             with open(path, 'x') as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.write(me)
             break
         except FileExistsError:
             holder = '?'
@@ -84,8 +85,8 @@ def lock_run(out_dir):
         for tmp in glob.glob(glob.escape(os.path.join(out_dir, name)) + '.*.tmp'):
             os.remove(tmp)
 
-    def unlock():
-        if os.path.exists(path):
+    def unlock():  # only a lock that is still this process's (out_dir may be gone, or another's)
+        if os.path.isfile(path) and open(path).read() == me:
             os.remove(path)
             if made and not held_run(out_dir):
                 shutil.rmtree(out_dir, ignore_errors=True)

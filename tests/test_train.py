@@ -494,6 +494,21 @@ def test_one_run_per_out_dir(tmp_path, data_root):
     assert sorted(os.listdir(out)) == ['best.pt', 'ckpt.pt', 'log.jsonl']
 
 
+def test_a_run_releases_only_its_own_lock(tmp_path):
+    """A run whose out_dir was deleted and taken by a new run (same path) must not, at its exit,
+    remove the new run's lock or folder."""
+    from common import lock_run
+    out = tmp_path / 'out'
+    unlock = lock_run(str(out))
+    shutil.rmtree(out)
+    unlock_new = lock_run(str(out))
+    (out / 'lock').write_text('otherhost 1\n')  # as a process elsewhere would have it
+    unlock()
+    assert (out / 'lock').read_text() == 'otherhost 1\n'
+    unlock_new()
+    assert (out / 'lock').exists()
+
+
 def test_resume_keeps_one_history(tmp_path, data_root):
     """A run resumed from an older checkpoint than its log reached (the log went on after the last
     save) writes each iteration once: the log reads as the uninterrupted run's."""
