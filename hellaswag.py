@@ -11,7 +11,6 @@ $ python train.py config/gpt2_rope.py --hellaswag_interval=250
 import http.client
 import json
 import os
-import tempfile
 import urllib.request
 from contextlib import nullcontext
 from itertools import islice
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from prepare_data import HERE, DataError
+from prepare_data import HERE, DataError, write_atomic
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 
@@ -75,21 +74,10 @@ def download(path):
                         ) from None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        # a private temp name: DDP processes may download at once, each renames a whole file
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the data is not
-            os.replace(tmp, path)
-        except BaseException:
-            os.remove(tmp)
-            raise
     except OSError as e:
         raise DataError(f"cannot write {path} ({e.strerror}); give a writable data_root, or the "
                         f"path of a copy as hellaswag_path") from None
+    write_atomic(path, lambda f: f.write(data))  # DDP processes may download at once: each renames
 
 
 def ensure_file(path='', data_root=os.path.join(HERE, 'data')):
