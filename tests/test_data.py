@@ -3,6 +3,7 @@ import hashlib
 import json
 import platform
 import re
+import shutil
 import math
 import multiprocessing
 import os
@@ -165,12 +166,13 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
     # meta.json present but the train shards are not: still not usable
     d = tmp_path / 'fineweb_edu'
     d.mkdir()
-    (d / 'meta.json').write_text('{"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}')
     pd.write_shard(str(d / 'fineweb_edu_val_000000.bin'), [1, 2, 3])
+    pd.write_shard(str(d / 'fineweb_edu_train_000001.bin'), [1, 2, 3])
+    pd.write_meta(str(d), {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot': 50256})
+    assert pd.ensure_dataset(str(tmp_path), 'fineweb_edu') == str(d)
+    os.remove(d / 'fineweb_edu_train_000001.bin')
     with pytest.raises(DataError, match='no train shards.*' + fix):
         pd.ensure_dataset(str(tmp_path), 'fineweb_edu')
-    pd.write_shard(str(d / 'fineweb_edu_train_000001.bin'), [1, 2, 3])
-    assert pd.ensure_dataset(str(tmp_path), 'fineweb_edu') == str(d)
 
 
 def test_shard_paths_sorted_and_split_exact(tmp_path):
@@ -211,7 +213,12 @@ def make_loader_data(tmp_path, sizes=(1008, 700)):
     pd.write_shard(str(d / 'toy_val_000000.bin'), np.arange(500))
     for i, n in enumerate(sizes):
         pd.write_shard(str(d / f'toy_train_{i + 1:06d}.bin'), np.arange(n) + 10_000 * (i + 1))
+    write_toy_meta(d)
     return str(d)
+
+
+def write_toy_meta(d):
+    return pd.write_meta(str(d), {'tokenizer': 'toy', 'vocab_size': 2**16, 'eot': 0})
 
 
 def window_ids(x):
@@ -359,8 +366,129 @@ def test_eval_tokens(tmp_path):
     assert pd.eval_tokens(d, 'val', 10_000).tolist() == list(range(500))  # short shard: all of it
     assert pd.eval_tokens(d, 'train', 5).tolist() == list(range(10_000, 10_006))
     pd.write_shard(os.path.join(d, 'toy_val_000000.bin'), [7])
+    write_toy_meta(d)
     with pytest.raises(DataError, match='at least 2'):
         pd.eval_tokens(d, 'val', 100)
+
+# -----------------------------------------------------------------------------
+# integrity: a shard's bytes are checked against meta.json's sha256 before they are used
+
+def damage(path, how):
+    raw = bytearray(open(path, 'rb').read())
+    if how == 'zeroed':
+        raw[pd.HEADER_BYTES:] = bytes(len(raw) - pd.HEADER_BYTES)  # the header still checks out
+    elif how == 'flipped':
+        raw[len(raw) // 2] ^= 1 << 3  # one bit
+    else:
+        raw = raw[:-2]
+    open(path, 'wb').write(bytes(raw))
+
+
+def one_line_naming(e, path, *words):
+    msg = str(e.value)
+    assert '\n' not in msg and msg.startswith(str(path)), msg
+    assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize('how,says', [('zeroed', "its sha256 differs from meta.json's"),
+                                      ('flipped', "its sha256 differs from meta.json's"),
+                                      ('truncated', 'truncated or corrupt')])
+@pytest.mark.parametrize('reader', ['loader', 'eval_tokens'])
+def test_corrupt_shard_is_an_error_before_its_tokens_are_used(tmp_path, data_root, how, says,
+                                                              reader):
+    root = tmp_path / 'data'
+    shutil.copytree(os.path.join(data_root, 'embedded'), root / 'embedded')
+    d = str(root / 'embedded')
+    split = 'train' if reader == 'loader' else 'val'
+    path = pd.shard_paths(d, split)[0]
+    damage(path, how)
+    use = lambda: pd.ShardLoader(d, 'train', 4, T).next_batch() if reader == 'loader' \
+        else pd.eval_tokens(d, 'val', 100)
+    with pytest.raises(DataError) as e:
+        use()
+    fix = f're-run `python prepare_data.py --dataset=embedded --out_root={root}`'
+    one_line_naming(e, path, says, fix)
+    if how == 'flipped':  # the fix it names works
+        assert run('prepare_data.py', '--dataset=embedded', f'--out_root={root}').returncode == 0
+        use()
+
+
+def test_each_shard_is_hashed_once_per_process_and_again_if_it_changes(tmp_path, monkeypatch):
+    d = make_loader_data(tmp_path)
+    hashed = []
+    sha256 = pd._sha256
+    monkeypatch.setattr(pd, '_sha256', lambda path: hashed.append(path) or sha256(path))
+    monkeypatch.setattr(pd, '_verified', set())
+    loader = pd.ShardLoader(d, 'train', 4, T)
+    batches(loader, 20)  # 80 windows of 105: both shards read many times
+    pd.eval_tokens(d, 'val', 100)
+    pd.eval_tokens(d, 'val', 100)
+    assert sorted(hashed) == pd.shard_paths(d, 'train') + pd.shard_paths(d, 'val')
+    path = pd.shard_paths(d, 'train')[0]
+    damage(path, 'flipped')  # a shard changed during a run is checked again when next opened
+    with pytest.raises(DataError) as e:
+        batches(loader, 20)
+    one_line_naming(e, path, "its sha256 differs from meta.json's")
+
+
+def test_shards_must_be_the_ones_meta_lists(tmp_path):
+    d = make_loader_data(tmp_path, sizes=(1008, 700, 300))
+    fix = 're-run `python prepare_data.py --dataset=toy'
+    lost = pd.shard_paths(d, 'train')[1]
+    os.rename(lost, lost + '.bak')  # the loader would train on the other shards, silently
+    with pytest.raises(DataError) as e:
+        pd.ensure_dataset(str(tmp_path), 'toy')
+    one_line_naming(e, lost, 'missing, but meta.json lists it', fix)
+    os.rename(lost + '.bak', lost)
+    stray = os.path.join(d, 'toy_train_000004.bin')
+    pd.write_shard(stray, np.arange(100))
+    with pytest.raises(DataError) as e:
+        pd.ensure_dataset(str(tmp_path), 'toy')
+    one_line_naming(e, stray, 'meta.json does not list; remove it')
+
+
+def _meta(**change):
+    # a valid meta.json, with the fields in change replaced (None: removed)
+    meta = {'tokenizer': 'bytes', 'vocab_size': 257, 'eot': 256, 'unigram_loss': 4.5,
+            'content_hash': 'sha256:' + '0' * 64,
+            'shards': {'x_val_000000.bin': 'sha256:' + 'a' * 64}}
+    return {k: v for k, v in {**meta, **change}.items() if v is not None}
+
+
+@pytest.mark.parametrize('content,says', [
+    ('[]', 'holds [], not a JSON object'),
+    ('"meta"', "holds 'meta', not a JSON object"),
+    ('{}', "no field 'tokenizer'"),
+    (_meta(shards=None), "no field 'shards' (older or damaged), it must be {shard file name: "),
+    (_meta(vocab_size='x'), "vocab_size is 'x', it must be an integer >= 1"),
+    (_meta(vocab_size=True), 'vocab_size is True, it must be an integer >= 1'),
+    (_meta(eot=257), 'eot is 257, it must be an integer in [0, vocab_size)'),
+    (_meta(tokenizer=2), 'tokenizer is 2, it must be a string'),
+    (_meta(unigram_loss=float('nan')), 'unigram_loss is nan, it must be a finite number >= 0'),
+    (_meta(content_hash='abc'), "content_hash is 'abc', it must be 'sha256:' and 64 hex digits"),
+    (_meta(shards=['x']), "shards is ['x'], it must be {shard file name: 'sha256:'"),
+    (_meta(shards={'x_val_000000.bin': 'sha256:zz'}), 'shards is {'),
+])
+def test_meta_of_the_wrong_shape_is_one_line(tmp_path, content, says):
+    d = tmp_path / 'mine'
+    d.mkdir()
+    (d / 'meta.json').write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError) as e:
+        pd.load_meta(str(d))
+    one_line_naming(e, d / 'meta.json', says,
+                    f're-run `python prepare_data.py --dataset=mine --out_root={tmp_path}`')
+
+
+def test_train_with_a_meta_of_the_wrong_shape_is_one_line(tmp_path, data_root):
+    from conftest import errors, train
+    d = tmp_path / 'data' / 'mine'
+    shutil.copytree(os.path.join(data_root, 'embedded'), d)
+    (d / 'meta.json').write_text(json.dumps(_meta(vocab_size='x')))
+    p = train(tmp_path / 'out', tmp_path / 'data', '--dataset=mine', check=False)
+    assert p.returncode == 1 and len(errors(p)) == 1
+    assert errors(p)[0].endswith(f"{d / 'meta.json'}: vocab_size is 'x', it must be an integer "
+                                 f">= 1; re-run `python prepare_data.py --dataset=mine "
+                                 f"--out_root={tmp_path / 'data'}`")
 
 # -----------------------------------------------------------------------------
 # embedded dataset
@@ -425,13 +553,15 @@ def test_embedded_from_older_code_is_rebuilt_with_its_hash(tmp_path):
     old = {k: v for k, v in pd.load_meta(d).items() if k in old_keys}
     (tmp_path / 'data' / 'embedded' / 'meta.json').write_text(json.dumps(old))
     assert _ensure(root) == d and files_bytes(d) == ref and os.listdir(root) == ['embedded']
-    # a dataset that is not rebuilt on the fly keeps loading with an unknown hash
+    # a dataset that is not rebuilt on the fly is an error naming the command that rebuilds it
     f = tmp_path / 'data' / 'fw'
     f.mkdir()
     (f / 'meta.json').write_text(json.dumps(old))
     for i in range(2):
         pd.write_shard(str(f / pd.shard_name('fw', i)), [1, 2, 3])
-    assert pd.ensure_dataset(root, 'fw') == str(f) and 'content_hash' not in pd.load_meta(str(f))
+    with pytest.raises(DataError, match=
+                       f"no field 'content_hash'.*--dataset=fw --out_root={root}"):
+        pd.ensure_dataset(root, 'fw')
 
 # -----------------------------------------------------------------------------
 # Hugging Face preparation
@@ -537,6 +667,49 @@ def test_prepare_hf_rerun_repairs_and_refuses_other_settings(tmp_path):
     assert files_bytes(out) == files_bytes(ref)
     with pytest.raises(DataError, match='progress.json.*same flags'):
         pd.prepare_hf(out, docs, tiny_encoding(), 1000, num_proc=2)
+
+
+def test_prepare_hf_rerun_repairs_a_shard_whose_hash_differs(tmp_path):
+    docs = make_docs()
+    ref, out = str(tmp_path / 'ref' / 'fw'), str(tmp_path / 'run' / 'fw')
+    for d in (ref, out):
+        pd.prepare_hf(d, docs, tiny_encoding(), 2000, num_proc=2)
+    bad = os.path.join(out, 'fw_train_000004.bin')
+    damage(bad, 'flipped')
+    loader = pd.ShardLoader(out, 'train', 4, T)
+    with pytest.raises(DataError) as e:
+        batches(loader, 100)  # windows from every shard
+    one_line_naming(e, bad, "its sha256 differs from meta.json's",
+                    f"re-run `python prepare_data.py --dataset=fw --out_root={tmp_path / 'run'}`")
+    # the rerun it names redoes shard 4 on; one that stops first still knows shard 4 is bad
+    with pytest.raises(DataError, match='reading documents stopped'):
+        pd.prepare_hf(out, FlakyDocs(docs, 0, ConnectionError('reset')), tiny_encoding(), 2000,
+                      num_proc=2)
+    CountingDocs.skips = []
+    pd.prepare_hf(out, CountingDocs(docs), tiny_encoding(), 2000, num_proc=2)
+    starts = json.load(open(os.path.join(ref, 'progress.json')))['starts']
+    assert CountingDocs.skips == [starts[4][0]] and files_bytes(out) == files_bytes(ref)
+
+
+def test_prepare_hf_rerun_adds_shard_hashes_to_an_older_meta_without_the_documents(tmp_path):
+    out = str(tmp_path / 'fw')
+    pd.prepare_hf(out, make_docs(), tiny_encoding(), 2000, num_proc=2)
+    before = files_bytes(out)
+    meta = pd.load_meta(out)
+    del meta['shards']  # as the code before per-shard hashes wrote it
+    pd._write_json(os.path.join(out, 'meta.json'), meta)
+    with pytest.raises(DataError) as e:
+        pd.ensure_dataset(str(tmp_path), 'fw')
+    one_line_naming(e, os.path.join(out, 'meta.json'), "no field 'shards'",
+                    f"re-run `python prepare_data.py --dataset=fw --out_root={tmp_path}`")
+    never = lambda: pytest.fail('loaded the documents')
+    pd.prepare_hf(out, never, tiny_encoding(), 2000, num_proc=2)
+    assert files_bytes(out) == before and pd.ensure_dataset(str(tmp_path), 'fw') == out
+    # shards that no longer have the older meta.json's content_hash: which one is bad is unknown
+    pd._write_json(os.path.join(out, 'meta.json'), meta)
+    damage(os.path.join(out, 'fw_train_000004.bin'), 'flipped')
+    with pytest.raises(DataError, match=f"one is corrupt .* delete {out}"):
+        pd.prepare_hf(out, never, tiny_encoding(), 2000, num_proc=2)
 
 
 def test_prepare_hf_needs_a_train_shard(tmp_path):
