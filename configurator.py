@@ -37,9 +37,7 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
         _pairs = {'__file__': _os.path.abspath(_arg)}  # so that a config can build on another
         try:
             exec(open(_arg).read(), _pairs)
-        except SystemExit as _e:  # it would end the run having done nothing, and exit 0
-            _config_fail(f"{_arg} calls exit ({_e}); a config file only sets keys")
-        except Exception as _e:  # a syntax error, a NameError, ...: where (the file's frame), what
+        except (Exception, SystemExit) as _e:  # a SyntaxError, NameError, exit(0): where, what
             _line = getattr(_e, 'lineno', None) or getattr(_e.__traceback__.tb_next, 'tb_lineno', 0)
             _config_fail(f"{_arg} line {_line}: {type(_e).__name__}: {getattr(_e, 'msg', _e)}")
         _pairs = {k: v for k, v in _pairs.items()  # neither imports nor functions are keys

@@ -228,13 +228,12 @@ def test_finetune_takes_the_sources_other_model_keys_and_names_them(tmp_path, da
 
 def test_eval_set_without_a_window_in_the_data_is_an_error_not_nan(tmp_path):
     """A dataset whose val split is shorter than one eval window: one line, nothing written."""
-    from prepare_data import shard_name, write_shard
+    from prepare_data import shard_name, write_meta, write_shard
     root = tmp_path / 'data'
     (root / 'tiny').mkdir(parents=True)
     write_shard(str(root / 'tiny' / shard_name('tiny', 0)), np.arange(10) % 256)
     write_shard(str(root / 'tiny' / shard_name('tiny', 1)), np.arange(5000) % 256)
-    (root / 'tiny' / 'meta.json').write_text(json.dumps({'tokenizer': 'bytes', 'vocab_size': 257,
-                                                         'eot': 256}))
+    write_meta(str(root / 'tiny'), {'tokenizer': 'bytes', 'vocab_size': 257, 'eot': 256})
     p = train(tmp_path / 'x', root, '--dataset=tiny', check=False)
     assert p.returncode == 1 and len(errors(p)) == 1 and 'val eval set (9 tokens' in p.stderr
     assert not (tmp_path / 'x').exists()
