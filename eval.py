@@ -13,8 +13,10 @@ $ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 se
 $ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True  # + a HellaSwag table
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json
-beside it); PNG plots go to --plots (default: next to the report) when matplotlib is installed.
+beside it); PNG plots go to --plots (default: next to the report). A report is rewritten by the
+next one of the same name; any other file there is refused, not overwritten.
 """
+import difflib
 import json
 import math
 import os
@@ -29,8 +31,8 @@ from torch.nn import functional as F
 
 import hellaswag as hellaswag_py  # hellaswag.py: `hellaswag` is this script's on/off key
 import prepare_data
-from common import (find_checkpoint, held_run, load_checkpoint, rebuild_encoding, setup_device,
-                    unwritable)
+from common import (exit_on_out_of_memory, find_checkpoint, held_run, load_checkpoint,
+                    rebuild_encoding, setup_device, unwritable)
 from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, RoPE
 
 # -----------------------------------------------------------------------------
@@ -71,9 +73,21 @@ hellaswag_limit = 0  # 0 = all 10,042 examples; n = the first n, a quick look (n
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
+# a slip of train.py's pos_emb: the configurator's "did you mean 'pos_embs'?", followed, would
+# train a run per encoding, where the user may have meant to compare runs already trained
+for _arg in sys.argv[1:]:
+    _key = _arg[2:].split('=')[0]
+    if _arg.startswith('--') and _key not in globals() and \
+            difflib.get_close_matches(_key, ['pos_embs']):
+        print(f"config error: unknown key {_key!r}; to compare trained runs give "
+              f"--out_dirs=DIR,DIR; --pos_embs=rope,carope first trains a run per encoding "
+              f"(--sweep_config), then compares them", file=sys.stderr)
+        sys.exit(2)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
+# how the report and its .json begin: a file that exists and does not is no report of eval.py's
+REPORT_HEAD, JSON_HEAD = "# Comparing position encodings\n\n", '{\n "eval_tokens": '
 
 
 def fail(message):
@@ -87,6 +101,14 @@ def int_list(key, text, example='512,1024'):
     except ValueError:
         fail(f"--{key}={text!r} must be a comma list of integers, e.g. --{key}={example}")
     return values
+
+
+def written_by_eval(path, head):
+    """Is path absent, or a file eval.py wrote (it begins with head)? Only those are rewritten."""
+    if not os.path.exists(path):
+        return True
+    with open(path, 'rb') as f:
+        return f.read(len(head)) == head.encode()
 
 
 def md_table(header, rows):
@@ -157,8 +179,9 @@ def learning_curve(out_dir, config):
         for k in curves:
             if k in rec:
                 curves[k][rec['iter'] + (k == 'train_loss')] = rec[k]
-    return {k: (np.array(sorted(c), dtype=np.int64) * per_iter, np.array([c[i] for i in sorted(c)]))
-            for k, c in curves.items()}
+    # a diverged loss is logged as null: nan, a gap in the line
+    return {k: (np.array(sorted(c), dtype=np.int64) * per_iter,
+                np.array([c[i] for i in sorted(c)], dtype=np.float64)) for k, c in curves.items()}
 
 
 def over_seeds(curves):
@@ -226,6 +249,28 @@ for key, path, is_dir in [('--report', report, False), ('--plots', plots, True),
                           ('--sweep_out', sweep_runs[0][2] if sweep else '', True)]:
     if path and (why := unwritable(path, is_dir)):  # before any work, not after it
         fail(f"{key}={path}: cannot be written: {why}")
+report_json = os.path.splitext(report)[0] + '.json'
+for path, head in [(report, REPORT_HEAD), (report_json, JSON_HEAD)] if report else []:
+    if not written_by_eval(path, head):  # an earlier report is rewritten; any other file stays
+        fail(f"--report={report}: {path} exists and is not an eval.py report; give another "
+             f"--report path (a report is a .md and a .json beside it)")
+if data_root and not os.path.isdir(data_root):  # never a dataset built in a mistyped folder
+    fail(f"--data_root={data_root} is not a folder; give the one the runs' data is in "
+         f"(train.py's --data_root), or leave it out: each checkpoint's own")
+plot_dir = plots or (os.path.dirname(os.path.abspath(report)) if report else '')
+# matplotlib: in requirements.txt, but imported only here (train.py and sample.py need none of it)
+if plot_dir:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("matplotlib is not installed, for the plots of --report/--plots; "
+             "pip install -r requirements.txt")
+# what a forward holds is batch_size windows of an eval length
+smaller = f"--batch_size={batch_size // 2} or " if batch_size > 1 else ''
+cpu = ', or --device=cpu' if device_type != 'cpu' else ''
+exit_on_out_of_memory('eval.py', f"use {smaller}shorter --eval_block_sizes{cpu}")
 for _, _, out in sweep_runs:  # before training any: never into, or mixed with, an earlier run
     if held_run(out):
         fail(f"{out} already holds a run; compare it with --out_dirs={out}, or use another "
@@ -237,7 +282,7 @@ if hellaswag:  # the file now: a missing one (or no network) fails before any tr
     except prepare_data.DataError as e:
         fail(str(e))
     hellaswag_total = sum(1 for _ in hellaswag_py.iterate_examples(hellaswag_file))
-for pe, s, out in sweep_runs:  # the sweep: same config, one run per encoding and seed
+for i, (pe, s, out) in enumerate(sweep_runs):  # the sweep: one run per encoding and seed
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'),
            sweep_config, f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
     cmd += [] if s is None else [f'--seed={s}']
@@ -245,7 +290,18 @@ for pe, s, out in sweep_runs:  # the sweep: same config, one run per encoding an
     t0 = time.time()
     # training logs to stderr: stdout is the tables
     if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-        fail(f"training pos_emb={pe} failed (command above); fix it or leave it out of --pos_embs")
+        # the runs done hold their out_dirs (a rerun of this sweep is refused): the hint keeps them
+        done, rest = sweep_runs[:i], [p for p, _, _ in sweep_runs[i + 1:]]
+        if not done:
+            hint = "fix it, or leave it out of --pos_embs"
+        elif len(seed_list) > 1:
+            hint = "fix it and rerun with another --sweep_out (the runs done keep theirs)"
+        else:  # one seed: one run per encoding, in order
+            hint = (f"keep the runs done: add {','.join(o for *_, o in done)} to --out_dirs and "
+                    f"give --pos_embs={','.join([pe] + rest)} once it is fixed, or "
+                    + (f"--pos_embs={','.join(rest)}" if rest else "no --pos_embs")
+                    + " without it")
+        fail(f"training pos_emb={pe} failed (command above); {hint}")
     print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
     dirs.append(out)
 
@@ -663,23 +719,34 @@ results = {'eval_tokens': n_tokens, 'eval_block_sizes': lengths, 'pos_offsets': 
 if report:
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     with open(report, 'w', encoding='utf-8') as f:
-        f.write("# Comparing position encodings\n\n" + text)
-    with open(os.path.splitext(report)[0] + '.json', 'w') as f:  # full precision, for scripts
+        f.write(REPORT_HEAD + text)
+    with open(report_json, 'w') as f:  # full precision, for scripts
         json.dump(results, f, indent=1)
     print(f"wrote {report}", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
-# plots (matplotlib is optional): a line per row, the mean over its seeds, their min-max shaded
-plot_dir = plots or (os.path.dirname(os.path.abspath(report)) if report else '')
-if plot_dir:
-    try:
-        import matplotlib
-        matplotlib.use('Agg')  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
-        print("eval.py: matplotlib is not installed; no plots (pip install matplotlib)",
-              file=sys.stderr)
+# plots: a line per row, the mean over its seeds, their min-max shaded
+# each family of encodings a range of colours: (its names, colormap, range); None: every other,
+# the rotations of q and k (rope.py's ROPE_FAMILY, carope, comrope, ...)
+FAMILIES = [(('none', 'learned', 'sinusoidal'), 'Greys', 0.45, 0.95),  # absolute: greys
+            (('alibi', 't5', 'fire', 'cope'), 'autumn', 0.0, 0.6),  # score biases: reds, oranges
+            (None, 'winter', 0.0, 0.85)]  # rotary: blues to greens
+LINE_STYLES = ['-', '--', '-.', ':']
+
+
+def row_styles(pos_embs):
+    """The colour and line style of each row, given their pos_embs: a family's rows spread over
+    its colours, the line styles cycling along them; no two rows share a colour, and neighbours
+    differ in both."""
+    families = [next(i for i, (names, *_) in enumerate(FAMILIES) if names is None or pe in names)
+                for pe in pos_embs]
+    styles = []
+    for j, f in enumerate(families):
+        i, n = families[:j].count(f), families.count(f)  # the row's place among its family's
+        _, cmap, lo, hi = FAMILIES[f]
+        styles.append(dict(color=matplotlib.colormaps[cmap](lo + (hi - lo) * (i + 0.5) / n),
+                           ls=LINE_STYLES[i % len(LINE_STYLES)]))
+    return styles
 
 
 def band(ax, x, ys, st, label, **kw):
@@ -689,13 +756,12 @@ def band(ax, x, ys, st, label, **kw):
         ax.fill_between(x, ys.min(0), ys.max(0), color=st['color'], alpha=0.2, lw=0)
 
 
-if plot_dir and plt is not None and runs:  # the plots are of val loss: text checkpoints
+if plot_dir and runs:  # the plots are of val loss: text checkpoints
     os.makedirs(plot_dir, exist_ok=True)
     train_lengths = sorted({r['block_size'] for r in runs})
-    # ten colours, then the same ten dashed, dotted: every row keeps a line of its own; the legend
-    # sits outside
-    style = [dict(color=f'C{i % 10}', ls=('-', '--', ':')[i // 10 % 3])
-             for i in range(len(text_rows))]
+    style = row_styles([g['runs'][0]['model'].config.pos_emb for g in text_rows])
+    # the training lengths: a wide pale band behind the rows, no row's look; the legend outside
+    trained_at = lambda ax: [ax.axvline(B, color='0.88', lw=5, zorder=0) for B in train_lengths]
     legend = dict(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -703,12 +769,11 @@ if plot_dir and plt is not None and runs:  # the plots are of val loss: text che
         ys = np.array([[np.nan if r['loss'][T] is None else r['loss'][T] for T in lengths]
                        for r in g['runs']])
         band(ax, lengths, ys, st, g['label'], marker='o')
-    for B in train_lengths:
-        ax.axvline(B, color='gray', ls='--', lw=1)
+    trained_at(ax)
     ax.set_xscale('log', base=2)
     ax.set_xticks(lengths, [str(T) for T in lengths])
     ax.minorticks_off()
-    ax.set(xlabel='context length (dashed: training length)', ylabel='val loss',
+    ax.set(xlabel='context length (pale band: training length)', ylabel='val loss',
            title='Loss vs context length')
     ax.legend(**legend)
     fig.tight_layout()
@@ -719,11 +784,10 @@ if plot_dir and plt is not None and runs:  # the plots are of val loss: text che
     for g, st in zip(text_rows, style):  # in log-spaced bins: one position's mean is too noisy
         x = position_bins(g['runs'][0]['by_pos'])[0]
         band(ax, x, np.array([position_bins(r['by_pos'])[1] for r in g['runs']]), st, g['label'])
-    for B in train_lengths:
-        ax.axvline(B, color='gray', ls='--', lw=1)
+    trained_at(ax)
     ax.set_xscale('log')
-    ax.set(xlabel='token position (log-spaced bins; dashed: training length)', ylabel='val loss',
-           title='Loss vs token position')
+    ax.set(xlabel='token position (log-spaced bins; pale band: training length)',
+           ylabel='val loss', title='Loss vs token position')
     ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(os.path.join(plot_dir, 'loss_vs_position.png'), dpi=120)
@@ -740,8 +804,10 @@ if plot_dir and plt is not None and runs:  # the plots are of val loss: text che
             print(f"eval.py: {g['label']} has no learning curve: no log.jsonl in its out_dirs",
                   file=sys.stderr)
             continue
-        for ax, k in zip(axes, ('train_loss', 'val_loss')):
-            band(ax, *over_seeds([c[k] for c in curves]), st, g['label'])
+        band(axes[0], *over_seeds([c['train_loss'] for c in curves]), st, g['label'])
+        # val: a point at every eval (few, and each a mean over eval_iters batches)
+        band(axes[1], *over_seeds([c['val_loss'] for c in curves]), st, g['label'], marker='o',
+             ms=3)
     for ax, what in zip(axes, ('train loss (each logged step)', 'val loss (each eval)')):
         ax.set(xlabel='tokens seen', title=what)
     axes[0].set_ylabel('loss')

@@ -14,8 +14,9 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
-from common import find_checkpoint, load_checkpoint, setup_device
+from common import exit_on_out_of_memory, find_checkpoint, load_checkpoint, setup_device
 from prepare_data import DataError, get_tokenizer
 from rope import ROPE_SCALINGS
 
@@ -75,6 +76,15 @@ try:
     meta = ckpt['meta']
 except (ValueError, KeyError) as e:
     fail(str(e))
+# samples are made one at a time (fewer are no help): memory holds the weights and one context, of
+# at most block_size tokens, or with --extrapolate=True the whole prompt and sample
+if extrapolate:
+    oom_fix = "give a shorter --max_new_tokens or --start (--extrapolate=True never crops them)"
+elif device_type != 'cpu':
+    oom_fix = "use --device=cpu (the weights and one block_size context did not fit the device)"
+else:
+    oom_fix = "free memory: the weights and one block_size context did not fit"
+exit_on_out_of_memory('sample.py', oom_fix)
 if overrides.get('rope_scaling', 'none') != 'none' and model.config.rope_scaling_factor == 1:
     fail(f"--rope_scaling={rope_scaling} with rope_scaling_factor=1 changes nothing; give "
          f"--rope_scaling_factor > 1 (the context over the trained length "
@@ -92,13 +102,25 @@ except DataError as e:  # e.g. a synthetic-task checkpoint: no text to sample
 start_ids = encode(start) or [meta['eot']]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
+
+def count_token(module, args, output):
+    """A forward of GPT.generate is one new token. Returns None: the output stays the model's."""
+    bar.update()
+
+
+# a bar on stderr while a sample takes over 2 s, on a terminal only (stdout is the samples); it is
+# gone before the sample is printed
+model.register_forward_hook(count_token)
 with torch.no_grad(), ctx:
-    for _ in range(num_samples):
+    for i in range(num_samples):
+        bar = tqdm(total=max_new_tokens, desc=f"sample {i + 1}/{num_samples}", unit='tok',
+                   file=sys.stderr, disable=None, delay=2, leave=False)
         try:  # vocab_limit: the tokenizer's ids only, never vocab_size's padding
             y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                use_cache=use_cache, vocab_limit=meta['vocab_size'],
                                extrapolate=extrapolate)
         except ValueError as e:  # e.g. a bad temperature, or `learned` asked to extrapolate
             fail(str(e))
+        bar.close()
         print(decode(y[0].tolist()))
         print('---------------')

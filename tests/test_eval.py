@@ -2,6 +2,7 @@
 two tiny checkpoints (conftest.runs: rope and learned, block_size 16, 10 steps of train.py on the
 embedded dataset), then eval.py on CPU. Numbers are checked against the model called directly."""
 import json
+import math
 import os
 import shutil
 import sys
@@ -11,9 +12,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, TINY, errors, run
+from conftest import REPO, TINY, copy_run, errors, run, subprocess_run
 from model import GPT, GPTConfig
 from prepare_data import SYNTHETIC_TASKS, eval_tokens
+from rope import ENCODINGS
+from test_sample import OOM, poison
 
 DASH = '\u2013'
 
@@ -105,7 +108,7 @@ def test_offset_sweep_rope_shift_invariant_learned_dash(evaluated):
 
 
 def assert_plots_are_pngs(directory):
-    plt = pytest.importorskip('matplotlib.pyplot')
+    import matplotlib.pyplot as plt
     for name in ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'):
         path = directory / name
         assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -116,15 +119,16 @@ def test_plots_are_pngs(evaluated):
     assert_plots_are_pngs(evaluated['report'].parent)
 
 
-def test_without_matplotlib_tables_still_written(evaluated, tmp_path, monkeypatch):
+def test_without_matplotlib_one_line_before_any_work(evaluated, tmp_path, monkeypatch):
+    """matplotlib is a dependency (requirements.txt): missing, a report or plots are refused in
+    one line before any loading, nothing written."""
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` fails, as if absent
-    report = tmp_path / 'r.md'
     p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=16',
-            f'--report={report}')
-    assert p.returncode == 0, p.stderr
-    assert '| out-rope (rope) |' in report.read_text(encoding='utf-8')
-    assert any('matplotlib is not installed' in line for line in errors(p))
-    assert not list(tmp_path.glob('*.png'))
+            f"--report={tmp_path / 'r.md'}")
+    assert p.returncode == 1 and 'loaded ' not in p.stderr, p.stderr
+    line, = errors(p)
+    assert 'matplotlib is not installed' in line and 'pip install' in line, line
+    assert not list(tmp_path.iterdir())
 
 
 def test_impossible_requests_and_bad_out_dirs_fail_clearly(evaluated, tmp_path):
@@ -350,13 +354,15 @@ def eval_functions(*names):
     script (importing it would run it on pytest's argv), so its pure helpers are tested from
     their source."""
     import ast
-    import math
     import re
     import types
+
+    import matplotlib
     tree = ast.parse(open(os.path.join(REPO, 'eval.py'), encoding='utf-8').read())
     nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names or
              isinstance(n, ast.Assign) and any(getattr(t, 'id', None) in names for t in n.targets)]
-    namespace = {'math': math, 'np': np, 'json': json, 'os': os, 're': re}
+    namespace = {'math': math, 'np': np, 'json': json, 'os': os, 're': re,
+                 'matplotlib': matplotlib}
     exec(compile(ast.Module(body=nodes, type_ignores=[]), 'eval.py', 'exec'), namespace)
     return types.SimpleNamespace(**{k: namespace[k] for k in names})
 
@@ -435,12 +441,13 @@ def test_learning_curves_from_log_jsonl(tmp_path, seeded):
     config = {'batch_size': 4, 'block_size': 32, 'gradient_accumulation_steps': 3}  # 384 a step
     records = [{'iter': 0, 'val_loss': 5.0, 'train_eval_loss': 5.1}, {'iter': 0, 'train_loss': 4.9},
                {'iter': 1, 'train_loss': 4.7}, {'iter': 2, 'val_loss': 4.5},
-               {'iter': 1, 'train_loss': 4.6}, {'iter': 2, 'train_loss': 4.4}]  # resumed at 1
-    text = '\n'.join(map(json.dumps, records)) + '\n{"iter": 3, "train_lo'
+               {'iter': 1, 'train_loss': 4.6}, {'iter': 2, 'train_loss': 4.4},  # resumed at 1
+               {'iter': 3, 'train_loss': None}]  # a diverged loss: null, drawn as a gap
+    text = '\n'.join(map(json.dumps, records)) + '\n{"iter": 4, "train_lo'
     (tmp_path / 'log.jsonl').write_text(text)
     curve = f.learning_curve(str(tmp_path), config)
-    np.testing.assert_array_equal(curve['train_loss'][0], [384, 768, 1152])
-    np.testing.assert_array_equal(curve['train_loss'][1], [4.9, 4.6, 4.4])
+    np.testing.assert_array_equal(curve['train_loss'][0], [384, 768, 1152, 1536])
+    np.testing.assert_array_equal(curve['train_loss'][1], [4.9, 4.6, 4.4, np.nan])
     np.testing.assert_array_equal(curve['val_loss'][0], [0, 768])
     np.testing.assert_array_equal(curve['val_loss'][1], [5.0, 4.5])
     assert f.learning_curve(str(tmp_path / 'nothing'), config) is None
@@ -784,13 +791,141 @@ def test_hellaswag_without_the_file_fails_before_anything(evaluated, tmp_path, m
     assert 'training:' not in p.stderr and not list(tmp_path.glob('never*'))
     monkeypatch.setattr(hellaswag, 'URL', 'http://127.0.0.1:9/hellaswag_val.jsonl')  # no server
     root = tmp_path / 'root'
+    root.mkdir()  # a data_root that is no folder is refused before this
     p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", '--hellaswag=True',
             f'--data_root={root}', f'--report={report}', '--device=cpu')
     assert p.returncode == 1 and len(errors(p)) == 1 and 'loaded ' not in p.stderr, p.stderr
     assert 'cannot download HellaSwag' in errors(p)[0] and 'hellaswag_path' in errors(p)[0]
-    assert not root.exists() and not list(tmp_path.glob('r.*'))
+    assert not list(root.iterdir()) and not list(tmp_path.glob('r.*'))
     for args, words in [(['--hellaswag=True', '--hellaswag_limit=-1'], 'hellaswag_limit must be'),
                         (['--hellaswag_limit=5'], 'needs --hellaswag=True')]:
         p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", *args, f'--report={report}')
         assert p.returncode == 1 and len(errors(p)) == 1 and words in errors(p)[0], p.stderr
         assert 'loaded ' not in p.stderr and not report.exists()
+
+
+# ------------------------------------------- a run's last good state: nothing lost, nothing unasked
+def test_non_finite_checkpoint_is_one_line(evaluated, tmp_path):
+    """A diverged run's checkpoint (an inf weight) is refused in one line naming it and a fix that
+    works, before any evaluation: not a table of nan."""
+    out = copy_run(evaluated['dirs']['rope'], tmp_path / 'run')
+    name = poison(out / 'ckpt.pt', math.inf)
+    p = run('eval.py', f'--out_dirs={out}', '--checkpoint=latest', '--eval_block_sizes=16')
+    assert p.returncode == 1 and p.stdout == '' and 'evaluated' not in p.stderr, p.stderr
+    line, = errors(p)
+    assert line.startswith(f"eval.py: checkpoint {out / 'ckpt.pt'} has non-finite"), line
+    assert name in line and '--checkpoint=best (best.pt)' in line, line
+
+
+def test_out_of_memory_is_one_line_with_a_fix(evaluated, tmp_path):
+    """One line with what ran out and the key that needs less memory, exit 1, no traceback."""
+    (tmp_path / 'oom.py').write_text(OOM)
+    p = subprocess_run(sys.executable, tmp_path / 'oom.py', 'eval.py',
+                       f"--out_dirs={evaluated['dirs']['rope']}", '--eval_block_sizes=16',
+                       '--batch_size=8', '--device=cpu')
+    assert p.returncode == 1 and p.stdout == '' and 'Traceback' not in p.stderr, p.stderr
+    line, = errors(p)
+    assert line.startswith("eval.py: out of memory (CUDA out of memory. Tried to allocate "
+                           "20.00 GiB); use --batch_size=4 or shorter --eval_block_sizes"), line
+
+
+def test_hints_never_start_training_unasked(evaluated):
+    """train.py's pos_emb given to eval.py is not answered with "did you mean 'pos_embs'?" alone
+    (followed, it trains): both ways are named, and nothing trains."""
+    for args in (['--pos_emb=rope'], [f"--out_dirs={evaluated['dirs']['rope']}", '--posembs=rope']):
+        p = run('eval.py', *args)
+        assert p.returncode == 2 and 'training:' not in p.stderr, p.stderr
+        line, = errors(p)
+        assert '--out_dirs=' in line and '--pos_embs=' in line and 'trains a run' in line, line
+
+
+def test_failed_sweep_hint_followed_literally(data_root, tmp_path):
+    """A sweep whose second run fails keeps the first: the hint, followed word for word, compares
+    it with the runs not yet trained, training each once."""
+    sweep_args = ' '.join([*TINY, f'--data_root={data_root}', '--max_iters=1',
+                           '--lr_decay_iters=1', '--eval_interval=1'])
+    sw = tmp_path / 'sw'
+    # learned has only block_size positions: eval_block_size=32 fails it alone
+    p = run('eval.py', '--pos_embs=rope,learned,none', f'--sweep_args={sweep_args} '
+            '--eval_block_size=32', f'--sweep_out={sw}', '--eval_block_sizes=16', '--device=cpu')
+    assert p.returncode == 1, p.stderr[-3000:]
+    line = errors(p)[-1]
+    assert line.endswith(f"training pos_emb=learned failed (command above); keep the runs done: "
+                         f"add {sw}-rope to --out_dirs and give --pos_embs=learned,none once it "
+                         f"is fixed, or --pos_embs=none without it"), line
+    p = run('eval.py', f'--out_dirs={sw}-rope', '--pos_embs=none', f'--sweep_args={sweep_args}',
+            f'--sweep_out={sw}', '--eval_block_sizes=16', '--device=cpu')
+    assert p.returncode == 0 and p.stderr.count('training: ') == 1, p.stderr[-3000:]
+    assert list(table(p.stdout, 'Perplexity')) == ['sw-rope (rope)', 'sw-none (none)']
+
+
+def test_report_never_overwrites_another_file(evaluated, tmp_path):
+    """--report rewrites an earlier report of eval.py's; any other file at its .md or .json is
+    refused in one line, before any work, and left as it was."""
+    rope = evaluated['dirs']['rope']
+    for name in ('notes.md', 'data.json'):
+        (tmp_path / name).write_text('mine\n')
+    for report in ('notes.md', 'data.md'):
+        p = run('eval.py', f'--out_dirs={rope}', f'--report={tmp_path / report}')
+        assert p.returncode == 1 and 'loaded ' not in p.stderr, p.stderr
+        line, = errors(p)
+        assert 'is not an eval.py report' in line and 'another --report' in line, line
+    assert sorted(os.listdir(tmp_path)) == ['data.json', 'notes.md']
+    assert (tmp_path / 'notes.md').read_text() == (tmp_path / 'data.json').read_text() == 'mine\n'
+    report = tmp_path / 'again' / 'report.md'
+    shutil.copytree(evaluated['report'].parent, report.parent)
+    p = run('eval.py', f'--out_dirs={rope}', '--eval_block_sizes=16', '--pos_offsets=0',
+            f'--report={report}', '--device=cpu')
+    assert p.returncode == 0, p.stderr
+    assert '| out-rope (rope) |' in report.read_text() and 'ppl @32' not in report.read_text()
+
+
+def test_missing_data_root_is_one_line(evaluated, tmp_path):
+    """--data_root that is no folder (a typo): one line; no dataset built there."""
+    p = run('eval.py', f"--out_dirs={evaluated['dirs']['rope']}", f"--data_root={tmp_path / 'x'}")
+    assert p.returncode == 1 and 'loaded ' not in p.stderr, p.stderr
+    line, = errors(p)
+    assert f"--data_root={tmp_path / 'x'} is not a folder" in line, line
+    assert not (tmp_path / 'x').exists()
+
+
+def test_row_styles_colour_families_and_no_pair_twice():
+    """Each row a (colour, line style) of its own, 15 and more; absolute encodings grey, score
+    biases red to orange, rotary ones blue to green; neighbours of a family differ in style."""
+    f = eval_functions('FAMILIES', 'LINE_STYLES', 'row_styles')
+    pos_embs = ['rope'] * 5 + list(ENCODINGS) + ['alibi', 'learned']  # e.g. scaled rope rows
+    styles = f.row_styles(pos_embs)
+    assert len({(st['color'], st['ls']) for st in styles}) == len(pos_embs) > 15
+    for pe, st in zip(pos_embs, styles):
+        r, g, b, _ = st['color']
+        if pe in ('none', 'learned', 'sinusoidal'):
+            assert r == g == b, pe
+        elif pe in ('alibi', 't5', 'fire', 'cope'):
+            assert r == 1 and g <= 0.6 and b == 0, pe
+        else:
+            assert r == 0 and b >= 0.5, pe
+    ropes = [st['ls'] for pe, st in zip(pos_embs, styles) if pe == 'rope']
+    assert all(a != b for a, b in zip(ropes, ropes[1:]))
+
+
+def test_learning_curves_draw_every_eval_with_markers(evaluated, tmp_path, monkeypatch):
+    """The val panel: a line with a marker at every val_loss record of each run's log.jsonl."""
+    import matplotlib.figure
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, path, **kw):
+        drawn[os.path.basename(path)] = [ax.get_lines() for ax in fig.axes]
+        save(fig, path, **kw)
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', record)
+    dirs = evaluated['dirs']
+    p = run('eval.py', f"--out_dirs={dirs['rope']},{dirs['learned']}", '--eval_block_sizes=16',
+            '--pos_offsets=0', f'--plots={tmp_path}', '--device=cpu')
+    assert p.returncode == 0, p.stderr
+    val = drawn['learning_curves.png'][1]  # the val panel's lines, a row each
+    for line, pe in zip(val, ('rope', 'learned')):
+        log = [json.loads(x) for x in open(os.path.join(dirs[pe], 'log.jsonl'))]
+        assert list(line.get_ydata()) == [r['val_loss'] for r in log if 'val_loss' in r]
+        assert line.get_marker() == 'o'
+    styles = [(tuple(line.get_color()), line.get_linestyle()) for line in val]
+    assert len(val) == 2 and len(set(styles)) == 2

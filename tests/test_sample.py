@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rope import ENCODINGS  # noqa: E402
 import test_model  # noqa: E402
-from conftest import errors, run  # noqa: E402
+from conftest import REPO, copy_run, errors, run, subprocess_run  # noqa: E402
 from test_model import tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -275,3 +274,77 @@ def test_extreme_temperatures_sample_valid_ids(temperature):
         greedy = model.generate(prompt, 6, temperature=0, vocab_limit=50)
         assert torch.equal(model.generate(prompt, 6, temperature=temperature,
                                           vocab_limit=50), greedy)
+
+
+# ------------------------------------------- a run's last good state: diverged weights, memory
+def poison(path, value):
+    """Write value (nan, inf) into one weight of the checkpoint at path, as a diverged run leaves
+    it; the weight's name."""
+    ckpt = torch.load(path, weights_only=True)
+    name = 'transformer.h.0.mlp.c_proj.weight'
+    ckpt['model'][name][0, 0] = value
+    torch.save(ckpt, path)
+    return name
+
+
+def test_sample_py_refuses_non_finite_weights(runs, tmp_path):
+    """A checkpoint with a nan weight: one line naming the file, the weight and a fix that works,
+    no sample (multinomial raised on its nan probabilities; greedy printed NUL bytes)."""
+    out = copy_run(runs['learned'], tmp_path / 'run')
+    name = poison(out / 'best.pt', math.nan)
+    for args in ([], ['--temperature=0']):
+        p = run('sample.py', f'--out_dir={out}', '--max_new_tokens=20', *args)
+        assert p.returncode == 1 and p.stdout == '', p.stderr
+        line, = errors(p)
+        assert line.startswith(f"sample.py: checkpoint {out / 'best.pt'} has non-finite"), line
+        assert name in line and '--checkpoint=latest' in line and 'learning_rate' in line, line
+    p = run('sample.py', f'--out_dir={out}', '--max_new_tokens=20', '--checkpoint=latest')
+    assert p.returncode == 0 and p.stdout.count('---------------') == 3, p.stderr
+
+
+def test_sample_py_progress_bar_on_stderr_only(runs, monkeypatch):
+    """A tqdm bar per sample on stderr counts each new token; stdout is the samples alone, the same
+    with the bar as without. Off a terminal (disable=None) or under 2 s (delay) it is not shown:
+    forced on here."""
+    import tqdm
+    args = (f"--out_dir={runs['rope']}", '--num_samples=2', '--max_new_tokens=30',
+            '--temperature=0')
+    quiet = run('sample.py', *args)
+    assert quiet.returncode == 0 and 'sample 1/2' not in quiet.stderr, quiet.stderr
+
+    class Shown(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, 'disable': False, 'delay': 0, 'mininterval': 0})
+    monkeypatch.setattr(tqdm, 'tqdm', Shown)
+    p = run('sample.py', *args)
+    assert p.returncode == 0 and p.stdout == quiet.stdout, p.stderr
+    for i in (1, 2):
+        assert f'sample {i}/2: 100%' in p.stderr and '30/30' in p.stderr, p.stderr
+
+
+# `python OOM script args`: the script, every forward of the model an out-of-memory error, as a GPU
+# too small raises it
+OOM = f"""
+import runpy, sys, torch
+sys.path.insert(0, {REPO!r})
+import model
+def forward(*args, **kwargs):
+    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+model.GPT.forward = forward
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('args,fix', [([], 'free memory'),
+                                      (['--extrapolate=True'], 'shorter --max_new_tokens')])
+def test_sample_py_out_of_memory_is_one_line_with_a_fix(runs, tmp_path, args, fix):
+    """One line with what ran out and what frees memory (fewer samples would not: they are made
+    one at a time), exit 1, no traceback."""
+    (tmp_path / 'oom.py').write_text(OOM)
+    p = subprocess_run(sys.executable, tmp_path / 'oom.py', 'sample.py',
+                       f"--out_dir={runs['rope']}", '--device=cpu', *args)
+    assert p.returncode == 1 and p.stdout == '' and 'Traceback' not in p.stderr, p.stderr
+    line, = errors(p)
+    assert line.startswith("sample.py: out of memory (CUDA out of memory. Tried to allocate "
+                           "20.00 GiB); ") and fix in line, line
