@@ -76,15 +76,9 @@ try:
     meta = ckpt['meta']
 except (ValueError, KeyError) as e:
     fail(str(e))
-# samples are made one at a time (fewer are no help): memory holds the weights and one context, of
-# at most block_size tokens, or with --extrapolate=True the whole prompt and sample
-if extrapolate:
-    oom_fix = "give a shorter --max_new_tokens or --start (--extrapolate=True never crops them)"
-elif device_type != 'cpu':
-    oom_fix = "use --device=cpu (the weights and one block_size context did not fit the device)"
-else:
-    oom_fix = "free memory: the weights and one block_size context did not fit"
-exit_on_out_of_memory('sample.py', oom_fix)
+# samples are made one at a time (fewer are no help): memory holds the weights and one context
+exit_on_out_of_memory('sample.py', "give a shorter --max_new_tokens or --start (--extrapolate=True "
+                      "never crops them)" if extrapolate else "use --device=cpu or free memory")
 if overrides.get('rope_scaling', 'none') != 'none' and model.config.rope_scaling_factor == 1:
     fail(f"--rope_scaling={rope_scaling} with rope_scaling_factor=1 changes nothing; give "
          f"--rope_scaling_factor > 1 (the context over the trained length "
@@ -103,13 +97,12 @@ start_ids = encode(start) or [meta['eot']]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
 
-def count_token(module, args, output):
-    """A forward of GPT.generate is one new token. Returns None: the output stays the model's."""
-    bar.update()
+def count_token(module, args, output):  # each forward of GPT.generate is one new token
+    bar.update()  # (returns None: the model's output stays as it is)
 
 
-# a bar on stderr while a sample takes over 2 s, on a terminal only (stdout is the samples); it is
-# gone before the sample is printed
+# a bar on stderr while a sample takes over 2 s, on a terminal only (stdout is the samples), gone
+# before the sample is printed
 model.register_forward_hook(count_token)
 with torch.no_grad(), ctx:
     for i in range(num_samples):
