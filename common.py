@@ -81,6 +81,13 @@ def lock_run(out_dir):
             raise ValueError(f"out_dir={out_dir!r} is in use by another run ({holder}, see "
                              f"{path}): wait for it, or use another --out_dir; if that run is "
                              f"gone, delete {path}")
+        except OSError as e:  # a full disk: no empty lock left to block the next run
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.remove(path)
+            if made:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise ValueError(f"cannot write {path} ({e.strerror}); free some space, or use "
+                             f"another --out_dir") from None
     for name in RUN_FILES:
         for tmp in glob.glob(glob.escape(os.path.join(out_dir, name)) + '.*.tmp'):
             os.remove(tmp)
@@ -125,8 +132,10 @@ def find_checkpoint(out_dir, which='best'):
     if os.path.isfile(latest):
         why = "the last state; no best.pt in this run" if which == 'best' else "the last state"
         return latest, f"{latest} ({why})"
-    raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt); train one first "
-                     f"(python train.py config/quickstart.py) or fix the directory given")
+    if os.path.isfile(best):  # which == 'latest'
+        raise ValueError(f"no ckpt.pt in {out_dir}, only best.pt (the best val loss's weights)")
+    raise ValueError(f"no checkpoint in {out_dir} (best.pt or ckpt.pt): give the out_dir of a "
+                     f"training run (train.py's --out_dir)")
 
 
 def exit_on_out_of_memory(script, fix):
@@ -198,12 +207,13 @@ def load_checkpoint(path, build=True, overrides=None):
                  else '')
         raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
                          f"checkpoint{other}") from e
-    bad = build and next((name for name, t in checkpoint['model'].items()
-                          if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = next((name for name, t in checkpoint['model'].items()
+                if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad:
         name = os.path.basename(path)
         other = {'best.pt': ('ckpt.pt', 'latest'), 'ckpt.pt': ('best.pt', 'best')}.get(name)
-        use = (f"use --checkpoint={other[1]} ({other[0]}) or " if other and
+        use = (f"{other[0]} beside it may be good (sample.py, eval.py: --checkpoint={other[1]}), "
+               f"or " if other and
                os.path.isfile(os.path.join(os.path.dirname(path), other[0])) else '')
         raise ValueError(f"checkpoint {path} has non-finite (nan/inf) weights, first {bad}: a "
                          f"diverged run; {use}retrain it with a lower --learning_rate (it was "

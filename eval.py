@@ -13,8 +13,8 @@ $ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 se
 $ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True  # + a HellaSwag table
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json
-beside it); PNG plots go to --plots (default: next to the report). A report is rewritten by the
-next one of the same name; any other file there is refused, not overwritten.
+beside it); PNG plots go to --plots (default: next to the report). A report or plot is rewritten by
+the next one of the same name; any other file there is refused, not overwritten.
 """
 import difflib
 import json
@@ -86,8 +86,11 @@ for _arg in sys.argv[1:]:
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
-# how the report and its .json begin: a file that exists and does not is no report of eval.py's
+# how the report and its .json begin, and the mark in the plots' PNG header: a file that exists
+# and does not hold its own is no output of eval.py's, and is never overwritten
 REPORT_HEAD, JSON_HEAD = "# Comparing position encodings\n\n", '{\n "eval_tokens": '
+PLOTS, PLOT_MARK = ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'), \
+    'nanoRoPE eval.py'
 
 
 def fail(message):
@@ -104,11 +107,12 @@ def int_list(key, text, example='512,1024'):
 
 
 def written_by_eval(path, head):
-    """Is path absent, or a file eval.py wrote (it begins with head)? Only those are rewritten."""
+    """Is path absent, or a file eval.py wrote (head in its first 4 KB)? Only those are
+    rewritten."""
     if not os.path.exists(path):
         return True
     with open(path, 'rb') as f:
-        return f.read(len(head)) == head.encode()
+        return head.encode() in f.read(4096)
 
 
 def md_table(header, rows):
@@ -258,6 +262,10 @@ if data_root and not os.path.isdir(data_root):  # never a dataset built in a mis
     fail(f"--data_root={data_root} is not a folder; give the one the runs' data is in "
          f"(train.py's --data_root), or leave it out: each checkpoint's own")
 plot_dir = plots or (os.path.dirname(os.path.abspath(report)) if report else '')
+for path in [os.path.join(plot_dir, name) for name in PLOTS] if plot_dir else []:
+    if not written_by_eval(path, PLOT_MARK):
+        fail(f"{path} exists and is not a plot of eval.py's; give another --plots folder (or "
+             f"move that file)")
 # matplotlib: in requirements.txt, but imported only here (train.py and sample.py need none of it)
 if plot_dir:
     try:
@@ -763,6 +771,7 @@ if plot_dir and runs:  # the plots are of val loss: text checkpoints
     # the training lengths: a wide pale band behind the rows, no row's look; the legend outside
     trained_at = lambda ax: [ax.axvline(B, color='0.88', lw=5, zorder=0) for B in train_lengths]
     legend = dict(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    png = dict(dpi=120, metadata={'Software': PLOT_MARK})  # the mark: eval.py's own
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for g, st in zip(text_rows, style):
@@ -777,7 +786,7 @@ if plot_dir and runs:  # the plots are of val loss: text checkpoints
            title='Loss vs context length')
     ax.legend(**legend)
     fig.tight_layout()
-    fig.savefig(os.path.join(plot_dir, 'loss_vs_length.png'), dpi=120)
+    fig.savefig(os.path.join(plot_dir, 'loss_vs_length.png'), **png)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -790,7 +799,7 @@ if plot_dir and runs:  # the plots are of val loss: text checkpoints
            ylabel='val loss', title='Loss vs token position')
     ax.legend(**legend)
     fig.tight_layout()
-    fig.savefig(os.path.join(plot_dir, 'loss_vs_position.png'), dpi=120)
+    fig.savefig(os.path.join(plot_dir, 'loss_vs_position.png'), **png)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
@@ -813,7 +822,7 @@ if plot_dir and runs:  # the plots are of val loss: text checkpoints
     axes[0].set_ylabel('loss')
     axes[1].legend(**legend)
     fig.tight_layout()
-    fig.savefig(os.path.join(plot_dir, 'learning_curves.png'), dpi=120)
+    fig.savefig(os.path.join(plot_dir, 'learning_curves.png'), **png)
     plt.close(fig)
     print(f"wrote {plot_dir}/loss_vs_length.png, loss_vs_position.png, learning_curves.png",
           file=sys.stderr)

@@ -67,7 +67,9 @@ def write_atomic(path, write):
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not isinstance(e, OSError) or not os.path.isdir(os.path.dirname(tmp) or '.'):
+        while e is not None and not isinstance(e, OSError):
+            e = e.__context__  # torch.save raises a RuntimeError while handling the OSError
+        if e is None or not os.path.isdir(os.path.dirname(tmp) or '.'):
             raise
         # the old file's size is the best guess of the new one's (a checkpoint keeps its size)
         need = max(written, os.path.getsize(path) if os.path.isfile(path) else 0)
@@ -143,8 +145,9 @@ def load_meta(data_dir):
         known = ['embedded', 'fineweb_edu', *SYNTHETIC_TASKS] + \
             (os.listdir(root) if os.path.isdir(root) else [])
         close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.8)
-        hint = f" (or did you mean --dataset={close[0]}?)" if close else ''
-        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}{hint}")
+        if close:  # a typo: preparing the misspelt name would download FineWeb-Edu into it
+            raise DataError(f"{data_dir}: {what}; did you mean --dataset={close[0]}?")
+        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}")
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -165,7 +168,7 @@ META_FIELDS = [  # what the readers use, and what it must be: (field, must be, c
      lambda v, m: _num(v) and 0 <= v < float('inf')),
     ('content_hash', "'sha256:' and 64 hex digits", lambda v, m: _sha(v)),
     ('shards', "{shard file name: 'sha256:' and 64 hex digits}",
-     lambda v, m: isinstance(v, dict) and all(map(_sha, v.values()))),
+     lambda v, m: isinstance(v, dict) and len(v) >= 2 and all(map(_sha, v.values()))),
 ]
 
 
@@ -284,7 +287,8 @@ def _check_dataset(data_dir):
                         f"{_prepare_cmd(data_dir)}")
     if found - listed:
         path = os.path.join(data_dir, min(found - listed))
-        raise DataError(f"{path}: a shard that meta.json does not list; remove it")
+        raise DataError(f"{path}: a shard that meta.json does not list; if it is not part of "
+                        f"the dataset move it out, else re-run {_prepare_cmd(data_dir)}")
 
 
 def _is_complete(data_dir):

@@ -107,10 +107,8 @@ for _bad, _message in [  # and the other ranges and rules between keys
 ]:
     if _bad:
         _config_fail(_message)
-exit_on_out_of_memory('train.py', f"lower --batch_size={max(1, batch_size // 2)} and raise "
-                      f"--gradient_accumulation_steps={gradient_accumulation_steps * 2}: the same "
-                      f"tokens per step in smaller micro-batches" if batch_size > 1 else
-                      "at batch_size=1, lower --block_size or use a smaller model")
+exit_on_out_of_memory('train.py', "the model does not fit: a smaller n_layer or n_embd, or "
+                      "another --device")  # and once it is built, the batch's advice
 unlock = lambda: None  # replaced by common.lock_run's once this run holds out_dir's lock
 
 
@@ -144,11 +142,14 @@ def log(text, record=None):  # the first process prints text, and writes record 
         return
     print(text, flush=True)
     if record is not None and not eval_only:
+        size = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         try:
             with open(log_path, 'a') as f:
                 f.write(json_line(record))
-        except OSError as e:
-            fail(f"cannot write {log_path} ({e.strerror}); free some space; {last_good()}")
+        except OSError as e:  # a full disk: no half a line left behind
+            if os.path.exists(log_path):
+                os.truncate(log_path, size)
+            fail(f"cannot write {log_path} ({e.strerror}); {last_good()}")
         if wandb_run is not None:
             wandb_run.log(record, step=record['iter'])  # the records of one iter merge into one row
 
@@ -183,8 +184,9 @@ if master_process and not eval_only:  # one run per out_dir at a time
     except ValueError as e:
         fail(str(e))
 if init_from != 'resume' and not eval_only and (held := held_run(out_dir)):
-    fail(f"out_dir={out_dir!r} already holds a run ({', '.join(held)}); continue it with "
-         f"--init_from=resume, or use another --out_dir (or delete that one)")
+    fail(f"out_dir={out_dir!r} already holds a run ({', '.join(held)}); "
+         + ("continue it with --init_from=resume, or " if 'ckpt.pt' in held else '')
+         + "use another --out_dir (or delete that one)")
 # finetune: a new run from another's weights and architecture, but for FINETUNE_KEYS (e.g. longer)
 FINETUNE_KEYS = ('block_size', 'dropout', 'rope_scaling', 'rope_scaling_factor',
                  'rope_scaling_length')
@@ -262,6 +264,10 @@ if raw_model.pe.max_len is not None and eval_block_size > raw_model.pe.max_len:
          f"eval_block_size<={raw_model.pe.max_len} or an encoding that extrapolates")
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+exit_on_out_of_memory('train.py', f"lower --batch_size={batch_size // 2} and raise --gradient_"
+                      f"accumulation_steps={gradient_accumulation_steps * ddp_world_size * 2}: the "
+                      f"same tokens per step in smaller micro-batches" if batch_size > 1 else
+                      "at batch_size=1, lower --block_size or use a smaller model")
 iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':  # all of the state: the run goes on as if it had never stopped
     optimizer.load_state_dict(checkpoint['optimizer'])

@@ -444,7 +444,8 @@ def test_shards_must_be_the_ones_meta_lists(tmp_path):
     pd.write_shard(stray, np.arange(100))
     with pytest.raises(DataError) as e:
         pd.ensure_dataset(str(tmp_path), 'toy')
-    one_line_naming(e, stray, 'meta.json does not list; remove it')
+    one_line_naming(e, stray, 'meta.json does not list; if it is not part of the dataset move '
+                    'it out, else re-run `python prepare_data.py')  # a damaged meta.json
 
 
 def _meta(**change):
@@ -468,6 +469,7 @@ def _meta(**change):
     (_meta(content_hash='abc'), "content_hash is 'abc', it must be 'sha256:' and 64 hex digits"),
     (_meta(shards=['x']), "shards is ['x'], it must be {shard file name: 'sha256:'"),
     (_meta(shards={'x_val_000000.bin': 'sha256:zz'}), 'shards is {'),
+    (_meta(shards={}), 'shards is {}, it must be'),  # not a dataset of no shards
 ])
 def test_meta_of_the_wrong_shape_is_one_line(tmp_path, content, says):
     d = tmp_path / 'mine'
@@ -477,6 +479,14 @@ def test_meta_of_the_wrong_shape_is_one_line(tmp_path, content, says):
         pd.load_meta(str(d))
     one_line_naming(e, d / 'meta.json', says,
                     f're-run `python prepare_data.py --dataset=mine --out_root={tmp_path}`')
+
+
+def test_a_misspelt_dataset_is_named_not_prepared(tmp_path):
+    """Preparing the misspelt name would download FineWeb-Edu into it: the hint is the name."""
+    with pytest.raises(DataError) as e:
+        pd.load_meta(str(tmp_path / 'embeded'))
+    one_line_naming(e, tmp_path / 'embeded', 'no such dataset dir; did you mean --dataset=embedded?')
+    assert 'prepare_data.py' not in str(e.value)
 
 
 def test_train_with_a_meta_of_the_wrong_shape_is_one_line(tmp_path, data_root):

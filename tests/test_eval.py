@@ -814,7 +814,8 @@ def test_non_finite_checkpoint_is_one_line(evaluated, tmp_path):
     assert p.returncode == 1 and p.stdout == '' and 'evaluated' not in p.stderr, p.stderr
     line, = errors(p)
     assert line.startswith(f"eval.py: checkpoint {out / 'ckpt.pt'} has non-finite"), line
-    assert name in line and '--checkpoint=best (best.pt)' in line, line
+    assert name in line, line
+    assert 'best.pt beside it may be good (sample.py, eval.py: --checkpoint=best)' in line, line
 
 
 def test_out_of_memory_is_one_line_with_a_fix(evaluated, tmp_path):
@@ -878,6 +879,13 @@ def test_report_never_overwrites_another_file(evaluated, tmp_path):
             f'--report={report}', '--device=cpu')
     assert p.returncode == 0, p.stderr
     assert '| out-rope (rope) |' in report.read_text() and 'ppl @32' not in report.read_text()
+    mine = tmp_path / 'mine'  # a plot's name, not eval.py's plot: refused the same way
+    mine.mkdir()
+    (mine / 'learning_curves.png').write_bytes(b'my own plot')
+    p = run('eval.py', f'--out_dirs={rope}', f'--plots={mine}')
+    assert p.returncode == 1 and "is not a plot of eval.py's" in errors(p)[0], p.stderr
+    assert os.listdir(mine) == ['learning_curves.png']
+    assert (mine / 'learning_curves.png').read_bytes() == b'my own plot'
 
 
 def test_missing_data_root_is_one_line(evaluated, tmp_path):

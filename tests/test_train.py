@@ -185,6 +185,9 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
     before = files(held)
     weights = copy_run(runs['rope'], tmp_path / 'weights')
     shutil.copy(weights / 'best.pt', weights / 'ckpt.pt')  # a checkpoint of weights only
+    no_ckpt = copy_run(runs['rope'], tmp_path / 'no_ckpt')  # its first ckpt.pt never written
+    (no_ckpt / 'ckpt.pt').unlink()
+    finetune = f"--init_from=finetune --finetune_from={no_ckpt / 'best.pt'} --out_dir=<a new one>"
     rope, learned = (f"--finetune_from={runs[pe]}" for pe in ('rope', 'learned'))
     for out, args, words in [
         (corrupt, ['--init_from=resume'], ['ckpt.pt', 'corrupt']),
@@ -192,6 +195,8 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
         (held, ['--dataset=copy', '--init_from=resume'], ['dataset=', '--dataset=embedded']),
         (held, [], ['already holds a run', '--init_from=resume']),
         (held, ['--init_from=finetune', rope], ['already holds a run']),
+        (no_ckpt, [], ['already holds a run (best.pt, log.jsonl); use another --out_dir']),
+        (no_ckpt, ['--init_from=resume'], ['only best.pt', finetune]),
         (weights, ['--init_from=resume'], ['holds weights only', 'not a run to resume']),
         (never, ['--init_from=finetune', learned, '--block_size=32'],
          ["pos_emb='learned' has exactly block_size=16"]),
@@ -555,6 +560,12 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 def test_out_of_memory_is_one_line_with_a_fix_that_keeps_the_batch(tmp_path, data_root):
+    (tmp_path / 'oom.py').write_text(OOM.replace('GPT.forward', 'GPT.__init__'))
+    p = subprocess.run([sys.executable, tmp_path / 'oom.py', 'train.py', *TINY,
+                        f'--data_root={data_root}', f'--out_dir={tmp_path / "big"}'],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and errors(p)[0].endswith("the model does not fit: a smaller "
+                                                       "n_layer or n_embd, or another --device")
     (tmp_path / 'oom.py').write_text(OOM)
     out = tmp_path / 'out'
     p = subprocess.run([sys.executable, tmp_path / 'oom.py', 'train.py', *TINY,
@@ -566,3 +577,27 @@ def test_out_of_memory_is_one_line_with_a_fix_that_keeps_the_batch(tmp_path, dat
         "--batch_size=2 and raise --gradient_accumulation_steps=6: the same tokens per step in "
         "smaller micro-batches"], p.stderr
     assert not out.exists()  # the lock is released, and the folder it made goes with it
+
+
+@pytest.mark.parametrize('limit,args,failed', [
+    (5, [], 'lock'),  # next to nothing can be written: not even an empty lock is left behind
+    (1500, ['--max_iters=30', '--eval_interval=1000'], 'log.jsonl'),  # no half a line either
+    (60000, ['--max_iters=4', '--eval_interval=2'], 'ckpt.pt'),  # torch.save's own error
+])
+def test_a_real_failed_write_is_one_line_and_leaves_strict_files(tmp_path, data_root, limit, args,
+                                                                 failed):
+    """Writes that really fail (a file size limit: each write past it is an OSError, as on a full
+    disk): one line naming the file, exit 1, no temp file, no lock, and what was written whole."""
+    import resource
+    out = tmp_path / 'out'
+    p = subprocess.run(
+        [sys.executable, 'train.py', *TINY, f'--data_root={data_root}', f'--out_dir={out}', *args],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
+    assert errors(p)[0].startswith(f"train.py: cannot write {out / failed} (File too large)")
+    left = sorted(os.listdir(out)) if out.exists() else []
+    assert left == {'lock': [], 'log.jsonl': ['log.jsonl'],
+                    'ckpt.pt': ['best.pt', 'log.jsonl']}[failed]
+    if left:
+        assert len(strict_json(out / 'log.jsonl')) > 1
