@@ -188,6 +188,8 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
     no_ckpt = copy_run(runs['rope'], tmp_path / 'no_ckpt')  # its first ckpt.pt never written
     (no_ckpt / 'ckpt.pt').unlink()
     finetune = f"--init_from=finetune --finetune_from={no_ckpt / 'best.pt'} --out_dir=<a new one>"
+    cut = copy_run(runs['rope'], tmp_path / 'cut')  # ckpt.pt damaged outside (a disk, a copy)
+    (cut / 'ckpt.pt').write_bytes((cut / 'ckpt.pt').read_bytes()[:5000])
     rope, learned = (f"--finetune_from={runs[pe]}" for pe in ('rope', 'learned'))
     for out, args, words in [
         (corrupt, ['--init_from=resume'], ['ckpt.pt', 'corrupt']),
@@ -197,6 +199,7 @@ def test_bad_inputs_fail_clearly_and_keep_files(tmp_path, data_root, runs):
         (held, ['--init_from=finetune', rope], ['already holds a run']),
         (no_ckpt, [], ['already holds a run (best.pt, log.jsonl); use another --out_dir']),
         (no_ckpt, ['--init_from=resume'], ['only best.pt', finetune]),
+        (cut, ['--init_from=resume'], ['corrupt', f"--finetune_from={cut / 'best.pt'}"]),
         (weights, ['--init_from=resume'], ['holds weights only', 'not a run to resume']),
         (never, ['--init_from=finetune', learned, '--block_size=32'],
          ["pos_emb='learned' has exactly block_size=16"]),
