@@ -114,7 +114,7 @@ COMMANDS = {
     # docs/results.md: the embedded sweep and the two more checkpoints the extrapolation table reads
     'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,'
     'selective,alibi,t5,fire,cope,xpos,pope --sweep_config=config/quickstart.py '
-    '"--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=150" '
+    '"--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=25" '
     '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 '
     '--report=report.md': ('first', EXTRAPOLATION),
     'python train.py config/quickstart.py --rope_fraction=0.25 --out_dir=out-sweep-prope '
