@@ -74,7 +74,7 @@ def write_atomic(path, write):
         # the old file's size is the best guess of the new one's (a checkpoint keeps its size)
         need = max(written, os.path.getsize(path) if os.path.isfile(path) else 0)
         free = shutil.disk_usage(os.path.dirname(tmp) or '.').free
-        space = f"it needs about {need / 1e6:,.0f} MB, {free / 1e6:,.0f} MB are free there"
+        space = f"it needs at least {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free there"
         fix = ("free some space or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
                else "check that it can be written, or write elsewhere")
         raise DataError(f"cannot write {path} ({e.strerror or e}): {space}; {fix}") from e
