@@ -147,7 +147,9 @@ def load_meta(data_dir):
         close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.8)
         if close:  # a typo: preparing the misspelt name would download FineWeb-Edu into it
             raise DataError(f"{data_dir}: {what}; did you mean --dataset={close[0]}?")
-        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}")
+        source = '' if name == 'fineweb_edu' else \
+            " (it downloads FineWeb-Edu into it unless --hf_path or --data_files name other data)"
+        raise DataError(f"{data_dir}: {what}; run {_prepare_cmd(data_dir)}{source}")
     try:
         with open(path) as f:
             meta = json.load(f)

@@ -120,8 +120,11 @@ def fail(message):  # one line, exit 1, nothing written; every process stops, th
 
 
 def last_good():  # where a stopped run goes on from: the fix a failure's message names
-    if os.path.isfile(ckpt_path):
-        return f"{ckpt_path} is the last good state: go on from it with --init_from=resume"
+    if os.path.isfile(ckpt_path):  # never non-finite; how good, its log.jsonl records say
+        return f"{ckpt_path} is the last checkpoint: go on from it with --init_from=resume"
+    if os.path.isfile(best_path):
+        return (f"no ckpt.pt was written; go on from {best_path}'s weights with --init_from="
+                f"finetune --finetune_from={best_path} --out_dir=<a new one>")
     return f"no checkpoint was written: rerun into a new --out_dir (or delete {out_dir})"
 
 
@@ -287,7 +290,7 @@ if init_from == 'resume':  # all of the state: the run goes on as if it had neve
 if init_from == 'resume' and master_process and not eval_only and os.path.exists(log_path):
     kept = log_before(log_path, iter_num)  # steps this run does again are logged again
     write_or_fail(log_path, lambda f: f.write(kept.encode()))
-checkpoint = None  # free the memory
+checkpoint, start_iter = None, iter_num  # free the memory
 if compile:  # takes a minute or so
     model = torch.compile(model)
 compiled_model = model  # eval at the training length reuses the compiled graph
@@ -374,7 +377,7 @@ while True:
         if losses['val'] < best_val_loss and iter_num > 0 and not eval_only:
             best_val_loss = losses['val']
             save_checkpoint(best_path, resumable=False)
-        if always_save_checkpoint and iter_num > 0 and not final:
+        if always_save_checkpoint and iter_num > start_iter and not final:  # not a resume's
             save_checkpoint(ckpt_path, resumable=True)
     if hellaswag_interval and (iter_num % hellaswag_interval == 0 or final):
         hs = hellaswag.evaluate(raw_model, hellaswag_file, hellaswag_encode, device, ctx,
