@@ -179,10 +179,11 @@ def rebuild_encoding(model, **keys):
     (rope_scaling, rope_scaling_factor: keys of the encoding alone, never of a weight's shape),
     keeping the encoding's weights, device and mode; model.config says what it now runs. A value
     the encoding cannot take raises its ValueError and leaves the model as it was."""
-    config = replace(model.config, **keys)
-    pe = build_position_encoding(config)
+    config, pe_config = replace(model.config, **keys), replace(model.pe_config, **keys)
+    pe = build_position_encoding(pe_config)  # for the layers that have one (nope_every)
     pe.load_state_dict(model.pe.state_dict())
-    model.pe, model.config = pe.to(model.lm_head.weight.device).train(model.training), config
+    pe = pe.to(model.lm_head.weight.device).train(model.training)
+    model.pe, model.pe_config, model.config = pe, pe_config, config
     return model
 
 

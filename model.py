@@ -6,14 +6,15 @@ The encodings live in rope.py; this file only calls their hooks. References:
 2) nanoGPT, whose structure and names this follows: https://github.com/karpathy/nanoGPT
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, build_position_encoding
+from rope import (ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, PositionEncoding,
+                  build_position_encoding)
 
 
 @dataclass
@@ -34,6 +35,9 @@ class GPTConfig:
     comrope_init: str = 'rope'  # 'rope': the generators start as RoPE's (rope at step 0); 'random'
     comrope_init_std: float = 0.02  # std of P for 'random' (small: positions are token indices)
     forget_gate: bool = False  # FoX forget gate (arXiv:2503.02130) in every layer, any pos_emb
+    # RoPE/NoPE interleaving (arXiv:2501.18795; Llama 4's nope_layer_interval): layers nope_every-1,
+    # 2 nope_every-1, ... have no position encoding, the others pos_emb's; 0 = off
+    nope_every: int = 0
     carope_source: str = 'block'  # CARoPE's x_t: each attention's input, or the 'embedding'
     # Selective RoPE: the released code's language-modelling sweep (its configs/language_modeling)
     selective_rank: int = 0  # 0: per-head weight-normalised d/H -> P; r > 0: d -> r -> H P
@@ -58,7 +62,7 @@ class GPTConfig:
             ('rope_scaling_length', 0)) if getattr(self, k) != v]
         for key, low in dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1,
                              cope_npos_max=1, selective_conv_width=1, selective_rank=0,
-                             rope_scaling_length=0).items():
+                             rope_scaling_length=0, nope_every=0).items():
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= {low}")
         for bad, message in [
@@ -80,6 +84,11 @@ class GPTConfig:
             (rope_keys and self.pos_emb not in ROPE_FAMILY, f"{', '.join(rope_keys)}: only the "
              f"encodings built on RoPE's frequency table take it ({', '.join(ROPE_FAMILY)}), not "
              f"pos_emb={self.pos_emb!r}; leave it at its default"),
+            (self.nope_every == 1, "nope_every=1 leaves every layer without an encoding: use "
+             "pos_emb='none' (or nope_every >= 2)"),
+            (self.nope_every and self.pos_emb in ('none', 'learned', 'sinusoidal'),
+             f"nope_every={self.nope_every}: pos_emb={self.pos_emb!r} is added to the input, not "
+             f"applied per layer; interleave an encoding of the attention (rope, alibi, ...)"),
             (not 0 <= self.rope_fraction <= 1,
              f"rope_fraction={self.rope_fraction} must be in [0, 1]"),
             (not self.rope_scaling_factor >= 1,
@@ -96,6 +105,8 @@ CONFIG_CHOICES = {'pos_emb': list(ENCODINGS), 'weight_init': ['gpt2', 'pytorch']
                   'comrope_init': ['rope', 'random'], 'carope_source': ['block', 'embedding'],
                   'rope_scaling': list(ROPE_SCALINGS)}
 
+
+NOPE = PositionEncoding()  # nope_every's layers: identity hooks, no weights
 
 FLEX_DEVICES = ('cuda',)  # where biased attention runs fused in FlexAttention (tests add 'cpu')
 # eager flex_attention is an unfused reference: compiled, it is the fused kernel. Made on first use
@@ -232,12 +243,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # the encoding is built first (its own init), passed to every layer, never registered twice
-        self.pe = build_position_encoding(config)
+        # the encoding is built first (its own init), passed to every layer, never registered twice.
+        # nope_every: its layers have none (NOPE's identity hooks); the encoding is built for the
+        # others, which it numbers 0, 1, ... (per-layer weights for those alone): pe_layer[layer]
+        nope = [bool(config.nope_every) and (i + 1) % config.nope_every == 0
+                for i in range(config.n_layer)]
+        self.pe_config = replace(config, n_layer=nope.count(False))
+        self.pe = build_position_encoding(self.pe_config)
+        self.pe_layer = [None if n else nope[:i].count(False) for i, n in enumerate(nope)]
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, self.pe) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, NOPE if n else self.pe) for n in nope]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -289,7 +306,9 @@ class GPT(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):  # rope.py's fp32 policy
             shared = self.pe.prepare(x.to(torch.promote_types(x.dtype, torch.float32)), pos)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, self.pe, pos, shared, cache[layer] if cache is not None else None)
+            i = self.pe_layer[layer]  # the encoding's number for this layer, None: NoPE
+            x = block(x, i, NOPE if i is None else self.pe, pos, shared,
+                      cache[layer] if cache is not None else None)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -332,7 +351,7 @@ class GPT(nn.Module):
         lookup = (0 if self.transformer.wte.weight is self.lm_head.weight
                   else self.transformer.wte.weight.numel())
         return (6 * (self.get_num_params() - lookup - qkv_params + qkv_matmul)
-                + 12 * L * H * Q * seq_len + self.pe.extra_flops(cfg, seq_len))
+                + 12 * L * H * Q * seq_len + self.pe.extra_flops(self.pe_config, seq_len))
 
     def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops):
         """Model FLOPs utilisation of one iteration that processed tokens_per_iter tokens at

@@ -809,3 +809,69 @@ def test_estimate_mfu(name):
     expected_64 = (6 * N + 12 * L * H * Q * 64) * tokens_per_iter / dt / peak
     assert model.estimate_mfu(tokens_per_iter, dt, 64, peak) == \
         pytest.approx(expected_64, rel=1e-12)
+
+
+# ----------------------------------------------------- RoPE/NoPE interleaving (nope_every)
+
+PER_LAYER = [n for n in ALL if n not in ('none', 'learned', 'sinusoidal')]
+
+
+def test_nope_every_is_a_one_line_config_error_where_it_means_nothing():
+    for kw, words in [(dict(pos_emb='rope', nope_every=1), "use pos_emb='none'"),
+                      (dict(pos_emb='learned', nope_every=2), 'added to the input'),
+                      (dict(pos_emb='rope', nope_every=-1), 'nope_every=-1 must be >= 0')]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            tiny_config(**kw)
+
+
+@pytest.mark.parametrize('name', PER_LAYER)
+def test_nope_every_layers_have_no_encoding_and_the_others_keep_theirs(name):
+    """nope_every=2 over 2 layers: layer 0 keeps the encoding (its weights: the encoding's layer
+    0), layer 1 has none. The reference: the same weights without nope_every, the encoding's hooks
+    turned off in layer 1 by hand; the logits are equal."""
+    torch.manual_seed(0)
+    a = GPT(tiny_config(name, nope_every=2)).double()
+    b = GPT(tiny_config(name)).double()
+    with torch.no_grad():  # off their inits, some of which are identities (a zero bias table)
+        for p in a.pe.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if type(b.pe).qkv_projection is not rope.PositionEncoding.qkv_projection:
+        pytest.skip(f"{name}'s own q/k/v projection: its NoPE layer is another layer's shape")
+    state = b.state_dict()
+    for k, v in a.state_dict().items():  # the encoding's per-layer weights: layer 0's of 2
+        if state[k].shape == v.shape:
+            state[k] = v
+        else:
+            state[k][:v.size(0)] = v
+    b.load_state_dict(state)
+    rotate, score_bias = b.pe.rotate, b.pe.score_bias
+    b.pe.rotate = lambda layer, q, k, *a: (q, k) if layer == 1 else rotate(layer, q, k, *a)
+    b.pe.score_bias = lambda layer, *a: None if layer == 1 else score_bias(layer, *a)
+    x = torch.randint(0, 64, (2, 24))
+    assert a.pe_layer == [0, None]
+    torch.testing.assert_close(a(x, x)[0], b(x, x)[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('name', PER_LAYER)
+def test_nope_every_cached_decoding_is_exact(name):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(name, n_layer=3, nope_every=2)).double().eval()
+    x = torch.randint(0, 64, (1, 5))
+    cached = model.generate(x, 20, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(x, 20, temperature=0, use_cache=False))
+
+
+def test_nope_every_takes_context_extension_and_trains_with_ddp_free_weights():
+    """rope_scaling rebuilds the encoding for the layers that have one (common.rebuild_encoding);
+    every encoding weight gets a gradient (DDP fails on unused ones): none built for NoPE layers."""
+    from common import rebuild_encoding
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (2, 16))
+    for name in ('carope', 't5', 'cope', 'comrope_ap'):  # weights per layer
+        model = GPT(tiny_config(name, n_layer=4, nope_every=2))
+        model(x, x)[1].backward()
+        assert all(p.grad is not None for p in model.pe.parameters()), name
+    model = GPT(tiny_config('xpos', n_layer=4, nope_every=2))
+    before = model(x, x)[1].item()
+    rebuild_encoding(model, rope_scaling='linear', rope_scaling_factor=1.0)
+    assert model.pe_layer == [0, None, 1, None] and model(x, x)[1].item() == pytest.approx(before)
