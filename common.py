@@ -187,6 +187,12 @@ def rebuild_encoding(model, **keys):
     return model
 
 
+def nonfinite(state):
+    """The name of a state dict's first tensor with a nan or inf (a diverged run's), or None."""
+    return next((name for name, t in state.items()
+                 if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def load_checkpoint(path, build=True, overrides=None):
     """(checkpoint dict, its uncompiled GPT with the weights loaded, or None unless build) from a
     ckpt.pt or best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or
@@ -208,9 +214,7 @@ def load_checkpoint(path, build=True, overrides=None):
                  else '')
         raise ValueError(f"cannot load checkpoint {path} ({why}); it is corrupt or not a nanoRoPE "
                          f"checkpoint{other}") from e
-    bad = next((name for name, t in checkpoint['model'].items()
-                if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad:
+    if bad := nonfinite(checkpoint['model']):
         name = os.path.basename(path)
         other = {'best.pt': ('ckpt.pt', 'latest'), 'ckpt.pt': ('best.pt', 'best')}.get(name)
         use = (f"{other[0]} beside it may be good (sample.py, eval.py: --checkpoint={other[1]}), "

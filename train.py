@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 import hellaswag
 from common import (RUN_FILES, device_peak_flops, exit_on_out_of_memory, find_checkpoint,
-                    held_run, json_line, load_checkpoint, lock_run, log_before, setup_device,
-                    unwritable)
+                    held_run, json_line, load_checkpoint, lock_run, log_before, nonfinite,
+                    setup_device, unwritable)
 from model import CONFIG_CHOICES, GPT, GPTConfig
 from prepare_data import DataError, get_tokenizer, training_data, write_atomic
 from rope import ROPE_FAMILY
@@ -123,8 +123,7 @@ def last_good():  # where a stopped run goes on from: the fix a failure's messag
     if os.path.isfile(ckpt_path):  # never non-finite; how good, its log.jsonl records say
         return f"{ckpt_path} is the last checkpoint: go on from it with --init_from=resume"
     if os.path.isfile(best_path):
-        return (f"no ckpt.pt was written; go on from {best_path}'s weights with --init_from="
-                f"finetune --finetune_from={best_path} --out_dir=<a new one>")
+        return f"no ckpt.pt was written; go on from {best_path}'s weights with {from_best}"
     return f"no checkpoint was written: rerun into a new --out_dir (or delete {out_dir})"
 
 
@@ -179,6 +178,7 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 
 ckpt_path, best_path, log_path = (os.path.join(out_dir, f) for f in RUN_FILES)
+from_best = f"--init_from=finetune --finetune_from={best_path} --out_dir=<a new one>"
 if not eval_only and (why := unwritable(out_dir, is_dir=True)):
     fail(f"out_dir={out_dir!r} cannot be used: {why}; give a directory this user can write")
 if master_process and not eval_only:  # one run per out_dir at a time
@@ -200,8 +200,7 @@ if init_from != 'scratch':
             finetune_from if os.path.isfile(finetune_from) else find_checkpoint(finetune_from)[0]
         checkpoint, _ = load_checkpoint(path, build=False)
     except ValueError as e:  # a run with a damaged ckpt.pt can go on from its best weights
-        fix = (f"; to go on from its best weights in a new run: --init_from=finetune "
-               f"--finetune_from={best_path} --out_dir=<a new one>"
+        fix = (f"; to go on from its best weights in a new run: {from_best}"
                if init_from == 'resume' and os.path.isfile(best_path) else '')
         fail(f"init_from={init_from!r}: {e}{fix}")
     was, ran = checkpoint['model_args'], checkpoint['config']
@@ -330,7 +329,7 @@ def save_checkpoint(path, resumable):
         rng = rng * ddp_world_size
         dist.all_gather_object(rng, rng[0])
     state = raw_model.state_dict()  # the same weights on every process: all stop, or none
-    if not torch.stack([torch.isfinite(t).all() for t in state.values()]).all():
+    if nonfinite(state):
         diverged(f"iter {iter_num}: the weights are")
     if not master_process:
         return
