@@ -43,8 +43,9 @@ for _arg in globals().get('_argv', _sys.argv[1:]):  # a script may pass its own 
         _pairs = {k: v for k, v in _pairs.items()  # neither imports nor functions are keys
                   if not k.startswith('_') and not callable(v) and not hasattr(v, '__spec__')}
     for _key, _value in _pairs.items():
-        if _key not in _config_defaults:
-            _close = ' or '.join(map(repr, _difflib.get_close_matches(_key, _config_defaults, n=3)))
+        if _key not in _config_defaults:  # a script's _key_notes: more on a key it may suggest
+            _close = ' or '.join(repr(k) + globals().get('_key_notes', {}).get(k, '')
+                                 for k in _difflib.get_close_matches(_key, _config_defaults, n=3))
             _config_fail(f"unknown key '{_key}' in {_arg}; " + (f"did you mean {_close}?" if _close
                          else "the keys are the defaults at the top of the script"))
         _default, _valid = _config_defaults[_key], globals().get('_choices', {}).get(_key)

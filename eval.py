@@ -16,7 +16,6 @@ Tables go to stdout (and to --report as Markdown, with every number at full prec
 beside it); PNG plots go to --plots (default: next to the report). A report or plot is rewritten by
 the next one of the same name; any other file there is refused, not overwritten.
 """
-import difflib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import hellaswag as hellaswag_py  # hellaswag.py: `hellaswag` is this script's o
 import prepare_data
 from common import (exit_on_out_of_memory, find_checkpoint, held_run, load_checkpoint,
                     rebuild_encoding, setup_device, unwritable)
-from rope import ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, RoPE
+from rope import ENCODINGS, INPUT_ONLY, ROPE_FAMILY, ROPE_SCALINGS, SCORE_BIASES, RoPE
 
 # -----------------------------------------------------------------------------
 out_dirs = ''  # comma list of training out_dirs, each holding ckpt.pt
@@ -73,16 +72,10 @@ hellaswag_limit = 0  # 0 = all 10,042 examples; n = the first n, a quick look (n
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
 _choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
-# a slip of train.py's pos_emb: the configurator's "did you mean 'pos_embs'?", followed, would
-# train a run per encoding, where the user may have meant to compare runs already trained
-for _arg in sys.argv[1:]:
-    _key = _arg[2:].split('=')[0]
-    if _arg.startswith('--') and _key not in globals() and \
-            difflib.get_close_matches(_key, ['pos_embs']):
-        print(f"config error: unknown key {_key!r}; to compare trained runs give "
-              f"--out_dirs=DIR,DIR; --pos_embs=rope,carope first trains a run per encoding "
-              f"(--sweep_config), then compares them", file=sys.stderr)
-        sys.exit(2)
+# a slip of train.py's pos_emb: "did you mean 'pos_embs'?" alone, followed, would train a run per
+# encoding, where the user may have meant to compare runs already trained
+_key_notes = {'pos_embs': " (--pos_embs=rope,carope first trains a run per encoding; to compare "
+                          "trained runs give --out_dirs=DIR,DIR)"}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding cannot produce
@@ -736,8 +729,8 @@ if report:
 # plots: a line per row, the mean over its seeds, their min-max shaded
 # each family of encodings a range of colours: (its names, colormap, range); None: every other,
 # the rotations of q and k (rope.py's ROPE_FAMILY, carope, comrope, ...)
-FAMILIES = [(('none', 'learned', 'sinusoidal'), 'Greys', 0.45, 0.95),  # absolute: greys
-            (('alibi', 't5', 'fire', 'cope'), 'autumn', 0.0, 0.6),  # score biases: reds, oranges
+FAMILIES = [(INPUT_ONLY, 'Greys', 0.45, 0.95),  # on the input (absolute, or none): greys
+            (SCORE_BIASES, 'autumn', 0.0, 0.6),  # score biases: reds, oranges
             (None, 'winter', 0.0, 0.85)]  # rotary: blues to greens
 LINE_STYLES = ['-', '--', '-.', ':']
 

@@ -361,8 +361,9 @@ def eval_functions(*names):
     tree = ast.parse(open(os.path.join(REPO, 'eval.py'), encoding='utf-8').read())
     nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names or
              isinstance(n, ast.Assign) and any(getattr(t, 'id', None) in names for t in n.targets)]
+    from rope import INPUT_ONLY, SCORE_BIASES
     namespace = {'math': math, 'np': np, 'json': json, 'os': os, 're': re,
-                 'matplotlib': matplotlib}
+                 'matplotlib': matplotlib, 'INPUT_ONLY': INPUT_ONLY, 'SCORE_BIASES': SCORE_BIASES}
     exec(compile(ast.Module(body=nodes, type_ignores=[]), 'eval.py', 'exec'), namespace)
     return types.SimpleNamespace(**{k: namespace[k] for k in names})
 
