@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import (ENCODINGS, ROPE_FAMILY, ROPE_SCALINGS, PositionEncoding,
+from rope import (ENCODINGS, INPUT_ONLY, ROPE_FAMILY, ROPE_SCALINGS, PositionEncoding,
                   build_position_encoding)
 
 
@@ -35,8 +35,7 @@ class GPTConfig:
     comrope_init: str = 'rope'  # 'rope': the generators start as RoPE's (rope at step 0); 'random'
     comrope_init_std: float = 0.02  # std of P for 'random' (small: positions are token indices)
     forget_gate: bool = False  # FoX forget gate (arXiv:2503.02130) in every layer, any pos_emb
-    # RoPE/NoPE interleaving (arXiv:2501.18795; Llama 4's nope_layer_interval): layers nope_every-1,
-    # 2 nope_every-1, ... have no position encoding, the others pos_emb's; 0 = off
+    # RoPE/NoPE interleaving (arXiv:2501.18795, Llama 4): layers k-1, 2k-1, ... have none; 0 = off
     nope_every: int = 0
     carope_source: str = 'block'  # CARoPE's x_t: each attention's input, or the 'embedding'
     # Selective RoPE: the released code's language-modelling sweep (its configs/language_modeling)
@@ -86,7 +85,7 @@ class GPTConfig:
              f"pos_emb={self.pos_emb!r}; leave it at its default"),
             (self.nope_every == 1, "nope_every=1 leaves every layer without an encoding: use "
              "pos_emb='none' (or nope_every >= 2)"),
-            (self.nope_every and self.pos_emb in ('none', 'learned', 'sinusoidal'),
+            (self.nope_every and self.pos_emb in INPUT_ONLY,
              f"nope_every={self.nope_every}: pos_emb={self.pos_emb!r} is added to the input, not "
              f"applied per layer; interleave an encoding of the attention (rope, alibi, ...)"),
             (not 0 <= self.rope_fraction <= 1,
@@ -243,14 +242,13 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        # the encoding is built first (its own init), passed to every layer, never registered twice.
-        # nope_every: its layers have none (NOPE's identity hooks); the encoding is built for the
-        # others, which it numbers 0, 1, ... (per-layer weights for those alone): pe_layer[layer]
+        # the encoding is built first (its own init), never registered twice, for the layers that
+        # have one (nope_every's have NOPE), which it numbers 0, 1, ...: pe_layer[layer]
         nope = [bool(config.nope_every) and (i + 1) % config.nope_every == 0
                 for i in range(config.n_layer)]
+        self.pe_layer = [None if n else nope[:i].count(False) for i, n in enumerate(nope)]
         self.pe_config = replace(config, n_layer=nope.count(False))
         self.pe = build_position_encoding(self.pe_config)
-        self.pe_layer = [None if n else nope[:i].count(False) for i, n in enumerate(nope)]
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),

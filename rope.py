@@ -623,6 +623,12 @@ ENCODINGS = {
     'pope': PoPE,
 }
 ROPE_FAMILY = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]  # rope_* keys
+# what an encoding acts on, read from the hooks it overrides: the input alone (nothing per layer),
+# or the attention scores (a bias); the others rotate q and k
+INPUT_ONLY = [name for name, cls in ENCODINGS.items() if cls.rotate is PositionEncoding.rotate
+              and cls.score_bias is PositionEncoding.score_bias]
+SCORE_BIASES = [name for name, cls in ENCODINGS.items()
+                if cls.score_bias is not PositionEncoding.score_bias]
 
 
 def build_position_encoding(config):

@@ -485,7 +485,8 @@ def test_a_misspelt_dataset_is_named_not_prepared(tmp_path):
     """Preparing the misspelt name would download FineWeb-Edu into it: the hint is the name."""
     with pytest.raises(DataError) as e:
         pd.load_meta(str(tmp_path / 'embeded'))
-    one_line_naming(e, tmp_path / 'embeded', 'no such dataset dir; did you mean --dataset=embedded?')
+    one_line_naming(e, tmp_path / 'embeded',
+                    'no such dataset dir; did you mean --dataset=embedded?')
     assert 'prepare_data.py' not in str(e.value)
 
 
