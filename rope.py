@@ -605,6 +605,71 @@ class PoPE(PositionEncoding):
         return 6 * config.n_layer * config.n_embd * T
 
 
+class StickBreaking(PositionEncoding):
+    """`stickbreaking`: stick-breaking attention (Tan et al., ICLR 2025, arXiv:2410.17980 sec. 2):
+    no softmax, no position input. With z_ij = q_i.k_j / sqrt(hs), beta_ij = sigmoid(z_ij), query
+    i breaks its stick from the nearest earlier key back:
+        A_ij = beta_ij prod_{j<t<i} (1 - beta_it),  j < i,   o_i = sum_j A_ij v_j
+    and, as the authors' code (shawntan/stickbreaking-attention: o + rem v), the weight left over,
+    A_ii = prod_{t<i} (1 - beta_it), goes to query i's own value. The A_i. sum to 1, so they are
+    softmax_j(z_ij + bias_ij) for bias_ij = log A_ij - z_ij = -sum_{j<=t<i} softplus(z_it) (j < i;
+    log(1 - sigmoid z) = -softplus z): a reverse cumulative sum in log space, (B, nh, T, Tk)."""
+
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
+        (T, Tk), q, k = (q.size(2), k.size(2)), q.to(x.dtype), k.to(x.dtype)  # in fp32
+        z = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, T, Tk)
+        causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
+        before = causal.tril(Tk - T - 1)  # t < i: query i is key Tk - T + i
+        r = (F.softplus(z) * before).flip(-1).cumsum(-1).flip(-1)  # sum_{j<=t<i} softplus(z_it)
+        bias = torch.where(causal & ~before, -r[..., :1] - z, -r)  # A_ii: all the stick left
+        return lambda b, h, i, j: bias[b, h, i, j]
+
+    def extra_flops(self, config, T):  # z = q.k once more
+        return 6 * config.n_layer * config.n_embd * T
+
+
+class PaTH(PositionEncoding):
+    """`path`: PaTH attention (Yang et al., NeurIPS 2025, arXiv:2505.16381 sec. 2): the logit of
+    query i on key j passes the data-dependent Householder-like steps between them,
+        k_j^T H_{j+1} H_{j+2} ... H_i q_i / sqrt(hs),   H_t = I - beta_t w_t w_t^T,
+    beta_t = 2 sigmoid(x_t W_b + b), w_t = L2Norm(SiLU(conv3(x_t W_1 W_2))) per head (rank 32, a
+    causal depthwise conv of width 3: fla/layers/path_attn.py). By the UT transform (sec. 3) the
+    steps over s in (j, i] are I - W^T A^-1 diag(beta) W, A = I + diag(beta) triu(W W^T, 1): q.k
+    gains -sum_{j<s<=t<=i} (k_j.w_s) (A^-1)_st beta_t (w_t.q_i) / sqrt(hs), exact, from one
+    triangular solve per head: O(T^2 hs + T^3), a (B, nh, T, Tk) tensor."""
+
+    RANK, CONV = 32, 3
+    relative = False  # the conv and the steps read the window from its first token
+
+    def __init__(self, config):  # as the fla models' init: N(0, 0.02) weights, zero bias
+        super().__init__()
+        L, d, H = config.n_layer, config.n_embd, config.n_head
+        self.w_down = nn.Parameter(torch.randn(L, d, self.RANK) * 0.02)
+        self.w_up = nn.Parameter(torch.randn(L, self.RANK, d) * 0.02)
+        self.conv_weight = nn.Parameter(torch.randn(L, d, 1, 1, self.CONV) * 0.02)
+        self.beta_weight = nn.Parameter(torch.randn(L, d, H) * 0.02)
+        self.beta_bias = nn.Parameter(torch.zeros(L, H))
+
+    def score_bias(self, layer, q, k, x, pos, shared, cache):
+        if cache is not None:  # decoding: every key's step reads its x (and the conv the 2 before)
+            x = cache['path_x'] = torch.cat((cache['path_x'], x), 1) if 'path_x' in cache else x
+        (B, Tk, d), (H, T, hs) = x.shape, q.shape[1:]
+        u = F.pad(x @ self.w_down[layer] @ self.w_up[layer], (0, 0, self.CONV - 1, 0))
+        w = F.silu(conv_time(u, self.conv_weight[layer], groups=d)).view(B, Tk, H, hs)
+        w = F.normalize(w.transpose(1, 2), dim=-1)  # (B, nh, Tk, hs)
+        beta = torch.sigmoid(x @ self.beta_weight[layer] + self.beta_bias[layer])  # (B, Tk, nh)
+        beta = 2 * beta.mT[..., None, :]  # (B, nh, 1, Tk): beta_t along t
+        A_t = torch.eye(Tk, dtype=x.dtype, device=x.device) + (w @ w.mT).tril(-1) * beta  # A^T
+        kw = (k.to(x.dtype) @ w.mT).triu(1)  # k_j.w_s for s > j, in fp32
+        qw = (q.to(x.dtype) @ w.mT).tril(Tk - T) * beta  # beta_t w_t.q_i for t <= i
+        X = torch.linalg.solve_triangular(A_t, kw.mT, upper=False, unitriangular=True)  # A^-T kw^T
+        bias = -(qw @ X) / math.sqrt(hs)  # (B, nh, T, Tk)
+        return lambda b, h, i, j: bias[b, h, i, j]
+
+    def extra_flops(self, config, T):  # w.w, k.w, q.w; the solve (T^2/2 a token) and its product
+        return config.n_layer * (18 * config.n_embd * T + 9 * config.n_head * T * T)
+
+
 ENCODINGS = {
     'none': PositionEncoding,
     'learned': Learned,
@@ -621,6 +686,8 @@ ENCODINGS = {
     'cope': CoPE,
     'xpos': XPos,
     'pope': PoPE,
+    'stickbreaking': StickBreaking,
+    'path': PaTH,
 }
 ROPE_FAMILY = [name for name, cls in ENCODINGS.items() if issubclass(cls, RoPE)]  # rope_* keys
 # what an encoding acts on, read from the hooks it overrides: the input alone (nothing per layer),
