@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from conftest import REPO, TINY, copy_run, errors, run, subprocess_run
 from model import GPT, GPTConfig
 from prepare_data import SYNTHETIC_TASKS, eval_tokens
-from rope import ENCODINGS
+from rope import ENCODINGS, INPUT_ONLY, SCORE_BIASES
 from test_sample import OOM, poison
 
 DASH = '\u2013'
@@ -361,7 +361,6 @@ def eval_functions(*names):
     tree = ast.parse(open(os.path.join(REPO, 'eval.py'), encoding='utf-8').read())
     nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names or
              isinstance(n, ast.Assign) and any(getattr(t, 'id', None) in names for t in n.targets)]
-    from rope import INPUT_ONLY, SCORE_BIASES
     namespace = {'math': math, 'np': np, 'json': json, 'os': os, 're': re,
                  'matplotlib': matplotlib, 'INPUT_ONLY': INPUT_ONLY, 'SCORE_BIASES': SCORE_BIASES}
     exec(compile(ast.Module(body=nodes, type_ignores=[]), 'eval.py', 'exec'), namespace)
@@ -907,9 +906,9 @@ def test_row_styles_colour_families_and_no_pair_twice():
     assert len({(st['color'], st['ls']) for st in styles}) == len(pos_embs) > 15
     for pe, st in zip(pos_embs, styles):
         r, g, b, _ = st['color']
-        if pe in ('none', 'learned', 'sinusoidal'):
+        if pe in INPUT_ONLY:  # none, learned, sinusoidal
             assert r == g == b, pe
-        elif pe in ('alibi', 't5', 'fire', 'cope'):
+        elif pe in SCORE_BIASES:  # alibi, t5, fire, cope, ...
             assert r == 1 and g <= 0.6 and b == 0, pe
         else:
             assert r == 0 and b >= 0.5, pe

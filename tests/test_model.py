@@ -653,6 +653,7 @@ CASES = {name: {} for name in ALL} | {
     'none + forget_gate': dict(pos_emb='none', forget_gate=True),
     # two biases composed on one path
     'alibi + forget_gate': dict(pos_emb='alibi', forget_gate=True),
+    'path + forget_gate': dict(pos_emb='path', forget_gate=True),  # PaTH-FoX
 }
 
 
