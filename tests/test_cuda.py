@@ -5,7 +5,8 @@ suite (test_model.py, test_bias.py, test_forget_gate.py) checks the rest against
 - FlexAttention (model.FLEX_DEVICES: CUDA's path for the score_bias encodings and the gate) against
   the masked SDPA path the CPU runs: logits, loss and every parameter's gradient, in fp32 (tight)
   and under bf16 autocast (loose). Flex's backward, through the tensors a score_mod captures (T5's
-  table, FIRE's MLP, CoPE's bias, the gate's sums), has no CPU build: this is its only check;
+  table, FIRE's MLP, the biases of CoPE, stick-breaking and PaTH, the gate's sums), has no CPU
+  build: this is its only check;
 - KV-cached greedy decoding against uncached (full forwards run flex, cached steps the masked
   path);
 - a model cast to bf16 (a module cast, not autocast) trains and decodes, its encoding's tensors
@@ -14,9 +15,10 @@ Skipped without CUDA; nothing is compiled at import. One small model per case (2
 d = 128, T = 256, vocab 320, batch 4), every weight moved off its init so that attention and the
 encoding matter. Expected time on an H100-class GPU: about 5-15 minutes with a cold inductor cache
 (an estimate from the compile count, never measured), nearly all of it compilation: one
-torch.compile of the model per case (17) and ~50 small FlexAttention compiles (forward and
-backward, fp32 and bf16, decoding's growing lengths); less with a warm cache. fp32 runs with TF32
-off (matmuls, cuDNN convs and flex's kernels in IEEE fp32), so that fp32 tolerances mean fp32."""
+torch.compile of the model per case (each encoding, three with the gate) and ~60 small
+FlexAttention compiles (forward and backward, fp32 and bf16, decoding's growing lengths); less
+with a warm cache. fp32 runs with TF32 off (matmuls, cuDNN convs and flex's kernels in IEEE fp32),
+so that fp32 tolerances mean fp32."""
 import math
 import os
 import sys
@@ -43,7 +45,7 @@ BATCH = 4
 GATE = ' + forget_gate'
 # the encodings with a score_bias hook: their attention (as the gate's) runs FlexAttention on CUDA
 BIASED = [n for n, cls in ENCODINGS.items() if cls.score_bias is not PositionEncoding.score_bias]
-CASES = list(ENCODINGS) + ['rope' + GATE, 'alibi' + GATE]
+CASES = list(ENCODINGS) + ['rope' + GATE, 'alibi' + GATE, 'path' + GATE]  # path + gate: PaTH-FoX
 # every distinct flex score_mod: each bias alone and with the gate, the gate alone (the same graph
 # for every rotary encoding), and the gate with pope's q and k twice as wide as v
 FLEX_CASES = BIASED + [n + GATE for n in ['rope', 'pope'] + BIASED]
