@@ -530,7 +530,7 @@ class CoPE(PositionEncoding):
 
     def __init__(self, config):
         super().__init__()
-        self.npos_max = config.cope_npos_max
+        self.npos_max = config.cope_npos_max or config.block_size + 1  # p <= T: no clamp
         self.pos_emb = nn.Parameter(
             torch.zeros(config.n_layer, config.n_embd // config.n_head, self.npos_max))
 

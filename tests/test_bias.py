@@ -216,7 +216,7 @@ def test_cope_starts_as_nope():
 
 def test_parameter_counts():
     """alibi 0; t5 32 buckets x H, one table for all layers; fire 1->32->H MLP + c + L per
-    layer, or one set with fire_shared; cope L x hs x npos."""
+    layer, or one set with fire_shared; cope L x hs x npos (npos: block_size + 1 by default)."""
     L, H, d, npos = 3, 4, 32, 7
     count = lambda n, **kw: sum(p.numel() for p in GPT(GPTConfig(
         block_size=16, vocab_size=64, n_layer=L, n_head=H, n_embd=d, pos_emb=n, **kw)).pe
@@ -224,7 +224,7 @@ def test_parameter_counts():
     fire = (32 + 32) + (32 * H + H) + 2
     assert {n: count(n, cope_npos_max=npos) for n in BIASES} == {
         'alibi': 0, 't5': 32 * H, 'fire': L * fire, 'cope': L * (d // H) * npos}
-    assert count('fire', fire_shared=True) == fire
+    assert count('fire', fire_shared=True) == fire and count('cope') == L * (d // H) * 17
 
 
 def test_fire_has_a_set_per_layer_unless_shared():
@@ -372,6 +372,31 @@ def test_biases_are_fp32_in_a_bf16_model_under_autocast(pos_emb):
         assert ref.abs().max() > 500
     if pos_emb != 'cope':
         torch.testing.assert_close(got.double(), ref, rtol=2 ** -20, atol=1e-5)
+
+
+def test_cope_npos_max_is_block_size_plus_one_unless_set(tmp_path):
+    """cope_npos_max=0 (the default) is the authors' code's block_size + 1: every count fits below
+    the clamp; 64 (the former default) still builds. A checkpoint saved with the default (train.py's
+    format: model_args keep the 0) loads with the trained e and evaluates at 2x and 4x its
+    block_size like the model it was: e's shape comes from the stored block_size, not the length."""
+    from common import load_checkpoint
+    kw = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, pos_emb='cope')
+    assert GPT(GPTConfig(**kw, cope_npos_max=64)).pe.pos_emb.shape == (2, 8, 64)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**kw)).eval()
+    assert m.pe.npos_max == 17 and m.pe.pos_emb.shape == (2, 8, 17)
+    with torch.no_grad():
+        m.pe.pos_emb.normal_()  # trained: a model that did not load e would differ
+    torch.save({'model': m.state_dict(), 'model_args': dict(m.config.__dict__),
+                'config': {'dataset': 'embedded'}, 'meta': {}}, tmp_path / 'ckpt.pt')
+    _, loaded = load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert loaded.config.cope_npos_max == 0 and loaded.pe.npos_max == 17
+    for T in (32, 64):
+        idx = torch.randint(64, (2, T))
+        with torch.no_grad():
+            loss = loaded.eval()(idx, idx)[1]
+            torch.testing.assert_close(loss, m(idx, idx)[1], rtol=0, atol=0)
+        assert torch.isfinite(loss)
 
 
 def test_cope_flops_count_its_gates_and_embedding_lookups():
