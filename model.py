@@ -45,7 +45,8 @@ class GPTConfig:
     selective_conv_silu: bool = True  # SiLU after the conv (sweep's conv_act)
     selective_bias: bool = False  # u += exp(beta), beta init 0 (sweep's use_bias)
     selective_gate: bool = True  # u *= sigmoid(Linear_{d->H}(x)) per head (sweep's use_gate)
-    cope_npos_max: int = 64  # CoPE's number of position embeddings e[0..npos_max-1]
+    cope_npos_max: int = 0  # CoPE's embeddings e[0..npos_max-1]; 0: block_size + 1 (authors' code)
+    fire_shared: bool = False  # FIRE: one MLP, c and L for all layers (else one set per layer)
     # RoPE's frequency table, for the encodings built on rope.RoPE (rope.ROPE_FAMILY)
     rope_fraction: float = 1.0  # p-RoPE: only the round(p hd/2) highest-frequency pairs rotate
     rope_scaling: str = 'none'  # context extension: 'none', 'linear', 'ntk', 'dynamic' or 'yarn'
@@ -60,7 +61,7 @@ class GPTConfig:
             ('rope_fraction', 1), ('rope_scaling', 'none'), ('rope_scaling_factor', 1),
             ('rope_scaling_length', 0)) if getattr(self, k) != v]
         for key, low in dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1,
-                             cope_npos_max=1, selective_conv_width=1, selective_rank=0,
+                             cope_npos_max=0, selective_conv_width=1, selective_rank=0,
                              rope_scaling_length=0, nope_every=0).items():
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= {low}")
@@ -83,6 +84,8 @@ class GPTConfig:
             (rope_keys and self.pos_emb not in ROPE_FAMILY, f"{', '.join(rope_keys)}: only the "
              f"encodings built on RoPE's frequency table take it ({', '.join(ROPE_FAMILY)}), not "
              f"pos_emb={self.pos_emb!r}; leave it at its default"),
+            (self.fire_shared and self.pos_emb != 'fire', f"fire_shared=True: only pos_emb='fire' "
+             f"takes it, not pos_emb={self.pos_emb!r}; leave it at False"),
             (self.nope_every == 1, "nope_every=1 leaves every layer without an encoding: use "
              "pos_emb='none' (or nope_every >= 2)"),
             (self.nope_every and self.pos_emb in INPUT_ONLY,

@@ -484,36 +484,39 @@ class FIRE(PositionEncoding):
     arXiv:2310.04418 section 3), for query position i and key position j:
         b(i, j) = f_theta(psi(i - j) / (psi(max(L, i)) + eps)),   psi(x) = log(|c| x + 1)
     f_theta an MLP 1 -> 32 -> H (ReLU), c and L = |l| * 512 learned (below L as if at L),
-    eps = 1e-6. One module for all layers; one (H, T, Tk) table per forward. Not shift invariant."""
+    eps = 1e-6. Each layer has its own f_theta, c and L and makes its (H, T, Tk) table; fire_shared:
+    one set for all layers, one table per forward (prepare). Not shift invariant."""
 
     WIDTH, C_INIT, L_INIT, EPS = 32, 0.1, 512.0, 1e-6
     relative = False  # the normaliser reads the absolute i: generate recomputes a full window
 
     def __init__(self, config):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(1, self.WIDTH), nn.ReLU(),
-                                 nn.Linear(self.WIDTH, config.n_head))
-        self.c = nn.Parameter(torch.tensor(self.C_INIT))
-        self.L_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.shared, n = config.fire_shared, 1 if config.fire_shared else config.n_layer
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(1, self.WIDTH), nn.ReLU(),
+                                               nn.Linear(self.WIDTH, config.n_head))
+                                 for _ in range(n))
+        self.c = nn.Parameter(torch.full((n,), self.C_INIT))
+        self.L_multiplier = nn.Parameter(torch.ones(n))
 
-    def table(self, qpos, kpos):  # int64 (T,), (Tk,) -> b (H, T, Tk)
-        c, L = self.c.abs(), (self.L_multiplier * self.L_INIT).abs()
+    def table(self, f, qpos, kpos):  # parameter set f, int64 (T,), (Tk,) -> b (H, T, Tk)
+        c, L = self.c[f].abs(), (self.L_multiplier[f] * self.L_INIT).abs()
         psi = lambda n: torch.log(c * n.to(c.dtype) + 1)
         u = psi((qpos[:, None] - kpos).abs()) / (psi(torch.maximum(qpos.to(c.dtype), L))[:, None]
                                                  + self.EPS)
         # the MLP as a sum over its hidden units: under no_grad one (T, Tk) slice at a time
-        w1, b1, w2, b2 = (self.mlp[0].weight[:, 0], self.mlp[0].bias,
-                          self.mlp[2].weight, self.mlp[2].bias)
+        w1, b1, w2, b2 = self.mlp[f].parameters()  # (32, 1), (32,), (H, 32), (H,)
         return b2.view(-1, 1, 1) + sum(w2[:, n, None, None] * torch.relu(w1[n] * u + b1[n])
                                        for n in range(self.WIDTH))
 
-    def prepare(self, x, pos):
-        return self.table(pos, pos)  # training and evaluation: the keys are the queries
+    def prepare(self, x, pos):  # training and evaluation: the keys are the queries
+        return self.table(0, pos, pos) if self.shared else None
 
     def score_bias(self, layer, q, k, x, pos, shared, cache):
-        # KV-cached decoding: the new queries against every key so far
-        t = shared if cache is None else self.table(
-            pos, torch.arange(k.size(2), device=pos.device) + pos[0] - (k.size(2) - q.size(2)))
+        # KV-cached decoding (or a layer's own set): the new queries against every key so far
+        kpos = torch.arange(k.size(2), device=pos.device) + pos[0] - (k.size(2) - q.size(2))
+        t = shared if self.shared and cache is None else self.table(
+            0 if self.shared else layer, pos, kpos)
         return lambda b, h, i, j: t[h, i, j]
 
 
@@ -527,7 +530,7 @@ class CoPE(PositionEncoding):
 
     def __init__(self, config):
         super().__init__()
-        self.npos_max = config.cope_npos_max
+        self.npos_max = config.cope_npos_max or config.block_size + 1  # p <= T: no clamp
         self.pos_emb = nn.Parameter(
             torch.zeros(config.n_layer, config.n_embd // config.n_head, self.npos_max))
 

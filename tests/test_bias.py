@@ -75,11 +75,12 @@ def ref_bias(m, layer, q, k, positions):
                         v = -ref_slopes(H)[h] * (i - j)
                     elif m.config.pos_emb == 't5':
                         v = pe.relative_attention_bias[ref_bucket(i - j), h].item()
-                    elif m.config.pos_emb == 'fire':
-                        c, L = abs(pe.c.item()), abs(pe.L_multiplier.item() * 512)
+                    elif m.config.pos_emb == 'fire':  # the layer's own set, or the shared one
+                        f = 0 if m.config.fire_shared else layer
+                        c, L = abs(pe.c[f].item()), abs(pe.L_multiplier[f].item() * 512)
                         u = math.log(c * (i - j) + 1) / (math.log(c * max(L, mi) + 1) + 1e-6)
                         # the MLP as nn.Sequential runs it
-                        v = pe.mlp(torch.tensor([[u]], dtype=F64))[0, h].item()
+                        v = pe.mlp[f](torch.tensor([[u]], dtype=F64))[0, h].item()
                     else:
                         # cope: count the open gates from j to i, interpolate the
                         # embedding vectors, dot with q_i
@@ -123,11 +124,12 @@ def test_t5_buckets_follow_the_released_rule():
 
 
 @pytest.mark.parametrize('offset', [0, 20])
-@pytest.mark.parametrize('pos_emb', BIASES)
-def test_attention_layer_equals_per_pair_reference(pos_emb, offset):
-    """One attention layer, fp64, at positions offset..offset+T-1,
-    against the explicit loops above."""
-    m = make(pos_emb)
+@pytest.mark.parametrize('pos_emb, kw', [(p, {}) for p in BIASES]
+                         + [pytest.param('fire', dict(fire_shared=True), id='fire-shared')])
+def test_attention_layer_equals_per_pair_reference(pos_emb, kw, offset):
+    """One attention layer (the second: fire reads its own MLP, or with fire_shared the one MLP),
+    fp64, at positions offset..offset+T-1, against the explicit loops above."""
+    m = make(pos_emb, **kw)
     attn, layer, (B, T, C, H) = m.transformer.h[1].attn, 1, (2, 9, 24, 3)
     torch.manual_seed(1)
     x = torch.randn(B, T, C, dtype=F64)
@@ -213,15 +215,45 @@ def test_cope_starts_as_nope():
 
 
 def test_parameter_counts():
-    """alibi 0; t5 32 buckets x H, one table for all layers; fire 1->32->H MLP + c + L,
-    shared; cope L x hs x npos."""
+    """alibi 0; t5 32 buckets x H, one table for all layers; fire 1->32->H MLP + c + L per
+    layer, or one set with fire_shared; cope L x hs x npos (npos: block_size + 1 by default)."""
     L, H, d, npos = 3, 4, 32, 7
-    counts = {n: sum(p.numel() for p in GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=L,
-                                                      n_head=H, n_embd=d, pos_emb=n,
-                                                      cope_npos_max=npos)).pe.parameters())
-              for n in BIASES}
-    assert counts == {'alibi': 0, 't5': 32 * H, 'fire': (32 + 32) + (32 * H + H) + 2,
-                      'cope': L * (d // H) * npos}
+    count = lambda n, **kw: sum(p.numel() for p in GPT(GPTConfig(
+        block_size=16, vocab_size=64, n_layer=L, n_head=H, n_embd=d, pos_emb=n, **kw)).pe
+        .parameters())
+    fire = (32 + 32) + (32 * H + H) + 2
+    assert {n: count(n, cope_npos_max=npos) for n in BIASES} == {
+        'alibi': 0, 't5': 32 * H, 'fire': L * fire, 'cope': L * (d // H) * npos}
+    assert count('fire', fire_shared=True) == fire and count('cope') == L * (d // H) * 17
+
+
+def test_fire_has_a_set_per_layer_unless_shared():
+    """fire_shared=False (the default): each layer's bias comes from its own MLP, c and L: two
+    layers' biases differ, and one layer's bias sends gradient to its own set alone.
+    fire_shared=True: one set, one table (prepare) that every layer reads."""
+    T, H = 20, 3
+    pos, q = torch.arange(T), torch.zeros(1, H, T, 8)
+    grid = torch.arange(H)[:, None, None], torch.arange(T)[:, None], torch.arange(T)
+    for shared in (False, True):
+        pe = make('fire', dtype=torch.float32, fire_shared=shared).pe
+        table = pe.prepare(None, pos)
+        bias = [pe.score_bias(layer, q, q, None, pos, table, None)(0, *grid) for layer in (0, 1)]
+        assert len(pe.mlp) == pe.c.numel() == pe.L_multiplier.numel() == (1 if shared else 2)
+        assert (table is not None) == shared
+        if shared:
+            assert torch.equal(bias[0], bias[1])
+            continue
+        assert (bias[0] - bias[1]).abs().max() > 0.1
+        bias[1].sum().backward()
+        assert all(p.grad is None for p in pe.mlp[0].parameters())
+        assert all(p.grad.abs().max() > 0 for p in pe.mlp[1].parameters())
+        for p in (pe.c, pe.L_multiplier):  # make's L = 12 is inside the window: both move
+            assert p.grad[0] == 0 and p.grad[1] != 0
+
+
+def test_fire_shared_is_fires_key():
+    with pytest.raises(ValueError, match="fire_shared=True: only pos_emb='fire'"):
+        GPTConfig(pos_emb='alibi', fire_shared=True)
 
 
 @pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
@@ -340,6 +372,31 @@ def test_biases_are_fp32_in_a_bf16_model_under_autocast(pos_emb):
         assert ref.abs().max() > 500
     if pos_emb != 'cope':
         torch.testing.assert_close(got.double(), ref, rtol=2 ** -20, atol=1e-5)
+
+
+def test_cope_npos_max_is_block_size_plus_one_unless_set(tmp_path):
+    """cope_npos_max=0 (the default) is the authors' code's block_size + 1: every count fits below
+    the clamp; 64 (the former default) still builds. A checkpoint saved with the default (train.py's
+    format: model_args keep the 0) loads with the trained e and evaluates at 2x and 4x its
+    block_size like the model it was: e's shape comes from the stored block_size, not the length."""
+    from common import load_checkpoint
+    kw = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, pos_emb='cope')
+    assert GPT(GPTConfig(**kw, cope_npos_max=64)).pe.pos_emb.shape == (2, 8, 64)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**kw)).eval()
+    assert m.pe.npos_max == 17 and m.pe.pos_emb.shape == (2, 8, 17)
+    with torch.no_grad():
+        m.pe.pos_emb.normal_()  # trained: a model that did not load e would differ
+    torch.save({'model': m.state_dict(), 'model_args': dict(m.config.__dict__),
+                'config': {'dataset': 'embedded'}, 'meta': {}}, tmp_path / 'ckpt.pt')
+    _, loaded = load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert loaded.config.cope_npos_max == 0 and loaded.pe.npos_max == 17
+    for T in (32, 64):
+        idx = torch.randint(64, (2, T))
+        with torch.no_grad():
+            loss = loaded.eval()(idx, idx)[1]
+            torch.testing.assert_close(loss, m(idx, idx)[1], rtol=0, atol=0)
+        assert torch.isfinite(loss)
 
 
 def test_cope_flops_count_its_gates_and_embedding_lookups():

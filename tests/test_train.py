@@ -394,6 +394,18 @@ def test_finetune_extends_the_context_from_another_runs_weights(tmp_path, data_r
         assert model.eval()(x, y)[1].item() == pytest.approx(records(dst, 'val_loss')[0], abs=1e-5)
 
 
+def test_finetune_at_a_longer_block_size_keeps_copes_embeddings(tmp_path, data_root):
+    """cope_npos_max=0 means block_size + 1 of the run that trained e: a fine-tune at twice the
+    block_size pins it to the source's 17 (e's shape), where 0 would ask for 33 and fail to load."""
+    src, dst = tmp_path / 'src', tmp_path / 'dst'
+    train(src, data_root, '--pos_emb=cope', '--max_iters=2', '--eval_interval=2')
+    p = train(dst, data_root, '--init_from=finetune', f'--finetune_from={src}', '--block_size=32',
+              '--max_iters=2', '--eval_interval=2')
+    assert 'cope_npos_max=17' in p.stdout, p.stdout
+    args = torch.load(dst / 'ckpt.pt', weights_only=True)['model_args']
+    assert (args['block_size'], args['cope_npos_max']) == (32, 17)
+
+
 # ------------------------------------------------------ failures keep the last good state, one line
 
 def strict_json(path):
