@@ -72,7 +72,7 @@ class GPTConfig:
              f"comrope_init_std={self.comrope_init_std} must be > 0"),
             (self.n_embd % self.n_head, f"n_embd={self.n_embd} must be a multiple of "
              f"n_head={self.n_head} (the head dim is n_embd / n_head)"),
-            (hd % 2 and self.pos_emb in (*ROPE_FAMILY, 'carope', 'selective'),
+            (hd % 2 and self.pos_emb in (*ROPE_FAMILY, 'carope', 'selective', 'fope'),
              f"pos_emb={self.pos_emb!r} rotates pairs: it needs an even n_embd/n_head, got {hd}"),
             (self.n_embd % 2 and self.pos_emb == 'sinusoidal',
              f"pos_emb='sinusoidal' needs an even n_embd (sin/cos pairs), got {self.n_embd}"),

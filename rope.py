@@ -608,6 +608,45 @@ class PoPE(PositionEncoding):
         return 6 * config.n_layer * config.n_embd * T
 
 
+class FoPE(PositionEncoding):
+    """`fope`: Fourier Position Embedding (Hua et al., ICML 2025, arXiv:2412.17739: f(omega_m)).
+    Pair p of each head of q and k, as a complex number, is multiplied by a Fourier series over the
+    D RoPE frequencies theta_j = rope_base^(-2j/hd) whose period fits the training length L:
+        f_p(n) = sum_j A_jp cos(n theta_j) + i sum_j B_jp sin(n theta_j),   j, p < D
+    and pairs p >= D (theta_p < 2pi/L: a period > L = block_size) get zero frequency, f_p = 1.
+    A, B (D x D) per layer and head, q and k alike, fixed: I + N(0, s^2), s = SIGMA sqrt(2 / (D^2
+    + H D)) (xavier, gain 0.3: the release's default); SIGMA = 0 gives RoPE on pairs < D. Not
+    relative (A != B). Defaults, departures: docs/encodings.md."""
+
+    SIGMA, SEED = 0.3, 0  # the coefficients: a fixed draw from SEED, rebuilt alike on every load
+    relative = False  # f_p(n) conj(f_p(m)) holds cos/sin products of n and m, not of n - m alone
+
+    def __init__(self, config):
+        super().__init__()
+        hd, H = config.n_embd // config.n_head, config.n_head
+        theta = rope_frequencies(hd, config.rope_base)
+        theta = theta[theta >= 2 * math.pi / config.block_size]  # the D highest: fits L
+        D, self.clipped = theta.numel(), hd // 2 - theta.numel()
+        # drawn layer by layer at full size, then cut: a layer's draws do not depend on n_layer
+        # (nope_every) nor a pair's on L
+        g = torch.Generator().manual_seed(self.SEED)
+        z = torch.randn(config.n_layer, 2, H, hd // 2, hd // 2, generator=g, dtype=torch.float64)
+        s = self.SIGMA * math.sqrt(2 / (D * D + H * D)) if D else 0.0
+        self.register_buffer('theta', theta.float(), persistent=False)  # (D,)
+        self.register_buffer('coef', (torch.eye(D, dtype=torch.float64) + s * z[..., :D, :D])
+                             .float(), persistent=False)  # (n_layer, A | B, H, D, D)
+
+    def prepare(self, x, pos):
+        angle = pos.to(self.theta.dtype)[:, None] * self.theta  # (T, D): n theta_j
+        return angle.cos(), angle.sin()
+
+    def rotate(self, layer, q, k, x, shared, cache):
+        (c, s), (A, B) = shared, self.coef[layer]  # A, B: (H, D, D)
+        f_re = F.pad(torch.einsum('tj,hjp->htp', c, A), (0, self.clipped), value=1.0)  # (H,T,hs/2)
+        f_im = F.pad(torch.einsum('tj,hjp->htp', s, B), (0, self.clipped))
+        return apply_rotary(q, f_re, f_im), apply_rotary(k, f_re, f_im)
+
+
 class StickBreaking(PositionEncoding):
     """`stickbreaking`: stick-breaking attention (Tan et al., ICLR 2025, arXiv:2410.17980 sec. 2):
     no softmax, no position input. With z_ij = q_i.k_j / sqrt(hs), beta_ij = sigmoid(z_ij), query
@@ -689,6 +728,7 @@ ENCODINGS = {
     'cope': CoPE,
     'xpos': XPos,
     'pope': PoPE,
+    'fope': FoPE,
     'stickbreaking': StickBreaking,
     'path': PaTH,
 }
