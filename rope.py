@@ -657,6 +657,8 @@ class StickBreaking(PositionEncoding):
     softmax_j(z_ij + bias_ij) for bias_ij = log A_ij - z_ij = -sum_{j<=t<i} softplus(z_it) (j < i;
     log(1 - sigmoid z) = -softplus z): a reverse cumulative sum in log space, (B, nh, T, Tk)."""
 
+    relative = False  # A_ii reads every key before i: a full window is recomputed, not slid
+
     def score_bias(self, layer, q, k, x, pos, shared, cache):
         (T, Tk), q, k = (q.size(2), k.size(2)), q.to(x.dtype), k.to(x.dtype)  # in fp32
         z = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, T, Tk)

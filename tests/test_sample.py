@@ -161,8 +161,9 @@ def test_sliding_window_equals_reference(name, kw, prompt_len):
     cached, cached_logits = step_logits(model, prompt, steps, temperature=0)
     assert torch.equal(cached[:, :prompt_len], prompt) and cached.shape == (2, prompt_len + steps)
     if not model.pe.relative:
-        # fire reads the query's absolute position; fope's series cos and sin parts differ
-        assert name in ('learned', 'sinusoidal', 'fire', 'fope')
+        # fire reads the query's absolute position; fope's series cos and sin parts differ;
+        # stick-breaking's own weight and PaTH's steps read the window from its first key
+        assert name in ('learned', 'sinusoidal', 'fire', 'fope', 'stickbreaking', 'path')
         assert torch.equal(cached, uncached)
         torch.testing.assert_close(cached_logits, ref_logits, rtol=0, atol=1e-12)
         return
