@@ -113,7 +113,8 @@ COMMANDS = {
     'python sample.py --out_dir=out-quickstart --start="def "': 'run',
     # docs/results.md: the embedded sweep and the two more checkpoints the extrapolation table reads
     'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,'
-    'selective,alibi,t5,fire,cope,xpos,pope --sweep_config=config/quickstart.py '
+    'selective,alibi,t5,fire,cope,xpos,pope,fope,stickbreaking,path '
+    '--sweep_config=config/quickstart.py '
     '"--sweep_args=--max_iters=150 --lr_decay_iters=150 --eval_interval=25" '
     '--sweep_out=out-sweep --eval_block_sizes=256,512,1024 --eval_tokens=8192 '
     '--report=report.md': ('first', EXTRAPOLATION),
@@ -123,6 +124,11 @@ COMMANDS = {
     '--out_dir=out-sweep-liere --max_iters=150 --lr_decay_iters=150 --eval_interval=150':
         ('first', EXTRAPOLATION),
     EXTRAPOLATION: 'run',
+    # the embedded sweep's two rows that are not an encoding alone: PaTH-FoX, RoPE/NoPE interleaved
+    'python train.py config/quickstart.py --pos_emb=path --forget_gate=True '
+    '--out_dir=out-sweep-pathfox --max_iters=150 --lr_decay_iters=150 --eval_interval=25': 'run',
+    'python train.py config/quickstart.py --nope_every=4 --out_dir=out-sweep-rnope '
+    '--max_iters=150 --lr_decay_iters=150 --eval_interval=25': 'run',
     # the longer budget (the same sweep code path, other encodings and a yarn row)
     'python eval.py --pos_embs=rope,carope,selective,alibi,fire '
     '--sweep_config=config/quickstart.py --sweep_args=--eval_interval=100 --sweep_out=out-long '
