@@ -141,6 +141,8 @@ COMMANDS = {
     'python eval.py --pos_embs=none,rope,selective --sweep_config=config/synthetic_parity.py '
     '--sweep_out=out-parity': 'run',
     'OMP_NUM_THREADS=1 python bench.py --rounds=7 --steps=5': 'run',
+    'OMP_NUM_THREADS=1 python bench.py --pos_embs=rope,none,fire,cope,fope,stickbreaking,path '
+    '--rounds=5 --steps=5': 'run',
     'python bench.py --preset=gpt2 --compile=True': ('error', 'sized for a GPU'),
     'git clone https://github.com/karpathy/nanoGPT ../nanoGPT': ('skip', "network: clones nanoGPT"),
     # no checkout beside the scratch copy: the one-line error that names it
