@@ -193,6 +193,22 @@ def nonfinite(state):
                  if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
+def upgrade(checkpoint):
+    """A checkpoint from before per-layer FIRE (no fire_shared in its model_args) holds the one
+    FIRE all layers shared: it loads as fire_shared=True, its weights (and AdamW's moments of the
+    scalars c and L) under the per-layer form's names and shapes."""
+    args, state = checkpoint['model_args'], checkpoint['model']
+    if args['pos_emb'] == 'fire' and 'fire_shared' not in args:
+        args['fire_shared'] = True
+        for name in [n for n in state if n.startswith('pe.')]:
+            t = state.pop(name)
+            state[name.replace('pe.mlp.', 'pe.mlp.0.')] = t.view(1) if t.dim() == 0 else t
+        for moments in checkpoint.get('optimizer', {}).get('state', {}).values():
+            moments.update({k: t.view(1) for k, t in moments.items()
+                            if k != 'step' and t.dim() == 0})
+    return checkpoint
+
+
 def load_checkpoint(path, build=True, overrides=None):
     """(checkpoint dict, its uncompiled GPT with the weights loaded, or None unless build) from a
     ckpt.pt or best.pt train.py wrote (a plain dict, read with weights_only=True). A corrupt or
@@ -201,7 +217,7 @@ def load_checkpoint(path, build=True, overrides=None):
     value its encoding cannot take raises the encoding's ValueError. A model with a nan or inf
     weight (a diverged run's) raises ValueError naming it: its samples and losses would be noise."""
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = upgrade(torch.load(path, map_location='cpu', weights_only=True))
         model = GPT(GPTConfig(**checkpoint['model_args'])) if build else None
         if build:
             model.load_state_dict(checkpoint['model'])

@@ -84,13 +84,15 @@ class GPTConfig:
             (rope_keys and self.pos_emb not in ROPE_FAMILY, f"{', '.join(rope_keys)}: only the "
              f"encodings built on RoPE's frequency table take it ({', '.join(ROPE_FAMILY)}), not "
              f"pos_emb={self.pos_emb!r}; leave it at its default"),
-            (self.fire_shared and self.pos_emb != 'fire', f"fire_shared=True: only pos_emb='fire' "
-             f"takes it, not pos_emb={self.pos_emb!r}; leave it at False"),
+            (self.cope_npos_max == 1, "cope_npos_max=1 counts every key as position 0 (CoPE "
+             "becomes NoPE): use >= 2, or 0 for block_size + 1"),
             (self.nope_every == 1, "nope_every=1 leaves every layer without an encoding: use "
              "pos_emb='none' (or nope_every >= 2)"),
+            (self.nope_every > self.n_layer, f"nope_every={self.nope_every} > n_layer="
+             f"{self.n_layer} leaves every layer its encoding: use 2..{self.n_layer}, or 0"),
             (self.nope_every and self.pos_emb in INPUT_ONLY,
-             f"nope_every={self.nope_every}: pos_emb={self.pos_emb!r} is added to the input, not "
-             f"applied per layer; interleave an encoding of the attention (rope, alibi, ...)"),
+             f"nope_every={self.nope_every}: pos_emb={self.pos_emb!r} has nothing per layer to "
+             f"leave out; interleave an encoding of the attention (rope, alibi, ...)"),
             (not 0 <= self.rope_fraction <= 1,
              f"rope_fraction={self.rope_fraction} must be in [0, 1]"),
             (not self.rope_scaling_factor >= 1,

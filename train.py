@@ -225,7 +225,9 @@ if init_from != 'scratch':
                 and not was['rope_scaling_length'] and 'rope_scaling_length' not in _config_given:
             changed['rope_scaling_length'] = was['block_size']  # L: the length RoPE trained at
         if 'block_size' in changed and was['pos_emb'] == 'cope' and not was['cope_npos_max']:
-            changed['cope_npos_max'] = was['block_size'] + 1  # 0 was block_size + 1: e's shape
+            was = {**was, 'cope_npos_max': was['block_size'] + 1}  # 0 was block_size + 1: e's shape
+            if 'cope_npos_max' not in kept:
+                changed['cope_npos_max'] = was['cope_npos_max']
         model_args = {**was, **changed}
         log(f"fine-tuning the weights of {path} (iter {checkpoint['iter_num']}); changed: "
             + (', '.join(f"{k}={v!r}" for k, v in changed.items()) or 'nothing')

@@ -251,9 +251,11 @@ def test_fire_has_a_set_per_layer_unless_shared():
             assert p.grad[0] == 0 and p.grad[1] != 0
 
 
-def test_fire_shared_is_fires_key():
-    with pytest.raises(ValueError, match="fire_shared=True: only pos_emb='fire'"):
-        GPTConfig(pos_emb='alibi', fire_shared=True)
+def test_cope_npos_max_1_is_an_error_not_nope():
+    """One embedding clamps every count to 0: the bias is one number per query, softmax ignores
+    it, and CoPE is NoPE with dead weights."""
+    with pytest.raises(ValueError, match=r"cope_npos_max=1 .* use >= 2, or 0"):
+        GPTConfig(pos_emb='cope', cope_npos_max=1)
 
 
 @pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')

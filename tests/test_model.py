@@ -821,7 +821,9 @@ PER_LAYER = [n for n in ALL if n not in ('none', 'learned', 'sinusoidal')]
 def test_nope_every_is_a_one_line_config_error_where_it_means_nothing():
     assert sorted(rope.INPUT_ONLY) == ['learned', 'none', 'sinusoidal']  # read from their hooks
     for kw, words in [(dict(pos_emb='rope', nope_every=1), "use pos_emb='none'"),
-                      (dict(pos_emb='learned', nope_every=2), 'added to the input'),
+                      (dict(pos_emb='learned', nope_every=2), 'nothing per layer'),
+                      (dict(pos_emb='none', nope_every=2), 'nothing per layer'),
+                      (dict(pos_emb='rope', nope_every=3), 'nope_every=3 > n_layer=2'),
                       (dict(pos_emb='rope', nope_every=-1), 'nope_every=-1 must be >= 0')]:
         with pytest.raises(ValueError, match=re.escape(words)):
             tiny_config(**kw)

@@ -406,6 +406,31 @@ def test_finetune_at_a_longer_block_size_keeps_copes_embeddings(tmp_path, data_r
     assert (args['block_size'], args['cope_npos_max']) == (32, 17)
 
 
+def test_a_fire_checkpoint_from_before_per_layer_fire_loads_and_resumes(tmp_path, data_root):
+    """A checkpoint written before fire_shared existed (one FIRE for all layers: no fire_shared in
+    model_args, 0-dim c and L, the MLP's weights as pe.mlp.0/2) loads as fire_shared=True with the
+    same logits (eval.py's and sample.py's load) and resumes (train.py's)."""
+    src = tmp_path / 'src'
+    train(src, data_root, '--pos_emb=fire', '--fire_shared=True', '--max_iters=2',
+          '--eval_interval=2')
+    ckpt = torch.load(src / 'ckpt.pt', weights_only=True)
+    new = {k: v.clone() for k, v in ckpt['model'].items()}
+    del ckpt['model_args']['fire_shared']  # the former format
+    scalar = ('pe.c', 'pe.L_multiplier')
+    ckpt['model'] = {k.replace('pe.mlp.0.', 'pe.mlp.'): v.view(()) if k in scalar else v
+                     for k, v in ckpt['model'].items()}
+    for moments in ckpt['optimizer']['state'].values():
+        moments.update({k: t.view(()) for k, t in moments.items() if t.shape == (1,)})
+    torch.save(ckpt, src / 'ckpt.pt')
+    import common
+    checkpoint, model = common.load_checkpoint(str(src / 'ckpt.pt'))
+    assert checkpoint['model_args']['fire_shared'] is True
+    assert all(torch.equal(new[k], v) for k, v in model.state_dict().items())
+    train(src, data_root, '--pos_emb=fire', '--init_from=resume', '--max_iters=4',
+          '--eval_interval=2')
+    assert torch.load(src / 'ckpt.pt', weights_only=True)['iter_num'] == 4
+
+
 # ------------------------------------------------------ failures keep the last good state, one line
 
 def strict_json(path):
