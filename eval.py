@@ -324,10 +324,11 @@ for d in dirs:
     print(f"loaded {what}: iter {ckpt['iter_num']}, best val loss {ckpt['best_val_loss']:.4f}",
           file=sys.stderr)
     model.eval().to(device)
-    pos_emb, block = model.config.pos_emb, model.config.block_size
-    pos_emb += ' + forget gate' if model.config.forget_gate else ''
-    # scaling: the (rope_scaling, factor) a row runs with, where the encoding takes one (else None)
     cfg = model.config
+    pos_emb, block = cfg.pos_emb, cfg.block_size
+    pos_emb += (' + forget gate' if cfg.forget_gate else '') + (
+        f', NoPE every {cfg.nope_every}' if cfg.nope_every else '')  # what the row's label says
+    # scaling: the (rope_scaling, factor) a row runs with, where the encoding takes one (else None)
     trained = (cfg.rope_scaling, cfg.rope_scaling_factor) if isinstance(model.pe, RoPE) else None
     note = '' if trained in (None, ('none', 1.0)) else scaling_note(*trained)
     eval_batch = config.get('eval_batch_size', config['batch_size'])
