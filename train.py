@@ -225,13 +225,12 @@ if init_from != 'scratch':
                 and not was['rope_scaling_length'] and 'rope_scaling_length' not in _config_given:
             changed['rope_scaling_length'] = was['block_size']  # L: the length RoPE trained at
         if 'block_size' in changed and was['pos_emb'] == 'cope' and not was['cope_npos_max']:
-            was = {**was, 'cope_npos_max': was['block_size'] + 1}  # 0 was block_size + 1: e's shape
-            if 'cope_npos_max' not in kept:
-                changed['cope_npos_max'] = was['cope_npos_max']
+            changed['cope_npos_max'] = was['block_size'] + 1  # 0 was block_size + 1: e's shape
         model_args = {**was, **changed}
         log(f"fine-tuning the weights of {path} (iter {checkpoint['iter_num']}); changed: "
             + (', '.join(f"{k}={v!r}" for k, v in changed.items()) or 'nothing')
-            + ''.join(f"; {k}={was[k]!r} (not {v!r}), as the source" for k, v in kept.items()))
+            + ''.join(f"; {k}={model_args[k]!r} (not {v!r}), as the source"
+                      for k, v in kept.items()))
 block_size = model_args['block_size']
 eval_block_size = eval_block_size or block_size
 config.update(model_args, eval_iters=eval_iters, eval_batch_size=eval_batch)  # what ran, eval set
