@@ -252,7 +252,7 @@ class GPT(nn.Module):
         nope = [bool(config.nope_every) and (i + 1) % config.nope_every == 0
                 for i in range(config.n_layer)]
         self.pe_layer = [None if n else nope[:i].count(False) for i, n in enumerate(nope)]
-        self.pe_config = replace(config, n_layer=nope.count(False))
+        self.pe_config = replace(config, n_layer=nope.count(False), nope_every=0)
         self.pe = build_position_encoding(self.pe_config)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
