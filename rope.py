@@ -624,9 +624,10 @@ class FoPE(PositionEncoding):
     def __init__(self, config):
         super().__init__()
         hd, H = config.n_embd // config.n_head, config.n_head
-        theta = rope_frequencies(hd, config.rope_base)
-        theta = theta[theta >= 2 * math.pi / config.block_size]  # the D highest: fits L
-        D, self.clipped = theta.numel(), hd // 2 - theta.numel()
+        # the D highest frequencies, whose period fits L (counted in Python: builds on 'meta' too)
+        D = sum(config.rope_base ** (-2 * p / hd) >= 2 * math.pi / config.block_size
+                for p in range(hd // 2))
+        theta, self.clipped = rope_frequencies(hd, config.rope_base)[:D], hd // 2 - D
         # drawn layer by layer at full size, then cut: a layer's draws do not depend on n_layer
         # (nope_every) nor a pair's on L
         g = torch.Generator().manual_seed(self.SEED)

@@ -8,7 +8,6 @@ The model sees at most its block_size last tokens, the context it was trained on
 --extrapolate=True never crops it: past block_size that is length extrapolation (`learned` cannot).
 $ python sample.py --out_dir=out-quickstart --extrapolate=True --rope_scaling=yarn \
     --rope_scaling_factor=4
---rope_scaling and --rope_scaling_factor, when given, replace the checkpoint's (see rope.RoPE).
 """
 import os
 import sys
