@@ -31,12 +31,16 @@ GPU_PEAK_FLOPS = [
 
 
 def device_peak_flops(device, dtype):
-    """Peak FLOP/s of the CUDA device for this dtype (fp32 runs on TF32 tensor cores: half the
-    bf16 peak), or None for an unknown GPU, MPS or CPU: MFU is then not reported rather than made
-    up."""
+    """Peak FLOP/s of the CUDA device for this dtype, or None for MPS, CPU or an unknown GPU: MFU
+    is then not reported rather than made up."""
     if not str(device).startswith('cuda'):
         return None
-    name = torch.cuda.get_device_name(device)
+    return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+
+
+def gpu_peak_flops(name, dtype):
+    """Peak FLOP/s of the GPU called name (a device name, or a GPU_PEAK_FLOPS key) for this dtype
+    (fp32 runs on TF32 tensor cores: half the bf16 peak); None for a GPU not in the table."""
     for key, flops in GPU_PEAK_FLOPS:
         if key in name:
             return flops if dtype in ('bfloat16', 'float16') else flops / 2

@@ -10,16 +10,25 @@ $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512
 $ python eval.py --pos_embs=rope,carope,learned --sweep_config=config/quickstart.py \
     --report=report.md  # train, then compare
 $ python eval.py --pos_embs=rope,carope --seeds=1337,1,2 --baseline=rope  # 3 seeds, marks vs rope
+A sweep prints its cost first; the same command again skips its finished runs and resumes a stopped
+one; --launcher='torchrun --standalone --nproc_per_node=8' trains each run on a node's 8 GPUs, and
+--print_commands=True prints the runs for a scheduler instead (docs/training.md: a SLURM array).
 $ python eval.py --out_dirs=out-quickstart --rope_scaling=linear,ntk,yarn  # + context extension
 $ python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --hellaswag=True  # + a HellaSwag table
 Tables go to stdout (and to --report as Markdown, with every number at full precision in the .json
 beside it); PNG plots go to --plots (default: next to the report). A report or plot is rewritten by
 the next one of the same name; any other file there is refused, not overwritten.
 """
+import contextlib
+import dataclasses
+import io
 import json
 import math
 import os
 import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,8 +39,9 @@ from torch.nn import functional as F
 
 import hellaswag as hellaswag_py  # hellaswag.py: `hellaswag` is this script's on/off key
 import prepare_data
-from common import (exit_on_out_of_memory, find_checkpoint, held_run, load_checkpoint,
-                    rebuild_encoding, setup_device, unwritable)
+from common import (GPU_PEAK_FLOPS, exit_on_out_of_memory, find_checkpoint, gpu_peak_flops,
+                    held_run, load_checkpoint, rebuild_encoding, setup_device, unwritable)
+from model import GPT, GPTConfig
 from rope import ENCODINGS, INPUT_ONLY, ROPE_FAMILY, ROPE_SCALINGS, SCORE_BIASES, RoPE
 
 # -----------------------------------------------------------------------------
@@ -56,6 +66,14 @@ sweep_config = 'config/quickstart.py'  # the train.py config every encoding is t
 sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
 sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb> (-s<seed> for several)
 seeds = ''  # comma list: each encoding trains once per seed ('' = the config's seed, one run)
+# a sweep's command again skips its finished runs and resumes a stopped one (docs/evaluation.md)
+launcher = ''  # what runs train.py, e.g. 'torchrun --standalone --nproc_per_node=8': each run on
+# every GPU of the node ('' = this Python, one process)
+print_commands = False  # print the runs left to train, a command a line, and exit: for a scheduler
+# (docs/training.md: a SLURM job array); then this command without it evaluates them
+cost_gpu = ''  # the GPU the cost printed before training is for, e.g. H100 (a name in
+# common.GPU_PEAK_FLOPS); '' = this machine's GPU, else its CPU, measured
+cost_mfu = 0.4  # the model FLOPs utilisation the cost assumes
 # seeds: checkpoints that differ only in their seed, from a sweep or --out_dirs, are one row
 baseline = ''  # the row '*' compares with: a row label or its part in (), e.g. rope
 # ('' = the first row; synthetic rows compare within their task)
@@ -71,7 +89,8 @@ hellaswag_path = ''  # the val file; '' = <data_root>/hellaswag/hellaswag_val.js
 hellaswag_limit = 0  # 0 = all 10,042 examples; n = the first n, a quick look (not comparable)
 device = 'auto'  # 'auto' = cuda if available, then mps, then cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU/MPS
-_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest']}
+_choices = {'dtype': ['auto', 'float32', 'bfloat16', 'float16'], 'checkpoint': ['best', 'latest'],
+            'cost_gpu': ['', *(name for name, _ in GPU_PEAK_FLOPS)]}
 # a slip of train.py's pos_emb: "did you mean 'pos_embs'?" alone, followed, would train a run per
 # encoding, where the user may have meant to compare runs already trained
 _key_notes = {'pos_embs': " (--pos_embs=rope,carope first trains a run per encoding; to compare "
@@ -84,6 +103,10 @@ DASH = '\u2013'  # the en dash of the CARoPE paper's table: a cell the encoding 
 REPORT_HEAD, JSON_HEAD = "# Comparing position encodings\n\n", '{\n "eval_tokens": '
 PLOTS, PLOT_MARK = ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curves.png'), \
     'nanoRoPE eval.py'
+# a run's config keys that say how it was launched, not what it trained: checkpoints that differ
+# only in these are seeds of one row, and a sweep resumes a run whose other keys are its own
+LAUNCH = ('seed', 'out_dir', 'init_from', 'data_root', 'log_interval', 'always_save_checkpoint')
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 
 def fail(message):
@@ -187,6 +210,66 @@ def over_seeds(curves):
     return np.array(xs), np.array([[dict(zip(x.tolist(), y))[v] for v in xs] for x, y in curves])
 
 
+def train_config(args):
+    """The config train.py runs with for args (config files, --key=value): train.py's own defaults
+    section, its text up to and with its configurator line, run with args as train.py runs it. A
+    key or value train.py would refuse fails here, before any run starts; the configurator's echo
+    of each key is left out."""
+    text = open(TRAIN).read()
+    head = text[:text.index('\n', text.index("'configurator.py')).read())"))]
+    scope, said = {'__file__': TRAIN, '_argv': args}, io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            exec(head, scope)
+    except SystemExit:
+        fail(f"train.py refuses the sweep's runs: {said.getvalue().strip().splitlines()[-1]}")
+    return {k: scope[k] for k in scope['_config_defaults']}
+
+
+def steps_done(out, want):
+    """The iters done by the run in out (its ckpt.pt's), or None where out holds no run. A run
+    the sweep cannot take up is refused: one whose config differs from want (train.py's config for
+    the sweep's command) but for how it was launched, or one stopped before its first checkpoint."""
+    if not held_run(out):
+        return None
+    path = os.path.join(out, 'ckpt.pt')
+    if not os.path.isfile(path):
+        fail(f"{out} holds a run with no ckpt.pt to resume (it stopped before its first "
+             f"checkpoint); delete {out} and rerun this command")
+    try:
+        ran = load_checkpoint(path, build=False)[0]
+    except ValueError as e:
+        fail(str(e))
+    other = [k for k, v in want.items() if (k == 'seed' or k not in LAUNCH)
+             and ran['config'].get(k) != v and not (k == 'vocab_size' and v == 0)]  # 0: data's
+    if other:
+        fail(f"{out} holds a run started with other arguments than this sweep's ("
+             + '; '.join(f"{k}={ran['config'].get(k)!r}, not {want[k]!r}" for k in other)
+             + f"); give another --sweep_out, or compare that run with --out_dirs={out}")
+    return ran['iter_num']
+
+
+def peak_rate():
+    """(FLOP/s at 100% MFU, its description) for the cost estimate: --cost_gpu's bf16 peak (the
+    table bench.py's MFU uses), else this machine's GPU's, else this CPU's fp32 matmul rate,
+    measured now; (None, why) for a GPU not in the table."""
+    name = cost_gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else '')
+    if name:
+        peak = gpu_peak_flops(name, 'bfloat16')
+        return peak, (f"one {name} (its bf16 peak, {peak / 1e12:.0f} TFLOP/s)" if peak else
+                      f"{name}: not in common.GPU_PEAK_FLOPS; --cost_gpu=NAME gives one's")
+    a = torch.randn(1024, 1024)
+    times = []
+    for _ in range(5):  # the fastest of a few: the least disturbed
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    rate = 2 * 1024 ** 3 / min(times)
+    threads = torch.get_num_threads()
+    return rate, (f"this CPU, measured now ({threads} thread{'s' * (threads > 1)}: {rate / 1e9:.0f}"
+                  f" GFLOP/s in an fp32 matmul): the estimate is for this CPU")
+
+
 try:
     device, device_type, dtype, ctx = setup_device(device, dtype)
 except ValueError as e:
@@ -207,9 +290,12 @@ if len(set(seed_list)) < len(seed_list):
     fail(f"--seeds={seeds!r} repeats a seed; give each seed once, e.g. --seeds=1337,1,2")
 if any(s < 0 for s in seed_list):
     fail(f"--seeds={seeds!r}: a seed must be >= 0, as train.py's")
-if seed_list and not sweep:
-    fail("--seeds needs --pos_embs, the encodings to train once per seed (--out_dirs of several "
-         "seeds are grouped into rows without it)")
+if not sweep and (needs := {'seeds', 'launcher', 'print_commands'} & _config_given):
+    fail(f"--{min(needs)} needs --pos_embs, the encodings to train" + (
+        " once per seed (--out_dirs of several seeds are grouped into rows without it)"
+        if 'seeds' in needs else ''))
+if not 0 < cost_mfu <= 1:
+    fail(f"--cost_mfu={cost_mfu} must be in (0, 1], e.g. 0.4")
 if clash := [a.split('=')[0] for a in sweep_args.split()
              if a.split('=')[0] in ['--pos_emb', '--out_dir'] + ['--seed'] * bool(seed_list)]:
     fail(f"--sweep_args sets {', '.join(clash)}, which the sweep sets for each run; leave it out "
@@ -272,10 +358,6 @@ if plot_dir:
 smaller = f"--batch_size={batch_size // 2} or " if batch_size > 1 else ''
 cpu = ', or --device=cpu' if device_type != 'cpu' else ''
 exit_on_out_of_memory('eval.py', f"use {smaller}shorter --eval_block_sizes{cpu}")
-for _, _, out in sweep_runs:  # before training any: never into, or mixed with, an earlier run
-    if held_run(out):
-        fail(f"{out} already holds a run; compare it with --out_dirs={out}, or use another "
-             f"--sweep_out (or delete it)")
 if hellaswag:  # the file now: a missing one (or no network) fails before any training or loading
     try:
         hellaswag_file = hellaswag_py.ensure_file(hellaswag_path, data_root or os.path.join(
@@ -283,28 +365,94 @@ if hellaswag:  # the file now: a missing one (or no network) fails before any tr
     except prepare_data.DataError as e:
         fail(str(e))
     hellaswag_total = sum(1 for _ in hellaswag_py.iterate_examples(hellaswag_file))
-for i, (pe, s, out) in enumerate(sweep_runs):  # the sweep: one run per encoding and seed
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'),
-           sweep_config, f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
-    cmd += [] if s is None else [f'--seed={s}']
-    print(f"training: {' '.join(cmd[1:])}", file=sys.stderr)
+try:
+    launch = shlex.split(launcher) or [sys.executable]
+except ValueError as e:
+    fail(f"--launcher={launcher!r}: {e}")
+if sweep and not print_commands and not shutil.which(launch[0]):  # printed: run elsewhere
+    fail(f"--launcher={launcher!r}: {launch[0]} is not a command here; e.g. --launcher='torchrun "
+         f"--standalone --nproc_per_node=8'")
+# the sweep: each run's config (as train.py makes it), what its out_dir holds, and what is left
+plan, flops_models = [], {}  # [(out, train.py args, iters done or None, config)]; {args: GPT}
+for pe, s, out in sweep_runs:
+    args = [sweep_config, f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
+    args += [] if s is None else [f'--seed={s}']
+    want = train_config(args)
+    plan.append((out, args, steps_done(out, want), want))
+# cost before work: FLOPs = model.py's flops_per_token (the encoding's own work included) x the
+# tokens left, of a model built on the meta device (no memory, no time)
+if sweep:
+    rate, on = peak_rate()
+    hours = lambda flops: f"{flops / (rate * cost_mfu) / 3600:.3g}" if rate else '?'
+    rows, total = [], [0, 0.0]
+    for out, args, done, c in plan:
+        model_args = {f.name: c[f.name] for f in dataclasses.fields(GPTConfig)}
+        if not model_args['vocab_size']:  # the dataset's, padded to 64 as train.py does
+            try:
+                meta = prepare_data.SYNTHETIC_TASKS.get(c['dataset']) or prepare_data.load_meta(
+                    prepare_data.ensure_dataset(c['data_root'], c['dataset']))
+            except prepare_data.DataError as e:
+                fail(str(e))
+            model_args['vocab_size'] = -(-meta['vocab_size'] // 64) * 64
+        key = json.dumps(model_args, sort_keys=True)
+        if key not in flops_models:
+            try:
+                with torch.device('meta'):
+                    flops_models[key] = GPT(GPTConfig(**model_args))
+            except ValueError as e:  # a rule between model keys, as train.py would say
+                fail(f"train.py refuses the sweep's runs: {e}")
+        tokens = max(0, c['max_iters'] - (done or 0)) * \
+            c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
+        flops = flops_models[key].flops_per_token(c['block_size']) * tokens
+        total = [total[0] + tokens, total[1] + flops]
+        status = 'new' if done is None else 'finished' if done >= c['max_iters'] else \
+            f"resumes at iter {done:,}"
+        rows.append([out, status, f"{tokens:,}", f"{flops:.3g}", hours(flops)])
+    rows.append(['sum', '', f"{total[0]:,}", f"{total[1]:.3g}", hours(total[1])])
+    print(f"cost of the training left: tokens x model.py's flops_per_token; hours on {on}, at "
+          f"an assumed {cost_mfu:.0%} MFU (--cost_mfu; a run over n GPUs takes 1/n of its "
+          f"hours)\n" + md_table(['run', 'status', 'tokens', 'FLOPs', 'hours'], rows),
+          file=sys.stderr)
+left = [(out, args + (['--init_from=resume'] if done else []), c)
+        for out, args, done, c in plan if done is None or done < c['max_iters']]
+commands = [launch + [os.path.relpath(TRAIN), *args] for _, args, _ in left]
+if print_commands:  # stdout: the commands alone, for a file a scheduler reads
+    for command in commands:
+        print(shlex.join(command))
+    print(f"{len(commands)} runs to train, {len(plan) - len(commands)} finished; once they are, "
+          f"this command without --print_commands evaluates them", file=sys.stderr)
+    sys.exit(0)
+# a stop (SIGTERM, Ctrl-C) goes to the run training, which checkpoints and exits; the run is in
+# a session of its own, so it gets the signal once, from here
+child, stopped = None, []
+
+
+def stop(signum, frame):
+    stopped.append(signal.Signals(signum).name)
+    if child is not None:
+        child.send_signal(signum)
+
+
+handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+for cmd, (out, _, c) in zip(commands, left):  # training logs to stderr: stdout is the tables
+    print(f"training: {shlex.join(cmd)}", file=sys.stderr)
     t0 = time.time()
-    # training logs to stderr: stdout is the tables
-    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-        # the runs done hold their out_dirs (a rerun of this sweep is refused): the hint keeps them
-        done, rest = sweep_runs[:i], [p for p, _, _ in sweep_runs[i + 1:]]
-        if not done:
-            hint = "fix it, or leave it out of --pos_embs"
-        elif len(seed_list) > 1:
-            hint = "fix it and rerun with another --sweep_out (the runs done keep theirs)"
-        else:  # one seed: one run per encoding, in order
-            hint = (f"keep the runs done: add {','.join(o for *_, o in done)} to --out_dirs and "
-                    f"give --pos_embs={','.join([pe] + rest)} once it is fixed, or "
-                    + (f"--pos_embs={','.join(rest)}" if rest else "no --pos_embs")
-                    + " without it")
-        fail(f"training pos_emb={pe} failed (command above); {hint}")
+    child = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True)
+    if stopped:  # a stop that came while it started, before there was a child to pass it to
+        child.send_signal(signal.SIGTERM)
+    code, child = child.wait(), None
+    if code != 0 and not stopped:
+        fail(f"training {out} failed (command above); fix it and give this command again (it "
+             f"skips the runs finished and resumes a stopped one), or leave its encoding out of "
+             f"--pos_embs")
+    done = steps_done(out, c) or 0  # a stop: train.py checkpoints before it exits
+    if stopped or done < c['max_iters']:
+        fail(f"stopped{' by ' + stopped[0] if stopped else ''}: {out} at iter {done:,} of "
+             f"{c['max_iters']:,}; this command again goes on from there")
     print(f"trained {out} in {time.time() - t0:.0f} s", file=sys.stderr)
-    dirs.append(out)
+for sig, handler in handlers.items():
+    signal.signal(sig, handler)
+dirs += [out for out, *_ in plan]
 
 
 def scaling_note(method, factor):
@@ -351,9 +499,8 @@ if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):
          f"({', '.join(sorted({r['pos_emb'] for r in runs}))}) takes a context extension; only "
          f"those built on RoPE's frequencies do ({takes})")
 # rows: checkpoints that differ only in their seed are one row, their numbers its samples. The key
-# is what was trained (model args, config, data) less how a run was launched; a seed already in a
-# row starts another
-LAUNCH = ('seed', 'out_dir', 'init_from', 'data_root', 'log_interval', 'always_save_checkpoint')
+# is what was trained (model args, config, data) less how a run was launched (LAUNCH); a seed
+# already in a row starts another
 groups = []
 for r in runs:
     key = json.dumps([{k: v for k, v in r['config'].items() if k not in LAUNCH}, r['model_args'],

@@ -242,18 +242,23 @@ def test_sweep_refuses_before_training(seeded, tmp_path):
     p = run('eval.py', f"--out_dirs={sw / 'sw-rope-s1'}", '--report=/proc/nope/report.md',
             '--device=cpu')
     assert p.returncode == 1 and len(errors(p)) == 1 and '--report' in errors(p)[0], p.stderr
-    # the same sweep again would train into the runs it just made: refused before training any
+    # the same sweep again, in another order: every run finished, so it trains none and compares
+    # them, the same numbers
     before = sorted(os.listdir(sw / 'sw-rope-s1'))
     p = run('eval.py', '--pos_embs=none,rope', '--seeds=2,1', '--sweep_config=config/quickstart.py',
-            f'--sweep_args={sweep_args}', f"--sweep_out={sw / 'sw'}", '--device=cpu')
-    assert p.returncode == 1 and len(errors(p)) == 1, p.stderr
-    assert 'sw-none-s2 already holds a run' in errors(p)[0], p.stderr
-    assert 'training:' not in p.stderr and sorted(os.listdir(sw / 'sw-rope-s1')) == before
+            f'--sweep_args={sweep_args}', f"--sweep_out={sw / 'sw'}", '--eval_block_sizes=16,32',
+            '--device=cpu')
+    assert p.returncode == 0 and 'training:' not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count('| finished |') == 4 and sorted(os.listdir(sw / 'sw-rope-s1')) == before
+    assert table(p.stdout, 'Perplexity') == {k: v for k, v in reversed(
+        table(seeded['text'], 'Perplexity').items())}
     (tmp_path / 'one-rope').mkdir()  # one seed: into <sweep_out>-<pos_emb>, as without --seeds
-    (tmp_path / 'one-rope' / 'log.jsonl').write_text('')
+    (tmp_path / 'one-rope' / 'log.jsonl').write_text('')  # a run stopped before any checkpoint
     p = run('eval.py', '--pos_embs=rope', '--seeds=7', f'--sweep_out={tmp_path / "one"}',
             '--device=cpu')
-    assert p.returncode == 1 and f"{tmp_path / 'one-rope'} already holds a run" in errors(p)[0]
+    assert p.returncode == 1 and errors(p)[0].endswith(
+        f"{tmp_path / 'one-rope'} holds a run with no ckpt.pt to resume (it stopped before its "
+        f"first checkpoint); delete {tmp_path / 'one-rope'} and rerun this command"), p.stderr
     for args, words in [(['--seeds=1,x'], ["--seeds='1,x'", 'integers']),
                         (['--seeds=3,3'], ['repeats a seed']),
                         (['--seeds=1,2', f'--sweep_args={sweep_args} --seed=3'],
@@ -851,12 +856,14 @@ def test_failed_sweep_hint_followed_literally(data_root, tmp_path):
             '--eval_block_size=32', f'--sweep_out={sw}', '--eval_block_sizes=16', '--device=cpu')
     assert p.returncode == 1, p.stderr[-3000:]
     line = errors(p)[-1]
-    assert line.endswith(f"training pos_emb=learned failed (command above); keep the runs done: "
-                         f"add {sw}-rope to --out_dirs and give --pos_embs=learned,none once it "
-                         f"is fixed, or --pos_embs=none without it"), line
-    p = run('eval.py', f'--out_dirs={sw}-rope', '--pos_embs=none', f'--sweep_args={sweep_args}',
+    assert line.endswith(f"training {sw}-learned failed (command above); fix it and give this "
+                         f"command again (it skips the runs finished and resumes a stopped one), "
+                         f"or leave its encoding out of --pos_embs"), line
+    assert not os.path.exists(f'{sw}-learned')  # it failed before writing a run
+    p = run('eval.py', '--pos_embs=rope,none', f'--sweep_args={sweep_args} --eval_block_size=32',
             f'--sweep_out={sw}', '--eval_block_sizes=16', '--device=cpu')
     assert p.returncode == 0 and p.stderr.count('training: ') == 1, p.stderr[-3000:]
+    assert f'training: {sys.executable} train.py' in p.stderr and f'{sw}-none ' in p.stderr
     assert list(table(p.stdout, 'Perplexity')) == ['sw-rope (rope)', 'sw-none (none)']
 
 

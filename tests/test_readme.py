@@ -50,6 +50,9 @@ EXTRAPOLATION = 'python eval.py --out_dirs=out-sweep-rope,out-sweep-crope,out-sw
     'out-sweep-alibi,out-sweep-fire,out-sweep-cope,out-sweep-pope ' \
     '--rope_scaling=none,linear,ntk,dynamic,yarn --eval_block_sizes=256,512,1024 ' \
     '--eval_tokens=8192 --report=extrapolation.md'
+SWEEP = 'python eval.py --pos_embs=rope,carope,alibi --seeds=1337,1,2 ' \
+    "--sweep_config=config/gpt2_rope.py --sweep_out=out-gpt2 --launcher='torchrun --standalone " \
+    "--nproc_per_node=8'"
 # command (continuation lines joined, comment dropped) -> action (see the docstring)
 COMMANDS = {
     # README.md
@@ -91,6 +94,12 @@ COMMANDS = {
     '--out_dir=out-yarn --block_size=1024 --rope_scaling=yarn --rope_scaling_factor=4 '
     '--max_iters=200 --lr_decay_iters=200': 'run',
     'python train.py config/gpt2_rope.py --hellaswag_interval=250': ('gpu', GPU),
+    # a sweep for a SLURM job array: printing its runs needs no data (gpt2_rope.py sets the vocab)
+    SWEEP + ' --print_commands=True > runs.txt': 'run',
+    'sbatch --array=1-$(wc -l < runs.txt) sweep.sbatch':
+        ('skip', "needs SLURM; tests/test_sweep.py runs sweep.sbatch's line for each array task"),
+    SWEEP: ('skip', "trains GPT-2 runs on GPUs; tests/test_sweep.py runs this sequence (print, the "
+                    "array's tasks, the command again) on tiny runs"),
     # docs/evaluation.md; the GPT-2 runs' sampling and evaluation: on the quick start's checkpoint
     'python eval.py --out_dirs=out-gpt2-rope,out-gpt2-carope --eval_block_sizes=512,1024,2048 '
     '--report=report.md': 'run',
@@ -141,6 +150,15 @@ COMMANDS = {
     'python eval.py --pos_embs=none,rope,selective --sweep_config=config/synthetic_parity.py '
     '--sweep_out=out-parity': 'run',
     'OMP_NUM_THREADS=1 python bench.py --rounds=7 --steps=5': 'run',
+    # the GPT-2 small sweep: no network here for HellaSwag (tests/test_sweep.py checks the cost the
+    # docs give against this command's, with a made-up HellaSwag file)
+    'python eval.py --pos_embs=none,learned,sinusoidal,rope,crope,comrope_ap,comrope_ld,carope,'
+    'selective,alibi,t5,fire,cope,xpos,pope,fope,stickbreaking,path --seeds=1337,1,2 '
+    '--baseline=rope --sweep_config=config/gpt2_rope.py --sweep_out=out-gpt2 '
+    '"--sweep_args=--batch_size=4 --gradient_accumulation_steps=128 --eval_iters=80" '
+    "--launcher='torchrun --standalone --nproc_per_node=8' --eval_block_sizes=1024,2048,4096 "
+    '--hellaswag=True --report=report-gpt2.md':
+        ('error', 'cannot download HellaSwag .*hellaswag_path'),
     'OMP_NUM_THREADS=1 python bench.py --pos_embs=rope,none,fire,cope,fope,stickbreaking,path '
     '--rounds=5 --steps=5': 'run',
     'python bench.py --preset=gpt2 --compile=True': ('error', 'sized for a GPU'),
@@ -212,7 +230,9 @@ def shortened(command):
             words[0:1] = [sys.executable]
         elif words[0] == 'torchrun':
             words[0:1] = [sys.executable, '-m', 'torch.distributed.run']
-        parts.append(shlex.join(env + words + SHORT[os.path.basename(script)]))
+        cut = words.index('>') if '>' in words else len(words)  # the overrides go before a '>'
+        parts.append(' '.join([shlex.join(env + words[:cut] + SHORT[os.path.basename(script)]),
+                               *words[cut:]]))
     return ' && '.join(parts)
 
 
