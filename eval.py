@@ -63,7 +63,7 @@ plots = ''  # directory for the PNGs; '' = next to the report, or none without a
 # sweep: train one config once per encoding, then compare (these out_dirs are added to out_dirs)
 pos_embs = ''  # comma list of pos_emb values to train, e.g. rope,carope,learned ('' = no training)
 sweep_config = 'config/quickstart.py'  # the train.py config every encoding is trained with
-sweep_args = ''  # more train.py arguments, space separated, e.g. '--max_iters=500 --device=cpu'
+sweep_args = ''  # more train.py arguments, split as a shell does, e.g. '--max_iters=500'
 sweep_out = 'out-sweep'  # each encoding trains into <sweep_out>-<pos_emb> (-s<seed> for several)
 seeds = ''  # comma list: each encoding trains once per seed ('' = the config's seed, one run)
 # a sweep's command again skips its finished runs and resumes a stopped one (docs/evaluation.md)
@@ -105,7 +105,9 @@ PLOTS, PLOT_MARK = ('loss_vs_length.png', 'loss_vs_position.png', 'learning_curv
     'nanoRoPE eval.py'
 # a run's config keys that say how it was launched, not what it trained: checkpoints that differ
 # only in these are seeds of one row, and a sweep resumes a run whose other keys are its own
-LAUNCH = ('seed', 'out_dir', 'init_from', 'data_root', 'log_interval', 'always_save_checkpoint')
+LAUNCH = ('seed', 'out_dir', 'init_from', 'data_root', 'log_interval', 'always_save_checkpoint',
+          'device', 'backend', 'compile', 'eval_only', 'sample_interval', 'hellaswag_interval',
+          'hellaswag_path', 'wandb_log', 'wandb_project', 'wandb_run_name')
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 
@@ -226,21 +228,21 @@ def train_config(args):
     return {k: scope[k] for k in scope['_config_defaults']}
 
 
-def steps_done(out, want):
+def steps_done(out, want=None):
     """The iters done by the run in out (its ckpt.pt's), or None where out holds no run. A run
-    the sweep cannot take up is refused: one whose config differs from want (train.py's config for
-    the sweep's command) but for how it was launched, or one stopped before its first checkpoint."""
+    the sweep cannot take up is refused: one with no ckpt.pt, or one whose config differs from
+    want (train.py's config for the sweep's command) but for how it was launched (LAUNCH)."""
     if not held_run(out):
         return None
     path = os.path.join(out, 'ckpt.pt')
     if not os.path.isfile(path):
-        fail(f"{out} holds a run with no ckpt.pt to resume (it stopped before its first "
-             f"checkpoint); delete {out} and rerun this command")
+        fail(f"{out} holds a run with no ckpt.pt to resume; move {out} aside (or delete it) and "
+             f"rerun this command")
     try:
         ran = load_checkpoint(path, build=False)[0]
     except ValueError as e:
         fail(str(e))
-    other = [k for k, v in want.items() if (k == 'seed' or k not in LAUNCH)
+    other = [k for k, v in (want or {}).items() if (k == 'seed' or k not in LAUNCH)
              and ran['config'].get(k) != v and not (k == 'vocab_size' and v == 0)]  # 0: data's
     if other:
         fail(f"{out} holds a run started with other arguments than this sweep's ("
@@ -296,7 +298,11 @@ if not sweep and (needs := {'seeds', 'launcher', 'print_commands'} & _config_giv
         if 'seeds' in needs else ''))
 if not 0 < cost_mfu <= 1:
     fail(f"--cost_mfu={cost_mfu} must be in (0, 1], e.g. 0.4")
-if clash := [a.split('=')[0] for a in sweep_args.split()
+try:
+    train_args = shlex.split(sweep_args)  # as a shell would: --wandb_run_name='a b' is one
+except ValueError as e:
+    fail(f"--sweep_args={sweep_args!r}: {e}")
+if clash := [a.split('=')[0] for a in train_args
              if a.split('=')[0] in ['--pos_emb', '--out_dir'] + ['--seed'] * bool(seed_list)]:
     fail(f"--sweep_args sets {', '.join(clash)}, which the sweep sets for each run; leave it out "
          f"(the sweep's are --pos_embs, --sweep_out, --seeds)")
@@ -375,7 +381,7 @@ if sweep and not print_commands and not shutil.which(launch[0]):  # printed: run
 # the sweep: each run's config (as train.py makes it), what its out_dir holds, and what is left
 plan, flops_models = [], {}  # [(out, train.py args, iters done or None, config)]; {args: GPT}
 for pe, s, out in sweep_runs:
-    args = [sweep_config, f'--pos_emb={pe}', f'--out_dir={out}', *sweep_args.split()]
+    args = [sweep_config, f'--pos_emb={pe}', f'--out_dir={out}', *train_args]
     args += [] if s is None else [f'--seed={s}']
     want = train_config(args)
     plan.append((out, args, steps_done(out, want), want))
@@ -419,21 +425,21 @@ commands = [launch + [os.path.relpath(TRAIN), *args] for _, args, _ in left]
 if print_commands:  # stdout: the commands alone, for a file a scheduler reads
     for command in commands:
         print(shlex.join(command))
-    print(f"{len(commands)} runs to train, {len(plan) - len(commands)} finished; once they are, "
+    print(f"runs to train: {len(commands)}, finished: {len(plan) - len(commands)}; once all are, "
           f"this command without --print_commands evaluates them", file=sys.stderr)
     sys.exit(0)
-# a stop (SIGTERM, Ctrl-C) goes to the run training, which checkpoints and exits; the run is in
-# a session of its own, so it gets the signal once, from here
+# a stop (SIGTERM, Ctrl-C, a closed terminal's SIGHUP) goes to the run training as a SIGTERM: it
+# checkpoints and exits. The run is in a session of its own, so it gets the signal once, from here
 child, stopped = None, []
 
 
 def stop(signum, frame):
     stopped.append(signal.Signals(signum).name)
     if child is not None:
-        child.send_signal(signum)
+        child.send_signal(signal.SIGTERM)
 
 
-handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 for cmd, (out, _, c) in zip(commands, left):  # training logs to stderr: stdout is the tables
     print(f"training: {shlex.join(cmd)}", file=sys.stderr)
     t0 = time.time()
@@ -445,7 +451,7 @@ for cmd, (out, _, c) in zip(commands, left):  # training logs to stderr: stdout 
         fail(f"training {out} failed (command above); fix it and give this command again (it "
              f"skips the runs finished and resumes a stopped one), or leave its encoding out of "
              f"--pos_embs")
-    done = steps_done(out, c) or 0  # a stop: train.py checkpoints before it exits
+    done = steps_done(out) or 0  # a stop: it checkpointed (its config: the file's as it started)
     if stopped or done < c['max_iters']:
         fail(f"stopped{' by ' + stopped[0] if stopped else ''}: {out} at iter {done:,} of "
              f"{c['max_iters']:,}; this command again goes on from there")
@@ -503,8 +509,10 @@ if set(scalings) - {'none'} and not any(r['scaling'] for r in runs):
 # already in a row starts another
 groups = []
 for r in runs:
-    key = json.dumps([{k: v for k, v in r['config'].items() if k not in LAUNCH}, r['model_args'],
-                      r['content_hash'], r['scaling']], sort_keys=True, default=str)
+    # the model's keys from model_args: a run from before train.py kept vocab_size there only
+    trained = {k: v for k, v in r['config'].items() if k not in LAUNCH and k not in r['model_args']}
+    key = json.dumps([trained, r['model_args'], r['content_hash'], r['scaling']], sort_keys=True,
+                     default=str)
     g = next((g for g in groups if g['key'] == key and r['seed'] not in g['seeds']), None)
     if g is None:
         groups.append(g := dict(key=key, runs=[], seeds=[], stats={}))

@@ -233,7 +233,6 @@ if init_from != 'scratch':
                       for k, v in kept.items()))
 block_size = model_args['block_size']
 eval_block_size = eval_block_size or block_size
-config.update(model_args, eval_iters=eval_iters, eval_batch_size=eval_batch)  # what ran, eval set
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 log(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed + ddp_rank)
@@ -256,6 +255,7 @@ if init_from == 'scratch':  # the model
 if model_args['vocab_size'] < meta['vocab_size']:
     fail(f"vocab_size={model_args['vocab_size']} is smaller than dataset '{dataset}' needs "
          f"({meta['vocab_size']})")
+config.update(model_args, eval_iters=eval_iters, eval_batch_size=eval_batch)  # what ran, eval set
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:  # a finetune's key that the source's encoding cannot take

@@ -257,8 +257,8 @@ def test_sweep_refuses_before_training(seeded, tmp_path):
     p = run('eval.py', '--pos_embs=rope', '--seeds=7', f'--sweep_out={tmp_path / "one"}',
             '--device=cpu')
     assert p.returncode == 1 and errors(p)[0].endswith(
-        f"{tmp_path / 'one-rope'} holds a run with no ckpt.pt to resume (it stopped before its "
-        f"first checkpoint); delete {tmp_path / 'one-rope'} and rerun this command"), p.stderr
+        f"{tmp_path / 'one-rope'} holds a run with no ckpt.pt to resume; move "
+        f"{tmp_path / 'one-rope'} aside (or delete it) and rerun this command"), p.stderr
     for args, words in [(['--seeds=1,x'], ["--seeds='1,x'", 'integers']),
                         (['--seeds=3,3'], ['repeats a seed']),
                         (['--seeds=1,2', f'--sweep_args={sweep_args} --seed=3'],

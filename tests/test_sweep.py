@@ -46,6 +46,19 @@ def iters(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['iter_num']
 
 
+def stop_mid_run(cmd, cwd, log, signum):
+    """Start eval.py (cmd) in cwd, send it signum once the run logging to log is past its 20th
+    record: (the finished process, its stderr)."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    t0 = time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) > 20):
+        assert p.poll() is None and time.time() - t0 < 300, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(signum)
+    return p, p.communicate(timeout=300)[1]
+
+
 def test_sigterm_then_the_same_command_gives_the_uninterrupted_tables(data_root, tmp_path):
     """A sweep stopped by SIGTERM in its second run: the first finished, the second checkpointed,
     the third not started. The same command again skips the first, resumes the second from its
@@ -54,14 +67,8 @@ def test_sigterm_then_the_same_command_gives_the_uninterrupted_tables(data_root,
     (tmp_path / 'stopped').mkdir()
     (tmp_path / 'whole').mkdir()
     cmd = [sys.executable, os.path.join(REPO, 'eval.py'), *args]
-    p = subprocess.Popen(cmd, cwd=tmp_path / 'stopped', env=env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    log, t0 = tmp_path / 'stopped' / 'sw-alibi' / 'log.jsonl', time.time()
-    while not (log.exists() and len(log.read_text().splitlines()) > 20):  # mid-run
-        assert p.poll() is None and time.time() - t0 < 300, p.communicate()
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    _, stderr = p.communicate(timeout=300)
+    p, stderr = stop_mid_run(cmd, tmp_path / 'stopped', tmp_path / 'stopped' / 'sw-alibi' /
+                             'log.jsonl', signal.SIGTERM)
     stopped_at = iters(tmp_path / 'stopped' / 'sw-alibi')
     assert 0 < stopped_at < 400 and iters(tmp_path / 'stopped' / 'sw-rope') == 400
     assert not (tmp_path / 'stopped' / 'sw-none').exists()
@@ -96,18 +103,21 @@ def test_sigterm_then_the_same_command_gives_the_uninterrupted_tables(data_root,
 
 def test_torchrun_launcher_printed_commands_and_the_slurm_array(data_root, tmp_path):
     """--print_commands prints the runs left, a command a line, each through --launcher; the docs'
-    sweep.sbatch runs line i as array task i; the sweep itself, through torchrun, trains only the
-    run left, and then none: it evaluates."""
+    sweep.sbatch runs line i as array task i. The sweep itself trains the run left through
+    torchrun; a closed terminal's SIGHUP stops it (checkpointed by both processes), the command
+    again resumes it through torchrun, and then has nothing left to print."""
     launcher = f'--launcher={shlex.join(TORCHRUN)}'
     args = ['--pos_embs=rope', '--seeds=1,2', launcher,
-            *sweep(data_root, 8, '--gradient_accumulation_steps=2')]  # 1 a process
+            *sweep(data_root, 400, '--gradient_accumulation_steps=2',  # 1 a process
+                   "--wandb_run_name='a b'")]  # quoted as a shell quotes it
     p = eval_py(tmp_path, *args, '--print_commands=True')
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
     train_py = os.path.relpath(os.path.join(REPO, 'train.py'), tmp_path)
     assert [shlex.split(line)[:len(TORCHRUN) + 4] for line in lines] == [
         [*TORCHRUN, train_py, CONFIG, '--pos_emb=rope', f'--out_dir=sw-rope-s{s}'] for s in (1, 2)]
-    assert [line.split()[-1] for line in lines] == ['--seed=1', '--seed=2']
+    assert [shlex.split(line)[-2:] for line in lines] == [
+        ['--wandb_run_name=a b', f'--seed={s}'] for s in (1, 2)]
     assert not list(tmp_path.glob('sw-*'))  # printed, not run
     (tmp_path / 'runs.txt').write_text(p.stdout)
     docs = open(os.path.join(REPO, 'docs', 'training.md'), encoding='utf-8').read()
@@ -115,17 +125,27 @@ def test_torchrun_launcher_printed_commands_and_the_slurm_array(data_root, tmp_p
     (tmp_path / 'sweep.sbatch').write_text(sbatch)
     task = subprocess.run(['bash', 'sweep.sbatch'], cwd=tmp_path, capture_output=True, text=True,
                           env=env(SLURM_ARRAY_TASK_ID='1'), timeout=300)
-    assert task.returncode == 0 and iters(tmp_path / 'sw-rope-s1') == 8, task.stderr[-3000:]
+    assert task.returncode == 0 and iters(tmp_path / 'sw-rope-s1') == 400, task.stderr[-3000:]
     assert not (tmp_path / 'sw-rope-s2').exists()
-    p = eval_py(tmp_path, *args)  # task 2 never ran: the sweep trains it, through torchrun
+    # task 2 never ran: the sweep trains it, through torchrun, and is stopped
+    cmd = [sys.executable, os.path.join(REPO, 'eval.py'), *args]
+    p, stderr = stop_mid_run(cmd, tmp_path, tmp_path / 'sw-rope-s2' / 'log.jsonl', signal.SIGHUP)
+    at = iters(tmp_path / 'sw-rope-s2')
+    assert p.returncode == 1 and 0 < at < 400 and stderr.count('training: ') == 1, stderr[-3000:]
+    assert f'training: {shlex.join(TORCHRUN)} {train_py}' in stderr
+    assert stderr.splitlines()[-1] == (f"eval.py: stopped by SIGHUP: sw-rope-s2 at iter {at} of "
+                                       f"400; this command again goes on from there")
+    p = eval_py(tmp_path, *args)
     assert p.returncode == 0 and p.stderr.count('training: ') == 1, p.stderr[-3000:]
-    assert f'training: {shlex.join(TORCHRUN)} {train_py}' in p.stderr
+    assert f'resuming from sw-rope-s2/ckpt.pt at iter {at}' in p.stderr
     for s in (1, 2):  # each run's two processes kept their RNG states: torchrun ran both
         ckpt = torch.load(tmp_path / f'sw-rope-s{s}' / 'ckpt.pt', weights_only=True)
-        assert len(ckpt['rng']) == 2
-    assert table(p.stdout, 'Perplexity')['sw-rope (rope)']['n'] == '2'
+        assert len(ckpt['rng']) == 2 and ckpt['iter_num'] == 400
+    rows = table(p.stdout, 'Perplexity')  # a scratch run and a resumed one: one config
+    assert rows['sw-rope (rope)']['n'] == '2', rows
     p = eval_py(tmp_path, *args, '--print_commands=True')
-    assert p.returncode == 0 and p.stdout == '' and '0 runs to train, 2 finished' in p.stderr
+    assert p.returncode == 0 and p.stdout == '', p.stderr[-3000:]
+    assert 'runs to train: 0, finished: 2' in p.stderr
 
 
 def test_cost_is_flops_per_token_times_tokens_at_the_peak(data_root, tmp_path):
