@@ -216,7 +216,8 @@ def train_config(args):
     """The config train.py runs with for args (config files, --key=value): train.py's own defaults
     section, its text up to and with its configurator line, run with args as train.py runs it. A
     key or value train.py would refuse fails here, before any run starts; the configurator's echo
-    of each key is left out."""
+    of each key is left out. vocab_size 0 becomes the dataset's, padded to 64, as train.py's
+    checkpoint holds it."""
     text = open(TRAIN).read()
     head = text[:text.index('\n', text.index("'configurator.py')).read())"))]
     scope, said = {'__file__': TRAIN, '_argv': args}, io.StringIO()
@@ -225,7 +226,15 @@ def train_config(args):
             exec(head, scope)
     except SystemExit:
         fail(f"train.py refuses the sweep's runs: {said.getvalue().strip().splitlines()[-1]}")
-    return {k: scope[k] for k in scope['_config_defaults']}
+    config = {k: scope[k] for k in scope['_config_defaults']}
+    if not config['vocab_size']:
+        try:
+            meta = prepare_data.SYNTHETIC_TASKS.get(config['dataset']) or prepare_data.load_meta(
+                prepare_data.ensure_dataset(config['data_root'], config['dataset']))
+        except prepare_data.DataError as e:
+            fail(str(e))
+        config['vocab_size'] = -(-meta['vocab_size'] // 64) * 64
+    return config
 
 
 def steps_done(out, want=None):
@@ -242,11 +251,12 @@ def steps_done(out, want=None):
         ran = load_checkpoint(path, build=False)[0]
     except ValueError as e:
         fail(str(e))
+    had = {**ran['config'], **ran['model_args']}  # older runs: the vocab_size used in model_args
     other = [k for k, v in (want or {}).items() if (k == 'seed' or k not in LAUNCH)
-             and ran['config'].get(k) != v and not (k == 'vocab_size' and v == 0)]  # 0: data's
+             and had.get(k) != v]
     if other:
         fail(f"{out} holds a run started with other arguments than this sweep's ("
-             + '; '.join(f"{k}={ran['config'].get(k)!r}, not {want[k]!r}" for k in other)
+             + '; '.join(f"{k}={had.get(k)!r}, not {want[k]!r}" for k in other)
              + f"); give another --sweep_out, or compare that run with --out_dirs={out}")
     return ran['iter_num']
 
@@ -390,16 +400,9 @@ for pe, s, out in sweep_runs:
 if sweep:
     rate, on = peak_rate()
     hours = lambda flops: f"{flops / (rate * cost_mfu) / 3600:.3g}" if rate else '?'
-    rows, total = [], [0, 0.0]
+    rows, costs = [], []  # costs: (tokens, FLOPs) left of each run
     for out, args, done, c in plan:
         model_args = {f.name: c[f.name] for f in dataclasses.fields(GPTConfig)}
-        if not model_args['vocab_size']:  # the dataset's, padded to 64 as train.py does
-            try:
-                meta = prepare_data.SYNTHETIC_TASKS.get(c['dataset']) or prepare_data.load_meta(
-                    prepare_data.ensure_dataset(c['data_root'], c['dataset']))
-            except prepare_data.DataError as e:
-                fail(str(e))
-            model_args['vocab_size'] = -(-meta['vocab_size'] // 64) * 64
         key = json.dumps(model_args, sort_keys=True)
         if key not in flops_models:
             try:
@@ -410,11 +413,12 @@ if sweep:
         tokens = max(0, c['max_iters'] - (done or 0)) * \
             c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']
         flops = flops_models[key].flops_per_token(c['block_size']) * tokens
-        total = [total[0] + tokens, total[1] + flops]
+        costs.append((tokens, flops))
         status = 'new' if done is None else 'finished' if done >= c['max_iters'] else \
             f"resumes at iter {done:,}"
         rows.append([out, status, f"{tokens:,}", f"{flops:.3g}", hours(flops)])
-    rows.append(['sum', '', f"{total[0]:,}", f"{total[1]:.3g}", hours(total[1])])
+    tokens, flops = map(sum, zip(*costs))
+    rows.append(['sum', '', f"{tokens:,}", f"{flops:.3g}", hours(flops)])
     print(f"cost of the training left: tokens x model.py's flops_per_token; hours on {on}, at "
           f"an assumed {cost_mfu:.0%} MFU (--cost_mfu; a run over n GPUs takes 1/n of its "
           f"hours)\n" + md_table(['run', 'status', 'tokens', 'FLOPs', 'hours'], rows),

@@ -74,9 +74,10 @@ def env(**extra):
                 **extra)
 
 
-def subprocess_run(*cmd, env_extra=None, timeout=300):
-    """A command as a real process, from the repo root (torchrun, signals, a fresh interpreter)."""
-    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env(**(env_extra or {})),
+def subprocess_run(*cmd, env_extra=None, timeout=300, cwd=REPO):
+    """A command as a real process, from the repo root or cwd (torchrun, signals, a fresh
+    interpreter)."""
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env(**(env_extra or {})),
                           capture_output=True, text=True, timeout=timeout)
 
 

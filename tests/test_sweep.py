@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, TORCHRUN, env, errors
+from conftest import REPO, TINY, TORCHRUN, env, errors, subprocess_run
 from model import GPT, GPTConfig
 from prepare_data import load_meta
 from test_eval import table, write_hellaswag
@@ -33,8 +33,8 @@ def sweep(data_root, max_iters, *train_args):
 
 def eval_py(cwd, *args):
     """eval.py as a process of its own in cwd (a test's folder: the sweep's runs land there)."""
-    return subprocess.run([sys.executable, os.path.join(REPO, 'eval.py'), *args], cwd=cwd,
-                          env=env(), capture_output=True, text=True, timeout=600)
+    return subprocess_run(sys.executable, os.path.join(REPO, 'eval.py'), *args, cwd=cwd,
+                          timeout=600)
 
 
 def cost_rows(stderr):
@@ -123,8 +123,8 @@ def test_torchrun_launcher_printed_commands_and_the_slurm_array(data_root, tmp_p
     docs = open(os.path.join(REPO, 'docs', 'training.md'), encoding='utf-8').read()
     sbatch, = re.findall(r'^```bash\n(.*?)^```', docs, flags=re.S | re.M)
     (tmp_path / 'sweep.sbatch').write_text(sbatch)
-    task = subprocess.run(['bash', 'sweep.sbatch'], cwd=tmp_path, capture_output=True, text=True,
-                          env=env(SLURM_ARRAY_TASK_ID='1'), timeout=300)
+    task = subprocess_run('bash', 'sweep.sbatch', cwd=tmp_path,
+                          env_extra=dict(SLURM_ARRAY_TASK_ID='1'))
     assert task.returncode == 0 and iters(tmp_path / 'sw-rope-s1') == 400, task.stderr[-3000:]
     assert not (tmp_path / 'sw-rope-s2').exists()
     # task 2 never ran: the sweep trains it, through torchrun, and is stopped
@@ -193,10 +193,8 @@ def test_gpt2_sweep_cost_in_the_docs_is_what_the_command_prints(tmp_path):
     words = shlex.split(block[block.index('python eval.py'):].replace('\\\n', ' '))
     assert words[:2] == ['python', 'eval.py']
     hellaswag = write_hellaswag(tmp_path / 'hellaswag_val.jsonl')  # no download here
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'eval.py'), *words[2:],
-                        '--print_commands=True', '--cost_gpu=H100',
-                        f'--hellaswag_path={hellaswag}'], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=600)
+    p = eval_py(REPO, *words[2:], '--print_commands=True', '--cost_gpu=H100',
+                f'--hellaswag_path={hellaswag}')
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(p.stdout.splitlines()) == 18 * 3  # every encoding, 3 seeds
     total = cost_rows(p.stderr)['sum']
